@@ -140,7 +140,9 @@ def _from_model(model, *, id_: str, name: str) -> Backbone:
             f"The backbone {name!r} must output one feature vector per image (N, D); it outputs {out}."
         )
     model.trainable = False
-    return Backbone(id=id_, name=name, input_size=(int(shape[1]), int(shape[2])), feature_dim=int(out[1]), model=model)
+    return Backbone(
+        id=id_, name=name, input_size=(int(shape[1]), int(shape[2])), feature_dim=int(out[1]), model=model
+    )
 
 
 def _load_local(path: Path) -> Backbone:
@@ -182,7 +184,11 @@ def _build_keras_app(app: _KerasApp, *, alpha: float | None, weights: str | None
         kwargs["include_preprocessing"] = True
     base = ctor(**kwargs)
     inp = keras.Input((size, size, 3), dtype="float32", name="rgb_0_255")
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="normalize")(inp) if app.preprocess == "tf" else inp
+    x = (
+        keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="normalize")(inp)
+        if app.preprocess == "tf"
+        else inp
+    )
     out = base(x, training=False)
     return keras.Model(inp, out, name=f"{app.ctor.lower()}_features")
 

@@ -1,0 +1,136 @@
+"""Serve the current model: top-k labels for images, reloading when a new version is promoted.
+
+The label_image.py successor. The model is loaded once and called through one compiled
+``tf.function`` with a fixed input signature (no ``model.predict()`` per image: that costs ~50 ms
+of fixed overhead on 2 CPU cores, see ``model_store/assets/BACKBONE_NOTICE.md``). Several images
+are classified in one forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+from model_store.errors import NoModelError
+from model_store.images import decode_image, to_model_input
+from model_store.registry import ModelRegistry, ModelVersion
+
+log = logging.getLogger(__name__)
+
+
+class _Loaded:
+    def __init__(self, version: ModelVersion):
+        import keras
+        import tensorflow as tf
+
+        self.version = version
+        self.labels = version.labels
+        self.model = keras.models.load_model(version.model_path, compile=False)
+        shape = self.model.input_shape
+        self.input_size = (int(shape[1]), int(shape[2]))
+        self.mode = version.metrics.get("preprocessing", {}).get("mode", "center_crop")
+        model = self.model
+        self.fn = tf.function(
+            lambda x: model(x, training=False),
+            input_signature=[tf.TensorSpec([None, *self.input_size, 3], tf.float32)],
+        )
+        # Trace once now, so the first request does not pay for it.
+        self.fn(np.zeros((1, *self.input_size, 3), np.float32))
+
+
+class Classifier:
+    """Top-k classification with the registry's current model.
+
+    Args:
+        registry: where versions live; the ``CURRENT`` pointer is re-checked (one ``stat``) on
+            every call, and a newly promoted or rolled-back version is loaded without a restart.
+        max_batch: images per forward pass (larger calls are split).
+
+    Thread-safe: calls may come from several threads; a reload swaps the model atomically.
+    """
+
+    def __init__(self, registry: ModelRegistry, *, max_batch: int = 32):
+        self.registry = registry
+        self.max_batch = max_batch
+        self._loaded: _Loaded | None = None
+        self._pointer_stat: tuple | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def version(self) -> str | None:
+        """Name of the version being served (after :meth:`reload_if_changed`), or None."""
+        self.reload_if_changed()
+        return self._loaded.version.name if self._loaded else None
+
+    @property
+    def labels(self) -> list[str]:
+        """Labels of the serving version, in class-index order ([] before any model)."""
+        self.reload_if_changed()
+        return list(self._loaded.labels) if self._loaded else []
+
+    def reload_if_changed(self) -> bool:
+        """Load the current version if the ``CURRENT`` pointer changed since the last check.
+
+        Returns:
+            True if a different version was loaded.
+        """
+        p = self.registry.pointer_path()
+        try:
+            st = os.stat(p)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        if stamp == self._pointer_stat and (self._loaded is not None or stamp is None):
+            return False
+        with self._lock:
+            if stamp == self._pointer_stat and (self._loaded is not None or stamp is None):
+                return False
+            current = self.registry.current()
+            changed = False
+            if current is None:
+                changed = self._loaded is not None
+                self._loaded = None
+            elif self._loaded is None or self._loaded.version.name != current.name:
+                log.info("loading model version %s", current.name)
+                self._loaded = _Loaded(current)
+                changed = True
+            self._pointer_stat = stamp
+            return changed
+
+    def classify(self, images: Sequence[np.ndarray | bytes], top_k: int = 3) -> list[list[tuple[str, float]]]:
+        """Top-k labels for each image.
+
+        Args:
+            images: decoded uint8 ``(H, W, 3)`` RGB arrays (see ``images.decode_image``), or raw
+                image bytes (decoded here; an undecodable one raises for the whole call).
+            top_k: labels per image (capped at the number of labels).
+
+        Returns:
+            Per image, ``[(label, probability), ...]`` best first; probabilities are softmax
+            outputs in 0..1 summing to 1 over all labels.
+
+        Raises:
+            NoModelError: no model has been trained yet.
+            ImageDecodeError: a bytes input is not a readable image.
+        """
+        self.reload_if_changed()
+        loaded = self._loaded
+        if loaded is None:
+            raise NoModelError("I haven't been trained yet.")
+        if not images:
+            return []
+        arrays = [decode_image(im) if isinstance(im, bytes | bytearray) else im for im in images]
+        batch = np.stack([to_model_input(a, loaded.input_size, mode=loaded.mode) for a in arrays])
+        probs = np.concatenate(
+            [loaded.fn(batch[i : i + self.max_batch]).numpy() for i in range(0, len(batch), self.max_batch)]
+        )
+        k = max(1, min(top_k, len(loaded.labels)))
+        out = []
+        for row in probs:
+            idx = np.argsort(-row)[:k]
+            out.append([(loaded.labels[j], float(row[j])) for j in idx])
+        return out

@@ -1,0 +1,386 @@
+"""One retraining run, end to end (retrain.py's main(), as a library call).
+
+snapshot the labelled images -> compute only the missing bottlenecks -> hash split -> train the
+softmax head -> evaluate on the test split -> write a new version (model, labels, metrics, confusion
+matrix PNG) -> gate (accuracy floor; not worse than the serving model on the same test images) ->
+promote atomically -> prune old versions.
+
+A crash anywhere before the promotion leaves the serving model untouched; a crash during it leaves
+either the old or the new pointer (see ``registry``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from model_store.backbones import Backbone, load_backbone
+from model_store.bottlenecks import PREPROCESSING_MODE, BottleneckCache
+from model_store.errors import LabelgramError, TrainingError
+from model_store.images import decode_image, to_model_input
+from model_store.labels import label_key
+from model_store.training import (
+    TESTING,
+    TRAINING,
+    VALIDATION,
+    TrainConfig,
+    assign_split,
+    evaluate,
+    plot_confusion_matrix,
+    softmax,
+    train_head,
+)
+from model_store.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+#: ``progress(stage, done, total)``; stage is one of "bottlenecks", "training", "evaluating", "saving".
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class RetrainReport:
+    """Outcome of :func:`retrain`.
+
+    Attributes:
+        status: ``"promoted"`` (new version serving), ``"refused"`` (written but the gate kept the
+            old model) or ``"failed"`` (nothing written; ``message`` says why).
+        message: one or two human sentences, safe to show in chat.
+        version: the new version's name (None when failed).
+        metrics: the version's ``metrics.json`` content (accuracy, per_label, confusion_matrix,
+            labels, gate, timings, ...); {} when failed.
+        confusion_png: path of the confusion-matrix plot, or None.
+        excluded_labels: labels left out for having too few images.
+        skipped_images: ``[(sha256, reason)]`` images that could not be read.
+    """
+
+    status: str
+    message: str
+    version: str | None = None
+    metrics: dict = field(default_factory=dict)
+    confusion_png: Path | None = None
+    excluded_labels: list[str] = field(default_factory=list)
+    skipped_images: list[tuple[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-safe dict (paths as strings)."""
+        return {
+            "status": self.status,
+            "message": self.message,
+            "version": self.version,
+            "metrics": self.metrics,
+            "confusion_png": str(self.confusion_png) if self.confusion_png else None,
+            "excluded_labels": self.excluded_labels,
+            "skipped_images": [list(x) for x in self.skipped_images],
+        }
+
+
+def build_inference_model(backbone: Backbone, head):
+    """Backbone + head + softmax as one Keras model.
+
+    Returns:
+        ``keras.Model``: float32 ``(N, h, w, 3)`` RGB 0..255 -> float32 ``(N, C)`` probabilities.
+    """
+    import keras
+
+    h, w = backbone.input_size
+    inp = keras.Input((h, w, 3), dtype="float32", name="rgb_0_255")
+    feats = backbone.model(inp, training=False)
+    probs = keras.layers.Softmax(name="probabilities")(head(feats))
+    return keras.Model(inp, probs, name="labelgram_classifier")
+
+
+def _gate_against_current(
+    ws: Workspace,
+    backbone: Backbone,
+    test_feats: np.ndarray,
+    test_records: list,
+    new_probs: np.ndarray,
+    labels: list[str],
+) -> dict | None:
+    """Accuracy of the serving model and of the new one on the same test images.
+
+    Only test images whose label the serving model knows are compared. Uses the serving version's
+    head on the cached bottlenecks when the backbone is the same, else its full model.
+
+    Returns:
+        ``{"version", "images", "current_accuracy", "new_accuracy"}`` or None without a serving model.
+    """
+    current = ws.registry.current()
+    if current is None:
+        return None
+    import keras
+
+    cur_labels = current.labels
+    cur_keys = [label_key(x) for x in cur_labels]
+    keep = [i for i, r in enumerate(test_records) if label_key(r.label) in cur_keys]
+    if not keep:
+        return {"version": current.name, "images": 0, "current_accuracy": None, "new_accuracy": None}
+    same_backbone = current.metrics.get("backbone", {}).get("id") == backbone.id
+    if same_backbone and (current.path / "head.keras").exists():
+        head = keras.models.load_model(current.path / "head.keras", compile=False)
+        cur_pred = np.asarray(head(test_feats[keep], training=False)).argmax(1)
+    else:
+        model = keras.models.load_model(current.model_path, compile=False)
+        size = (int(model.input_shape[1]), int(model.input_shape[2]))
+        x = np.stack(
+            [
+                to_model_input(decode_image(test_records[i].path.read_bytes()), size, mode=PREPROCESSING_MODE)
+                for i in keep
+            ]
+        )
+        cur_pred = np.concatenate(
+            [np.asarray(model(x[j : j + 32], training=False)) for j in range(0, len(x), 32)]
+        ).argmax(1)
+    truth = [label_key(test_records[i].label) for i in keep]
+    cur_acc = float(np.mean([cur_keys[p] == t for p, t in zip(cur_pred, truth, strict=True)]))
+    new_keys = [label_key(x) for x in labels]
+    new_acc = float(
+        np.mean([new_keys[p] == t for p, t in zip(new_probs[keep].argmax(1), truth, strict=True)])
+    )
+    return {
+        "version": current.name,
+        "images": len(keep),
+        "current_accuracy": cur_acc,
+        "new_accuracy": new_acc,
+    }
+
+
+def retrain(
+    ws: Workspace,
+    config: TrainConfig | None = None,
+    *,
+    backbone: Backbone | str | None = None,
+    weights: str | None = "imagenet",
+    progress: Progress | None = None,
+) -> RetrainReport:
+    """Retrain the final layer on the workspace's labelled images and promote it if it is good enough.
+
+    Args:
+        ws: the store folder.
+        config: training settings (defaults: :class:`TrainConfig`).
+        backbone: a loaded :class:`Backbone`, a spec for ``load_backbone`` or None for the default.
+        weights: weights for a keras.applications backbone spec (see ``load_backbone``).
+        progress: ``progress(stage, done, total)`` callback.
+
+    Returns:
+        :class:`RetrainReport`. Expected failures (too few labels or images, a backbone that cannot be
+        loaded) come back as ``status="failed"`` with a message rather than an exception.
+    """
+    config = config or TrainConfig()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    def step(stage: str, done: int, total: int) -> None:
+        if progress:
+            progress(stage, done, total)
+
+    try:
+        if not isinstance(backbone, Backbone):
+            backbone = load_backbone(backbone, weights=weights)
+        records = ws.store.snapshot()
+        splits, excluded = assign_split(
+            [(r.sha256, r.label) for r in records],
+            validation_percentage=config.validation_percentage,
+            testing_percentage=config.testing_percentage,
+            min_images_per_label=config.min_images_per_label,
+        )
+        used = [i for i, s in enumerate(splits) if s != "excluded"]
+        labels = sorted({records[i].label for i in used}, key=label_key)
+        if len(labels) < 2:
+            raise TrainingError(
+                f"I need at least 2 labels with {config.min_images_per_label} or more images each to train; "
+                f"I have {len(labels)}" + (f" (too few images: {', '.join(excluded)})." if excluded else ".")
+            )
+        timings["load_backbone_s"] = time.perf_counter() - t0
+
+        # 1. bottlenecks (only the missing ones are computed)
+        t = time.perf_counter()
+        cache = BottleneckCache(ws.bottleneck_dir, backbone)
+        views = ("plain", "flip") if config.flip_left_right else ("plain",)
+        feats, failed = cache.get(
+            [(records[i].sha256, records[i].path) for i in used],
+            views=views,
+            progress=lambda d, n: step("bottlenecks", d, n),
+        )
+        timings["bottlenecks_s"] = time.perf_counter() - t
+        cache_stats = dict(cache.stats)
+        failed_set = set(failed)
+        skipped = [(records[used[k]].sha256, "could not be read") for k in failed]
+        rows = [k for k in range(len(used)) if k not in failed_set]
+        recs = [records[used[k]] for k in rows]
+        feats = feats[rows]
+        split = np.array([splits[used[k]] for k in rows])
+        index = {label_key(x): n for n, x in enumerate(labels)}
+        y = np.array([index[label_key(r.label)] for r in recs], dtype=np.int64)
+        tr, va, te = split == TRAINING, split == VALIDATION, split == TESTING
+        if not te.any() or not tr.any():
+            raise TrainingError(
+                "There are too few images to make a training and a test set; add more examples."
+            )
+
+        # 2. train the head on training bottlenecks (+ mirrored views)
+        t = time.perf_counter()
+        train_x = feats[tr].reshape(-1, feats.shape[2])  # (n_train * views, D): all views of each image
+        train_y = np.repeat(y[tr], feats.shape[1])
+        log_dir = None
+        if config.summaries_dir:
+            log_dir = Path(config.summaries_dir) / time.strftime("%Y%m%d-%H%M%S")
+        head, history = train_head(
+            train_x,
+            train_y,
+            feats[va, 0],
+            y[va],
+            len(labels),
+            config,
+            on_epoch=lambda e, n: step("training", e, n),
+            log_dir=log_dir,
+        )
+        timings["training_s"] = time.perf_counter() - t
+
+        # 3. evaluate on the test split
+        t = time.perf_counter()
+        step("evaluating", 0, 1)
+        test_recs = [r for r, m in zip(recs, te, strict=True) if m]
+        test_probs = softmax(np.asarray(head(feats[te, 0], training=False)))
+        ev = evaluate(
+            test_probs,
+            y[te],
+            labels,
+            sha256s=[r.sha256 for r in test_recs],
+            paths=[str(r.path) for r in test_recs],
+        )
+        val_acc = (
+            float((softmax(np.asarray(head(feats[va, 0], training=False))).argmax(1) == y[va]).mean())
+            if va.any()
+            else None
+        )
+        if config.print_misclassified_test_images:
+            for m in ev.misclassified:
+                log.info(
+                    "misclassified test image %s: %s -> %s (%.2f)",
+                    m["path"],
+                    m["label"],
+                    m["predicted"],
+                    m["probability"],
+                )
+        comparison = _gate_against_current(ws, backbone, feats[te, 0], test_recs, test_probs, labels)
+        timings["evaluating_s"] = time.perf_counter() - t
+        step("evaluating", 1, 1)
+
+        # 4. gate decision
+        reasons = []
+        if ev.accuracy < config.accuracy_floor:
+            reasons.append(
+                f"test accuracy {ev.accuracy:.1%} is below the floor of {config.accuracy_floor:.1%}"
+            )
+        if comparison and comparison["current_accuracy"] is not None:
+            drop = comparison["current_accuracy"] - comparison["new_accuracy"]
+            if drop > config.max_accuracy_drop:
+                reasons.append(
+                    f"on the same {comparison['images']} test images it scores {comparison['new_accuracy']:.1%}, "
+                    f"{drop:.1%} below the serving model's {comparison['current_accuracy']:.1%} "
+                    f"(allowed drop {config.max_accuracy_drop:.1%})"
+                )
+        passed = not reasons
+
+        # 5. write the version (temp dir, renamed when complete)
+        t = time.perf_counter()
+        step("saving", 0, 1)
+        name, tmp = ws.registry.new_version_dir()
+        try:
+            counts = {x: int((y[tr | va | te] == n).sum()) for n, x in enumerate(labels)}
+            metrics = {
+                "version": name,
+                "created_at": time.time(),
+                "accuracy": ev.accuracy,
+                "validation_accuracy": val_acc,
+                "test_images": ev.count,
+                "train_images": int(tr.sum()),
+                "validation_images": int(va.sum()),
+                "images_per_label": counts,
+                "labels": labels,
+                "per_label": ev.per_label,
+                "confusion_matrix": ev.confusion_matrix,
+                "misclassified": ev.misclassified,
+                "excluded_labels": excluded,
+                "skipped_images": skipped,
+                "store_fingerprint": ws.store.fingerprint(),
+                "backbone": {
+                    "id": backbone.id,
+                    "name": backbone.name,
+                    "input_size": list(backbone.input_size),
+                    "feature_dim": backbone.feature_dim,
+                },
+                "preprocessing": {"mode": PREPROCESSING_MODE, "input": "float32 RGB 0..255"},
+                "config": config.to_dict(),
+                "history": history,
+                "epochs_run": len(history.get("loss", [])),
+                "bottleneck_cache": cache_stats,
+                "gate": {"passed": passed, "reasons": reasons, "comparison": comparison},
+                "timings": timings,
+            }
+            head.save(tmp / "head.keras")
+            build_inference_model(backbone, head).save(tmp / "model.keras")
+            (tmp / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
+            plot_confusion_matrix(
+                ev,
+                tmp / "confusion_matrix.png",
+                title=f"{name}: test accuracy {ev.accuracy:.1%} ({ev.count} images)",
+            )
+            if config.export_savedmodel:
+                build_inference_model(backbone, head).export(str(tmp / "saved_model"), verbose=False)
+            if config.export_tflite:
+                _export_tflite(backbone, head, tmp / "model.tflite")
+            timings["saving_s"] = time.perf_counter() - t
+            timings["total_s"] = time.perf_counter() - t0
+            (tmp / "metrics.json").write_text(
+                json.dumps(metrics, indent=1, ensure_ascii=False), encoding="utf-8"
+            )
+            version = ws.registry.commit(name, tmp)
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        step("saving", 1, 1)
+
+        # 6. promote or refuse; prune
+        if passed:
+            ws.registry.promote(version)
+            status = "promoted"
+            message = f"New model {name} is serving: test accuracy {ev.accuracy:.1%} on {ev.count} images, {len(labels)} labels."
+        else:
+            status = "refused"
+            message = (
+                f"New model {name} was not promoted: {'; '.join(reasons)}. The current model keeps serving."
+            )
+        if excluded:
+            message += f" Left out for having fewer than {config.min_images_per_label} images: {', '.join(excluded)}."
+        ws.registry.prune(config.keep_versions)
+        log.info("retrain finished: %s (%s)", status, message)
+        return RetrainReport(
+            status, message, name, metrics, version.path / "confusion_matrix.png", excluded, skipped
+        )
+    except LabelgramError as exc:
+        log.warning("retrain failed: %s", exc.message)
+        return RetrainReport("failed", exc.message)
+
+
+def _export_tflite(backbone: Backbone, head, path: Path) -> None:
+    """Convert the inference model to TFLite (float32) at ``path``."""
+    import tensorflow as tf
+
+    model = build_inference_model(backbone, head)
+    h, w = backbone.input_size
+    fn = tf.function(
+        lambda x: model(x, training=False), input_signature=[tf.TensorSpec([1, h, w, 3], tf.float32)]
+    )
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], model)
+    path.write_bytes(converter.convert())

@@ -1,0 +1,219 @@
+"""Model versions on disk, an atomic "current" pointer, promotion, rollback and pruning.
+
+Layout under ``root`` (normally ``<store>/models``)::
+
+    <version>/model.keras          backbone + head: float32 RGB 0..255 (N, h, w, 3) -> softmax (N, C)
+    <version>/head.keras           the head alone: bottleneck (N, D) -> logits (N, C)
+    <version>/labels.txt           one label per line, in class-index order (retrain.py's output_labels)
+    <version>/metrics.json         evaluation, training settings, backbone id, gate decision
+    <version>/confusion_matrix.png
+    <version>/saved_model/         optional, for TensorFlow Serving
+    <version>/model.tflite         optional
+    CURRENT                        JSON {"version": name, "history": [previous, ...]}
+    .tmp-<version>/                a version being written (never read; removed by prune)
+
+A version directory appears under its final name only once complete (written as ``.tmp-<name>``
+and renamed). ``CURRENT`` is replaced atomically (temp file, fsync, ``os.replace``), so a crash at
+any point leaves either the old or the new pointer, both naming complete versions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from model_store.errors import NoModelError
+
+log = logging.getLogger(__name__)
+
+TMP_PREFIX = ".tmp-"
+POINTER = "CURRENT"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync and ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A complete model version directory.
+
+    Attributes:
+        name: sortable version name, ``YYYYmmdd-HHMMSS-<hex>`` (UTC).
+        path: its directory.
+    """
+
+    name: str
+    path: Path
+
+    @property
+    def labels(self) -> list[str]:
+        """Class names in index order (``labels.txt``)."""
+        return (self.path / "labels.txt").read_text(encoding="utf-8").splitlines()
+
+    @property
+    def metrics(self) -> dict:
+        """Contents of ``metrics.json`` (``{}`` if missing)."""
+        p = self.path / "metrics.json"
+        return json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
+
+    @property
+    def model_path(self) -> Path:
+        """The full inference model file (``model.keras``)."""
+        return self.path / "model.keras"
+
+    @property
+    def created_at(self) -> float:
+        """Unix time the version was created (from metrics, else the folder's mtime)."""
+        return float(self.metrics.get("created_at", self.path.stat().st_mtime))
+
+
+class ModelRegistry:
+    """Versioned models in one folder.
+
+    Args:
+        root: the models folder (created if missing).
+    """
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # -- reading ---------------------------------------------------------------------------------
+    def pointer_path(self) -> Path:
+        """Path of the ``CURRENT`` pointer file (its stat changes on every promotion/rollback)."""
+        return self.root / POINTER
+
+    def _read_pointer(self) -> dict:
+        p = self.pointer_path()
+        if not p.exists():
+            return {"version": None, "history": []}
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+            return {"version": data.get("version"), "history": list(data.get("history", []))}
+        except (ValueError, OSError) as exc:  # unreadable pointer: fall back to no model
+            log.error("model pointer %s is unreadable (%s); serving no model", p, exc)
+            return {"version": None, "history": []}
+
+    def _is_complete(self, name: str | None) -> bool:
+        return bool(name) and not name.startswith(TMP_PREFIX) and (self.root / name / "model.keras").is_file()
+
+    def versions(self) -> list[ModelVersion]:
+        """All complete versions, oldest first."""
+        names = sorted(p.name for p in self.root.iterdir() if p.is_dir() and self._is_complete(p.name))
+        return [ModelVersion(n, self.root / n) for n in names]
+
+    def get(self, name: str) -> ModelVersion:
+        """A version by name. Raises NoModelError if it does not exist or is incomplete."""
+        if not self._is_complete(name) or "/" in name or name.startswith("."):
+            raise NoModelError(f"There is no model version {name!r}.")
+        return ModelVersion(name, self.root / name)
+
+    def current(self) -> ModelVersion | None:
+        """The serving version, or None before the first promotion."""
+        name = self._read_pointer()["version"]
+        if name and self._is_complete(name):
+            return ModelVersion(name, self.root / name)
+        if name:
+            log.error("model pointer names %r, which is not a complete version; serving no model", name)
+        return None
+
+    # -- writing ---------------------------------------------------------------------------------
+    def new_version_dir(self) -> tuple[str, Path]:
+        """Reserve a new version: returns ``(name, temp_dir)``; fill ``temp_dir``, then :meth:`commit`."""
+        name = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+        tmp = self.root / f"{TMP_PREFIX}{name}"
+        tmp.mkdir(parents=True)
+        return name, tmp
+
+    def commit(self, name: str, temp_dir: Path) -> ModelVersion:
+        """Make a fully written temp version visible under its final name (atomic rename)."""
+        for p in temp_dir.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as fh:
+                    os.fsync(fh.fileno())
+        final = self.root / name
+        os.rename(temp_dir, final)
+        dir_fd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return ModelVersion(name, final)
+
+    def promote(self, version: ModelVersion) -> None:
+        """Make ``version`` the serving one (atomic pointer swap); the old one becomes the rollback target."""
+        if not self._is_complete(version.name):
+            raise NoModelError(f"Model version {version.name!r} is not complete; not promoting it.")
+        state = self._read_pointer()
+        history = [state["version"], *state["history"]] if state["version"] else state["history"]
+        history = [h for h in history if h != version.name][:20]
+        write_atomic(self.pointer_path(), json.dumps({"version": version.name, "history": history}).encode())
+        log.info("promoted model version %s", version.name)
+
+    def rollback(self) -> ModelVersion:
+        """Serve the previously promoted version again.
+
+        Returns:
+            The version now serving.
+
+        Raises:
+            NoModelError: no earlier complete version to go back to.
+        """
+        state = self._read_pointer()
+        history = [h for h in state["history"] if self._is_complete(h)]
+        if not history:
+            raise NoModelError("There is no earlier model version to roll back to.")
+        target, rest = history[0], history[1:]
+        write_atomic(self.pointer_path(), json.dumps({"version": target, "history": rest}).encode())
+        log.info("rolled back model from %s to %s", state["version"], target)
+        return ModelVersion(target, self.root / target)
+
+    def prune(self, keep: int) -> list[str]:
+        """Delete old versions and leftovers of crashed writes.
+
+        Keeps the ``keep`` newest complete versions plus the current one and its rollback target.
+        Call only while holding the training lock (a ``.tmp-`` folder of a running write would be
+        removed).
+
+        Returns:
+            Names of the deleted folders.
+        """
+        state = self._read_pointer()
+        protected = {state["version"], *(state["history"][:1])}
+        complete = [v.name for v in self.versions()]
+        keepers = set(complete[-max(keep, 1) :]) | protected
+        removed = []
+        for p in self.root.iterdir():
+            if not p.is_dir():
+                if p.name.startswith(TMP_PREFIX):
+                    p.unlink(missing_ok=True)
+                continue
+            if p.name.startswith(TMP_PREFIX) or (p.name in complete and p.name not in keepers):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+        if removed:
+            log.info("pruned model versions/leftovers: %s", ", ".join(sorted(removed)))
+        return removed
