@@ -1,0 +1,348 @@
+"""The bot's configuration: one TOML file, every key overridable by an environment variable.
+
+Precedence, highest first:
+
+1. environment variables ``LABELGRAM_<SECTION>__<KEY>`` (``LABELGRAM_TELEGRAM__BASE_URL``,
+   ``LABELGRAM_CLASSIFY__TOP_K``, ``LABELGRAM_STORE_DIR``, ``LABELGRAM_ADMINS="[1, 2]"`` or
+   ``"1,2"``);
+2. for the token only, ``TELEGRAM_BOT_TOKEN`` (the name most deployment guides use);
+3. the TOML file (see ``config.example.toml``, which documents every key and its default);
+4. the defaults below.
+
+:func:`load_config` turns every problem into a :class:`ConfigError` whose message is one line
+naming the key and what is wrong, e.g.
+``config error: training.timezone: unknown time zone 'Mars/Base'``. The token is a
+:class:`~pydantic.SecretStr`: it never shows in ``repr()``, in error messages or in logs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from apscheduler.triggers.cron import CronTrigger
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+__all__ = [
+    "BOT_API_DOWNLOAD_LIMIT",
+    "ClassifyConfig",
+    "Config",
+    "ConfigError",
+    "LimitsConfig",
+    "LoggingConfig",
+    "TelegramConfig",
+    "TrainingConfig",
+    "load_config",
+]
+
+ENV_PREFIX = "LABELGRAM_"
+TOKEN_ENV = "TELEGRAM_BOT_TOKEN"
+CONFIG_PATH_ENV = "LABELGRAM_CONFIG"
+
+BOT_API_DOWNLOAD_LIMIT = 20 * 1024 * 1024
+"""The public Bot API server lets bots download files of up to 20 MB (``getFile``)."""
+
+_TOKEN_RE = re.compile(r"^[0-9]+:[A-Za-z0-9_-]+$")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used. ``str(error)`` is one line, safe to print (no secrets)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class TelegramConfig(_Section):
+    """``[telegram]``: how to reach the Bot API and how to receive updates."""
+
+    token: SecretStr | None = None
+    base_url: str | None = None
+    base_file_url: str | None = None
+    local_mode: bool = False
+    mode: Literal["polling", "webhook"] = "polling"
+    webhook_url: str | None = None
+    webhook_listen: str = "127.0.0.1"
+    webhook_port: int = Field(8443, ge=1, le=65535)
+    webhook_secret_token: SecretStr | None = None
+    max_requests_per_second: float = Field(30.0, ge=0)
+    concurrent_updates: int = Field(256, ge=1)
+
+    @field_validator("token", "webhook_secret_token", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("token")
+    @classmethod
+    def _token_shape(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not _TOKEN_RE.match(value.get_secret_value()):
+            # never echo the value: it may be a real token with a typo
+            raise ValueError("does not look like a bot token (expected digits, ':', then letters/digits)")
+        return value
+
+    @field_validator("webhook_secret_token")
+    @classmethod
+    def _secret_shape(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", value.get_secret_value()):
+            raise ValueError("must be 1-256 characters of A-Z, a-z, 0-9, _ and -")
+        return value
+
+    @field_validator("base_url", "base_file_url", "webhook_url", mode="before")
+    @classmethod
+    def _url(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ValueError("must be a URL string")
+        value = value.strip()
+        if not value:
+            return None
+        if not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _webhook_needs_url(self) -> TelegramConfig:
+        if self.mode == "webhook" and not self.webhook_url:
+            raise ValueError("webhook_url: is required when mode = \"webhook\"")
+        return self
+
+
+class ClassifyConfig(_Section):
+    """``[classify]``: answering photos."""
+
+    top_k: int = Field(3, ge=1, le=20)
+    confidence_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    max_file_bytes: int = Field(BOT_API_DOWNLOAD_LIMIT, ge=1)
+    max_pixels: int = Field(40_000_000, ge=1)
+    batch_window_ms: float = Field(10.0, ge=0, le=10_000)
+    max_batch: int = Field(32, ge=1, le=1024)
+    album_wait_ms: float = Field(800.0, ge=0, le=60_000)
+
+
+class TrainingConfig(_Section):
+    """``[training]``: when and how the model is retrained."""
+
+    schedule: str = "0 3 * * *"
+    timezone: str = "UTC"
+    interval_seconds: float = Field(0, ge=0)
+    backbone: str = "efficientnet_lite0"
+    backbone_weights: str = "imagenet"
+    epochs: int = Field(60, ge=1, le=100_000)
+    learning_rate: float = Field(0.001, gt=0, le=10)
+    batch_size: int = Field(64, ge=1, le=65_536)
+    validation_percentage: float = Field(10, ge=0, lt=100)
+    testing_percentage: float = Field(10, ge=0, lt=100)
+    min_images_per_label: int = Field(5, ge=1)
+    flip: bool = True
+    accuracy_floor: float = Field(0.5, ge=0, le=1)
+    max_accuracy_drop: float = Field(0.02, ge=0, le=1)
+    keep_versions: int = Field(5, ge=1)
+    max_minutes: float = Field(180, gt=0)
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError, TypeError):
+            raise ValueError(f"unknown time zone {value!r}") from None
+        return value
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        value = " ".join(value.split())
+        try:
+            CronTrigger.from_crontab(value, timezone=ZoneInfo("UTC"))
+        except ValueError as exc:
+            raise ValueError(f"invalid cron expression {value!r}: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _split(self) -> TrainingConfig:
+        if self.validation_percentage + self.testing_percentage >= 100:
+            raise ValueError("validation_percentage + testing_percentage must be below 100")
+        return self
+
+    def trigger(self) -> CronTrigger:
+        """The APScheduler trigger for :attr:`schedule` in :attr:`timezone`."""
+        return CronTrigger.from_crontab(self.schedule, timezone=ZoneInfo(self.timezone))
+
+
+class LimitsConfig(_Section):
+    """``[limits]``: protection against floods and full disks."""
+
+    photos_per_minute: int = Field(30, ge=0)
+    min_free_disk_mb: int = Field(500, ge=0)
+
+
+class LoggingConfig(_Section):
+    """``[logging]``."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class Config(BaseSettings):
+    """The whole configuration. Build it with :func:`load_config`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        case_sensitive=False,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    telegram: TelegramConfig = TelegramConfig()
+    admins: Annotated[list[int], NoDecode] = []
+    store_dir: Path = Path("store")
+    classify: ClassifyConfig = ClassifyConfig()
+    training: TrainingConfig = TrainingConfig()
+    limits: LimitsConfig = LimitsConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @field_validator("admins", mode="before")
+    @classmethod
+    def _admins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip().strip("[]")
+            parts = [p.strip() for p in re.split(r"[,\s]+", text) if p.strip()]
+            try:
+                return [int(p) for p in parts]
+            except ValueError:
+                raise ValueError("must be a list of numeric Telegram user ids, e.g. [12345, 67890]") from None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return [value]
+        if isinstance(value, list):
+            for item in value:
+                numeric = isinstance(item, int) and not isinstance(item, bool)
+                if not numeric and not (isinstance(item, str) and item.strip().lstrip("-").isdigit()):
+                    raise ValueError(
+                        f"must be a list of numeric Telegram user ids, e.g. [12345, 67890] "
+                        f"(usernames are not accepted: they can change hands), got {item!r}"
+                    )
+        return value
+
+    @field_validator("admins")
+    @classmethod
+    def _admin_ids(cls, value: list[int]) -> list[int]:
+        for uid in value:
+            if uid <= 0:
+                raise ValueError(f"{uid} is not a user id (user ids are positive numbers)")
+        return list(dict.fromkeys(value))
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment beats the file; the file data comes in as init kwargs.
+        return (env_settings, init_settings)
+
+    @property
+    def token(self) -> str | None:
+        """The bot token in clear (for the ApplicationBuilder and the log redactor only)."""
+        return self.telegram.token.get_secret_value() if self.telegram.token else None
+
+    def is_admin(self, user_id: int | None) -> bool:
+        return user_id is not None and user_id in self.admins
+
+
+def _format_error(error: Mapping[str, Any]) -> str:
+    loc = [str(p) for p in error.get("loc", ())]
+    msg = str(error.get("msg", "invalid value"))
+    kind = error.get("type", "")
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    # A model-level validator names its key at the start of its message ("webhook_url: ...").
+    head = re.match(r"^([a-z_]+): (.*)$", msg)
+    if head and kind == "value_error" and len(loc) <= 1:
+        loc = [*loc, head.group(1)]
+        msg = head.group(2)
+    if kind == "extra_forbidden":
+        msg = "unknown setting (check the spelling against config.example.toml)"
+    elif kind == "literal_error":
+        msg = msg.replace("Input should be", "must be")
+    elif msg.startswith("Input should be"):
+        msg = "must be" + msg[len("Input should be") :]
+    where = ".".join(loc) if loc else "(top level)"
+    return f"config error: {where}: {msg}"
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config error: {path}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config error: {path}: is a folder, not a TOML file") from None
+    except PermissionError:
+        raise ConfigError(f"config error: {path}: permission denied") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config error: {path}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config error: {path}: not UTF-8 text") from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load and validate the configuration.
+
+    Args:
+        path: the TOML file; None uses ``$LABELGRAM_CONFIG`` if set, else defaults + environment only.
+
+    Returns:
+        The validated :class:`Config` (``token`` may be None: :func:`bot.app.run` explains what to do).
+
+    Raises:
+        ConfigError: with one line naming the key and the problem.
+    """
+    if path is None and os.environ.get(CONFIG_PATH_ENV):
+        path = os.environ[CONFIG_PATH_ENV]
+    data: dict[str, Any] = dict(_read_toml(Path(path))) if path is not None else {}
+
+    has_env_token = any(k.upper() == f"{ENV_PREFIX}TELEGRAM__TOKEN" for k in os.environ)
+    if not has_env_token and os.environ.get(TOKEN_ENV, "").strip():
+        telegram = data.get("telegram")
+        telegram = dict(telegram) if isinstance(telegram, dict) else {}
+        telegram["token"] = os.environ[TOKEN_ENV]
+        data["telegram"] = telegram
+
+    try:
+        return Config(**data)
+    except ValidationError as exc:
+        errors = exc.errors(include_input=False, include_url=False)
+        raise ConfigError(_format_error(errors[0])) from None
+    except ValueError as exc:  # pydantic-settings' SettingsError: an env var that is not valid JSON
+        m = re.search(r'field "([^"]+)"', str(exc))
+        where = m.group(1) if m else "environment"
+        raise ConfigError(
+            f"config error: {where}: cannot parse the value given in the environment ({ENV_PREFIX}...)"
+        ) from None
