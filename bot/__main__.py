@@ -1,0 +1,355 @@
+"""``python -m bot``: run the Telegram bot, or use the model store from the command line.
+
+Subcommands:
+
+* ``run``: start the bot (long polling or webhook, from the config).
+* ``retrain``: retrain.py successor: import ``--image_dir`` (one folder per label) into the store,
+  retrain the final layer, promote the new version if it passes the gate.
+* ``classify IMAGE...``: label_image.py successor: top-k labels for each image.
+* ``status``: the serving version, its accuracy, images per label.
+* ``rollback``: serve the previous version again.
+
+Flag names follow retrain.py / label_image.py (``--image_dir``, ``--how_many_training_steps``,
+``--learning_rate``, ``--testing_percentage``, ``--validation_percentage``, ``--train_batch_size``,
+``--bottleneck_dir``, ``--output_labels``, ``--output_graph``, ``--summaries_dir``,
+``--architecture``, ``--flip_left_right``, ``--print_misclassified_test_images``, ``--top_k``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+# TensorFlow's C++ start-up chatter (CUDA probing on CPU-only machines) is noise for CLI users.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _store_dir(args: argparse.Namespace) -> Path:
+    """--store_dir, else the config's store_dir (--config / LABELGRAM_CONFIG), else ./store."""
+    if getattr(args, "store_dir", None):
+        return Path(args.store_dir)
+    config_path = getattr(args, "config", None) or os.environ.get("LABELGRAM_CONFIG")
+    if config_path or any(k.startswith("LABELGRAM_") for k in os.environ):
+        from bot.config import load_config
+
+        return Path(load_config(config_path).store_dir)
+    return Path("store")
+
+
+def _add_store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--store_dir",
+        help="store folder (images, bottlenecks, models); default: config's store_dir or ./store",
+    )
+    p.add_argument("--config", help="config.toml (default: $LABELGRAM_CONFIG)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bot", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="start the Telegram bot")
+    p.add_argument("--config", help="config.toml (default: $LABELGRAM_CONFIG or ./config.toml if present)")
+
+    p = sub.add_parser("retrain", help="retrain the final layer (retrain.py successor)")
+    _add_store_args(p)
+    p.add_argument("--image_dir", help="folder of labelled subfolders to import first (retrain.py layout)")
+    p.add_argument(
+        "--architecture",
+        "--backbone",
+        dest="architecture",
+        default=None,
+        help="backbone: efficientnet_lite0 (default, shipped), mobilenet_v2, mobilenet_v3_small, "
+        "mobilenet_v3_large, efficientnet_b0, inception_v3, xception, mobilenet_<alpha>_<size>, "
+        "or a path to a .keras / SavedModel feature extractor",
+    )
+    p.add_argument(
+        "--weights",
+        default="imagenet",
+        help="weights for a keras.applications backbone: imagenet (downloaded once) or a local file",
+    )
+    p.add_argument(
+        "--how_many_training_steps", type=int, default=None, help="gradient steps (overrides --epochs)"
+    )
+    p.add_argument(
+        "--epochs", type=int, default=None, help="maximum epochs (early stopping on validation loss)"
+    )
+    p.add_argument("--learning_rate", type=float, default=None)
+    p.add_argument("--testing_percentage", type=float, default=None)
+    p.add_argument("--validation_percentage", type=float, default=None)
+    p.add_argument("--train_batch_size", type=int, default=None)
+    p.add_argument("--min_images_per_label", type=int, default=None)
+    p.add_argument(
+        "--hidden_units", type=int, default=None, help="0 for a single softmax layer as in retrain.py"
+    )
+    p.add_argument(
+        "--flip_left_right",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="augment with mirrored images (cached bottlenecks); on by default",
+    )
+    p.add_argument("--accuracy_floor", type=float, default=None)
+    p.add_argument("--max_accuracy_drop", type=float, default=None)
+    p.add_argument("--keep_versions", type=int, default=None)
+    p.add_argument(
+        "--bottleneck_dir", default=None, help="bottleneck cache folder (default: <store_dir>/bottlenecks)"
+    )
+    p.add_argument("--summaries_dir", default=None, help="TensorBoard summaries folder")
+    p.add_argument("--output_labels", default=None, help="also copy labels.txt of the new version here")
+    p.add_argument("--output_graph", default=None, help="also copy model.keras of the new version here")
+    p.add_argument(
+        "--export_savedmodel", action="store_true", help="also write a SavedModel for TensorFlow Serving"
+    )
+    p.add_argument("--export_tflite", action="store_true", help="also write model.tflite")
+    p.add_argument("--print_misclassified_test_images", action="store_true")
+    p.add_argument(
+        "--json", action="store_true", help="JSON lines on stdout: progress events, then the result"
+    )
+
+    p = sub.add_parser("classify", help="top-k labels for images (label_image.py successor)")
+    _add_store_args(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--top_k", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="one JSON object per image")
+
+    p = sub.add_parser("status", help="serving model version, accuracy, images per label")
+    _add_store_args(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("rollback", help="serve the previous model version again")
+    _add_store_args(p)
+    return parser
+
+
+def _train_config(args: argparse.Namespace):
+    """TrainConfig from the config file's [training] section, overridden by explicit flags."""
+    from model_store.training import TrainConfig
+
+    cfg = TrainConfig()
+    config_path = args.config or os.environ.get("LABELGRAM_CONFIG")
+    if config_path:
+        from bot.config import load_config
+
+        t = load_config(config_path).training
+        cfg = TrainConfig(
+            epochs=t.epochs,
+            learning_rate=t.learning_rate,
+            train_batch_size=t.batch_size,
+            validation_percentage=t.validation_percentage,
+            testing_percentage=t.testing_percentage,
+            min_images_per_label=t.min_images_per_label,
+            flip_left_right=t.flip,
+            accuracy_floor=t.accuracy_floor,
+            max_accuracy_drop=t.max_accuracy_drop,
+            keep_versions=t.keep_versions,
+        )
+        if args.architecture is None:
+            args.architecture = t.backbone
+            args.weights = t.backbone_weights
+    for name in (
+        "how_many_training_steps",
+        "epochs",
+        "learning_rate",
+        "testing_percentage",
+        "validation_percentage",
+        "train_batch_size",
+        "min_images_per_label",
+        "hidden_units",
+        "flip_left_right",
+        "accuracy_floor",
+        "max_accuracy_drop",
+        "keep_versions",
+        "summaries_dir",
+    ):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(cfg, name, value)
+    cfg.export_savedmodel = args.export_savedmodel
+    cfg.export_tflite = args.export_tflite
+    cfg.print_misclassified_test_images = args.print_misclassified_test_images
+    return cfg
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from model_store.pipeline import retrain
+    from model_store.workspace import Workspace
+
+    ws = Workspace(_store_dir(args))
+    if args.bottleneck_dir:
+        ws.bottleneck_dir = Path(args.bottleneck_dir)
+    emit = (lambda obj: print(json.dumps(obj, ensure_ascii=False), flush=True)) if args.json else None
+    if args.image_dir:
+        report = ws.store.import_tree(args.image_dir)
+        summary = {
+            "event": "import",
+            "added": report.added,
+            "duplicates": report.duplicates,
+            "skipped": [{"file": f, "reason": r} for f, r in report.skipped],
+        }
+        if emit:
+            emit(summary)
+        else:
+            print(
+                f"Imported {args.image_dir}: {report.added} added, {report.duplicates} already present, "
+                f"{len(report.skipped)} skipped",
+                file=sys.stderr,
+            )
+            for f, r in report.skipped:
+                print(f"  skipped {f}: {r}", file=sys.stderr)
+
+    bar = None
+
+    def progress(stage: str, done: int, total: int) -> None:
+        nonlocal bar
+        if emit:
+            if stage != "bottlenecks" or done == total or done % 256 < 32:
+                emit({"event": "progress", "stage": stage, "done": done, "total": total})
+            return
+        if stage == "bottlenecks" and total:
+            if bar is None:
+                from tqdm import tqdm
+
+                bar = tqdm(total=total, desc="bottlenecks", unit="img", file=sys.stderr)
+            bar.n = done
+            bar.refresh()
+            if done >= total:
+                bar.close()
+
+    report = retrain(
+        ws, _train_config(args), backbone=args.architecture, weights=args.weights, progress=progress
+    )
+    if report.version and report.status in ("promoted", "refused"):
+        vdir = ws.registry.root / report.version
+        if args.output_labels:
+            shutil.copyfile(vdir / "labels.txt", args.output_labels)
+        if args.output_graph:
+            shutil.copyfile(vdir / "model.keras", args.output_graph)
+    if emit:
+        emit({"event": "result", **report.to_dict()})
+    else:
+        print(report.message)
+        m = report.metrics
+        if m:
+            print(
+                f"test accuracy {m['accuracy']:.4f} on {m['test_images']} images; per label (precision / recall):"
+            )
+            for label, s in m["per_label"].items():
+                print(f"  {label:20s} {s['precision']:.3f} / {s['recall']:.3f}  (n={s['support']})")
+            print(f"version folder: {ws.registry.root / report.version}")
+    return 1 if report.status == "failed" else 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from model_store.classifier import Classifier
+    from model_store.errors import LabelgramError
+    from model_store.images import decode_image
+    from model_store.registry import ModelRegistry
+
+    clf = Classifier(ModelRegistry(_store_dir(args) / "models"))
+    failures = 0
+    try:
+        clf.reload_if_changed()
+    except LabelgramError as exc:
+        print(exc.message, file=sys.stderr)
+        return 1
+    if clf.version is None:
+        print("No trained model yet: run `python -m bot retrain --image_dir DIR` first.", file=sys.stderr)
+        return 1
+    for path in args.images:
+        try:
+            rgb = decode_image(Path(path).read_bytes())
+            (labels,) = clf.classify([rgb], top_k=args.top_k)
+        except (OSError, LabelgramError) as exc:
+            failures += 1
+            msg = exc.message if isinstance(exc, LabelgramError) else f"cannot read the file ({exc.strerror})"
+            if args.json:
+                print(json.dumps({"file": path, "error": msg}, ensure_ascii=False))
+            else:
+                print(f"{path}: error: {msg}")
+            continue
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "file": path,
+                        "version": clf.version,
+                        "labels": [{"label": lab, "probability": round(p, 6)} for lab, p in labels],
+                    },
+                    ensure_ascii=False,
+                )
+            )
+        else:
+            print(path)
+            for lab, p in labels:
+                print(f"  {lab} ({p:.5f})")
+    return 1 if failures else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from model_store.workspace import Workspace
+
+    ws = Workspace(_store_dir(args))
+    cur = ws.registry.current()
+    info = {
+        "version": cur.name if cur else None,
+        "accuracy": cur.metrics.get("accuracy") if cur else None,
+        "labels": {li.name: li.count for li in ws.store.labels()},
+        "images_added_since_training": ws.store.count_added_since(cur.created_at)
+        if cur
+        else ws.store.image_count(),
+    }
+    if args.json:
+        print(json.dumps(info, ensure_ascii=False))
+        return 0
+    print(f"serving version: {info['version'] or 'none (not trained yet)'}")
+    if info["accuracy"] is not None:
+        print(f"test accuracy: {info['accuracy']:.4f}")
+    for label, n in info["labels"].items():
+        print(f"  {label}: {n} images")
+    print(f"images added since the last training: {info['images_added_since_training']}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from model_store.errors import NoModelError
+    from model_store.registry import ModelRegistry
+
+    try:
+        v = ModelRegistry(_store_dir(args) / "models").rollback()
+    except NoModelError as exc:
+        print(exc.message, file=sys.stderr)
+        return 1
+    print(f"now serving {v.name}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m bot`` / the ``labelgram`` script. Returns the exit code."""
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        from bot.app import run
+
+        return run(args.config)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handler = {
+        "retrain": cmd_retrain,
+        "classify": cmd_classify,
+        "status": cmd_status,
+        "rollback": cmd_rollback,
+    }
+    from model_store.errors import LabelgramError
+
+    try:
+        return handler[args.command](args)
+    except LabelgramError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
