@@ -1,0 +1,302 @@
+"""Build and run the Telegram Application.
+
+:func:`build_application` wires the configuration, the model store and the handlers into a
+python-telegram-bot ``Application``: token and Bot API URLs from the config, ``AIORateLimiter``
+for Telegram's flood limits, concurrent update handling (photos are answered in parallel and
+batched into one forward pass), the command menus (one for everyone, one per admin chat), and
+the retraining schedule. :func:`run` is what ``python -m bot run`` calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from telegram import BotCommand, BotCommandScopeChat, Update
+from telegram.error import InvalidToken, TelegramError
+from telegram.ext import (
+    AIORateLimiter,
+    Application,
+    CallbackQueryHandler,
+    CommandHandler,
+    MessageHandler,
+    filters,
+)
+
+from bot import admin, handlers
+from bot.batching import MicroBatcher
+from bot.config import CONFIG_PATH_ENV, Config, ConfigError, load_config
+from bot.logsafe import configure_logging, install_token_filter, redact
+from bot.schedule import setup_schedule
+from bot.services import SERVICES_KEY, RateLimiter, Services
+from bot.state import BotState
+from bot.training_runner import Trainer, retrain_command
+from model_store.classifier import Classifier
+from model_store.errors import LabelgramError
+from model_store.workspace import Workspace
+
+__all__ = ["ADMIN_COMMANDS", "PUBLIC_COMMANDS", "LabelgramApplication", "build_application", "run"]
+
+log = logging.getLogger(__name__)
+
+PUBLIC_COMMANDS = [
+    BotCommand("start", "What this bot does"),
+    BotCommand("help", "How to use it"),
+]
+ADMIN_COMMANDS = [
+    *PUBLIC_COMMANDS,
+    BotCommand("add", "Teach: /add <label> as a photo caption or a reply to a photo"),
+    BotCommand("undo", "Remove your last added photos: /undo [n]"),
+    BotCommand("labels", "Labels and their photo counts"),
+    BotCommand("rename", "Rename a label: /rename <old> <new>"),
+    BotCommand("delete", "Delete a label and its photos"),
+    BotCommand("retrain", "Train a new model now"),
+    BotCommand("status", "Model, accuracy, photos, next training"),
+    BotCommand("rollback", "Serve the previous model again"),
+]
+
+# New messages and button presses only: edits and channel posts are deliberately not handled.
+ALLOWED_UPDATES = [Update.MESSAGE, Update.CALLBACK_QUERY]
+
+NO_TOKEN_HELP = """\
+labelgram: no Telegram bot token is configured, so the bot cannot start.
+
+To get a token:
+  1. In Telegram, open a chat with @BotFather and send /newbot.
+  2. Choose a display name and a username ending in "bot".
+  3. BotFather replies with a token that looks like 123456789:AAH...xyz. Keep it secret.
+
+Then give it to labelgram in one of these ways (the first one keeps it out of files):
+  export TELEGRAM_BOT_TOKEN='123456789:AAH...xyz'
+or in your config file (see config.example.toml):
+  [telegram]
+  token = "123456789:AAH...xyz"
+
+and start the bot again:  python -m bot run --config config.toml
+"""
+
+
+class LabelgramApplication(Application):  # type: ignore[type-arg]
+    """An Application that stops a running training before waiting for its handlers to finish."""
+
+    async def stop(self) -> None:
+        svc: Services | None = self.bot_data.get(SERVICES_KEY)
+        if svc is not None:
+            await svc.trainer.aclose()
+        await super().stop()
+
+
+def _services_of(application: Application[Any, Any, Any, Any, Any, Any]) -> Services:
+    return application.bot_data[SERVICES_KEY]
+
+
+async def _post_init(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
+    svc = _services_of(application)
+    await set_commands(application, svc.config)
+    # Load the serving model on the classifier's own thread before the first photo needs it.
+    warmup = asyncio.get_running_loop().run_in_executor(svc.batcher.executor, svc.classifier.reload_if_changed)
+    warmup.add_done_callback(_log_warmup)
+    svc.extras["warmup"] = warmup
+
+
+def _log_warmup(future: asyncio.Future[Any]) -> None:
+    if future.cancelled():
+        return
+    exc = future.exception()
+    if exc is not None:
+        log.error("could not load the serving model: %s", exc, exc_info=exc)
+
+
+async def _post_shutdown(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
+    svc = _services_of(application)
+    await svc.trainer.aclose()
+    await svc.batcher.aclose()
+
+
+async def set_commands(application: Application[Any, Any, Any, Any, Any, Any], config: Config) -> None:
+    """Register the command menus: /start and /help for everyone, all commands in admins' chats."""
+    bot = application.bot
+    await bot.set_my_commands(PUBLIC_COMMANDS)
+    for admin_id in config.admins:
+        try:
+            await bot.set_my_commands(ADMIN_COMMANDS, scope=BotCommandScopeChat(admin_id))
+        except TelegramError as exc:  # the admin never opened a chat with the bot
+            log.warning("admin command menu not set for admin %d: %s", admin_id, exc)
+
+
+def build_application(
+    config: Config,
+    *,
+    workspace: Workspace | None = None,
+    train_command: list[str] | None = None,
+) -> Application[Any, Any, Any, Any, Any, Any]:
+    """Create the bot's Application (not started).
+
+    Args:
+        config: the validated configuration; it must have a token.
+        workspace: the store folder to use (default: ``Workspace(config.store_dir, ...)``).
+        train_command: the retraining command line (default: ``python -m bot retrain`` with the
+            configuration's flags).
+
+    Raises:
+        ConfigError: no token.
+        OSError / sqlite3.Error: the store folder cannot be opened.
+    """
+    token = config.token
+    if not token:
+        raise ConfigError("config error: telegram.token: not set (or set TELEGRAM_BOT_TOKEN)")
+    install_token_filter(token)
+    logging.getLogger("httpx").setLevel(max(logging.getLogger("httpx").getEffectiveLevel(), logging.WARNING))
+
+    ws = workspace or Workspace(
+        config.store_dir,
+        min_free_bytes=config.limits.min_free_disk_mb * 1024 * 1024,
+        max_pixels=config.classify.max_pixels,
+    )
+    classifier = Classifier(ws.registry, max_batch=config.classify.max_batch)
+    top_k = config.classify.top_k
+    batcher: MicroBatcher[Any, list[tuple[str, float]]] = MicroBatcher(
+        lambda images: classifier.classify(images, top_k=top_k),
+        window=config.classify.batch_window_ms / 1000,
+        max_batch=config.classify.max_batch,
+        name="classify",
+    )
+    state = BotState(ws.root)
+
+    async def reload_model() -> None:
+        await batcher.run_in_worker(classifier.reload_if_changed)
+
+    trainer = Trainer(
+        config,
+        state,
+        fingerprint=ws.store.fingerprint,
+        after_promotion=reload_model,
+        command=train_command or retrain_command(config, store_dir=ws.root),
+    )
+
+    tg = config.telegram
+    builder = (
+        Application.builder()
+        .application_class(LabelgramApplication)
+        .token(token)
+        .concurrent_updates(tg.concurrent_updates)
+        .rate_limiter(
+            AIORateLimiter(
+                overall_max_rate=tg.max_requests_per_second,
+                overall_time_period=1 if tg.max_requests_per_second else 0,
+                max_retries=2,
+            )
+        )
+        .read_timeout(30)
+        .write_timeout(30)
+        .media_write_timeout(60)
+        .post_init(_post_init)
+        .post_shutdown(_post_shutdown)
+    )
+    if tg.base_url:
+        builder = builder.base_url(tg.base_url)
+    if tg.base_file_url:
+        builder = builder.base_file_url(tg.base_file_url)
+    if tg.local_mode:
+        builder = builder.local_mode(True)
+    application = builder.build()
+
+    svc = Services(
+        config=config,
+        workspace=ws,
+        classifier=classifier,
+        batcher=batcher,
+        trainer=trainer,
+        state=state,
+        rate=RateLimiter(config.limits.photos_per_minute),
+    )
+    application.bot_data[SERVICES_KEY] = svc
+    _add_handlers(application)
+    svc.schedule_job = setup_schedule(application, svc)
+    return application
+
+
+def _add_handlers(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
+    new = filters.UpdateType.MESSAGE
+    application.add_handler(CommandHandler("start", handlers.on_start, filters=new))
+    application.add_handler(CommandHandler("help", handlers.on_help, filters=new))
+    for name, callback in (
+        ("add", admin.on_add),
+        ("undo", admin.on_undo),
+        ("labels", admin.on_labels),
+        ("rename", admin.on_rename),
+        ("delete", admin.on_delete),
+        ("retrain", admin.on_retrain),
+        ("status", admin.on_status),
+        ("rollback", admin.on_rollback),
+    ):
+        application.add_handler(CommandHandler(name, callback, filters=new))
+    application.add_handler(MessageHandler(new & (filters.PHOTO | filters.Document.IMAGE), handlers.on_image))
+    application.add_handler(
+        MessageHandler(
+            new & filters.ChatType.PRIVATE & filters.Document.ALL & ~filters.Document.IMAGE,
+            handlers.on_other_document,
+        )
+    )
+    application.add_handler(CallbackQueryHandler(admin.on_delete_button))
+    application.add_error_handler(handlers.on_error)
+
+
+def run(config_path: str | None) -> int:
+    """Start the bot (long polling, or a webhook server) and block until it is stopped.
+
+    Args:
+        config_path: the TOML file; None uses ``$LABELGRAM_CONFIG``, else ``./config.toml`` if it
+            exists, else defaults and environment variables only.
+
+    Returns:
+        The process exit code: 0 after a normal stop, 2 for configuration problems (including a
+        missing or rejected token), 1 when the bot cannot start otherwise.
+    """
+    if config_path is None and not os.environ.get(CONFIG_PATH_ENV) and Path("config.toml").is_file():
+        config_path = "config.toml"
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    token = config.token
+    if not token:
+        print(NO_TOKEN_HELP, file=sys.stderr, end="")
+        return 2
+    configure_logging(config.logging.level, token)
+    try:
+        application = build_application(config)
+    except (OSError, LabelgramError) as exc:
+        log.error("cannot open the store %s: %s", config.store_dir, exc)
+        return 1
+    tg = config.telegram
+    try:
+        if tg.mode == "webhook":
+            assert tg.webhook_url is not None
+            application.run_webhook(
+                listen=tg.webhook_listen,
+                port=tg.webhook_port,
+                url_path=urlparse(tg.webhook_url).path.lstrip("/"),
+                webhook_url=tg.webhook_url,
+                secret_token=tg.webhook_secret_token.get_secret_value() if tg.webhook_secret_token else None,
+                allowed_updates=ALLOWED_UPDATES,
+            )
+        else:
+            application.run_polling(allowed_updates=ALLOWED_UPDATES)
+    except InvalidToken:
+        print(
+            "labelgram: Telegram rejected the bot token. Check TELEGRAM_BOT_TOKEN / telegram.token "
+            "(ask @BotFather for the token again with /token).",
+            file=sys.stderr,
+        )
+        return 2
+    except TelegramError as exc:
+        print(f"labelgram: cannot reach the Bot API: {redact(str(exc), [token])}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,116 @@
+"""The objects every handler needs, kept in ``application.bot_data`` under one key.
+
+Handlers reach them with :func:`services` (``services(context).classifier`` ...). Nothing here
+talks to Telegram; it is plain state shared by the handlers of one Application.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from telegram.ext import CallbackContext
+
+if TYPE_CHECKING:
+    import numpy as np
+    from telegram.ext import Job
+
+    from bot.batching import MicroBatcher
+    from bot.config import Config
+    from bot.state import BotState
+    from bot.training_runner import Trainer
+    from model_store.classifier import Classifier
+    from model_store.workspace import Workspace
+
+__all__ = ["SERVICES_KEY", "RateLimiter", "Services", "Throttle", "services"]
+
+SERVICES_KEY = "labelgram"
+
+
+class RateLimiter:
+    """Sliding-window limit of events per key (a user id) per ``period`` seconds.
+
+    ``limit == 0`` allows everything. Memory stays bounded: idle keys are dropped.
+    """
+
+    def __init__(self, limit: int, period: float = 60.0, *, max_keys: int = 100_000) -> None:
+        self.limit = limit
+        self.period = period
+        self.max_keys = max_keys
+        self._events: dict[int, deque[float]] = {}
+        self._warned: dict[int, float] = {}
+
+    def allow(self, key: int, now: float | None = None) -> bool:
+        """Record one event for ``key``; False if it is over the limit (then nothing is recorded)."""
+        if self.limit <= 0:
+            return True
+        now = time.monotonic() if now is None else now
+        events = self._events.setdefault(key, deque())
+        while events and now - events[0] >= self.period:
+            events.popleft()
+        if len(events) >= self.limit:
+            return False
+        events.append(now)
+        if len(self._events) > self.max_keys:
+            self._prune(now)
+        return True
+
+    def should_warn(self, key: int, now: float | None = None) -> bool:
+        """True at most once per period per key: whether to tell the user to slow down."""
+        now = time.monotonic() if now is None else now
+        last = self._warned.get(key)
+        if last is not None and now - last < self.period:
+            return False
+        self._warned[key] = now
+        return True
+
+    def _prune(self, now: float) -> None:
+        for key in [k for k, ev in self._events.items() if not ev or now - ev[-1] >= self.period]:
+            del self._events[key]
+        for key in [k for k, t in self._warned.items() if now - t >= self.period]:
+            del self._warned[key]
+
+
+class Throttle:
+    """At most one event per key every ``interval`` seconds (used for chat actions)."""
+
+    def __init__(self, interval: float, *, max_keys: int = 100_000) -> None:
+        self.interval = interval
+        self.max_keys = max_keys
+        self._last: dict[Any, float] = {}
+
+    def ready(self, key: Any, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            return False
+        self._last[key] = now
+        if len(self._last) > self.max_keys:
+            self._last = {k: t for k, t in self._last.items() if now - t < self.interval}
+        return True
+
+
+@dataclass
+class Services:
+    """Everything the handlers share. Built by :func:`bot.app.build_application`."""
+
+    config: Config
+    workspace: Workspace
+    classifier: Classifier
+    batcher: MicroBatcher[np.ndarray, list[tuple[str, float]]]
+    trainer: Trainer
+    state: BotState
+    rate: RateLimiter
+    chat_actions: Throttle = field(default_factory=lambda: Throttle(4.0))
+    schedule_job: Job[Any] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def is_admin(self, user_id: int | None) -> bool:
+        return self.config.is_admin(user_id)
+
+
+def services(context: CallbackContext[Any, Any, Any, Any]) -> Services:
+    """The :class:`Services` of the Application handling ``context``."""
+    return context.application.bot_data[SERVICES_KEY]

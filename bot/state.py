@@ -1,0 +1,78 @@
+"""Small persistent facts the bot keeps between restarts, in ``<store_dir>/state.json``.
+
+* ``last_run``: the last training that completed (promoted or refused): its store fingerprint
+  (a scheduled run is skipped while the images are unchanged since then), time, version, status.
+* ``last_scheduled_check``: when the scheduled job last fired (to notice a run missed while the
+  bot was down).
+* ``last_failure_fingerprint``: fingerprint of the last failed training, so a failure that will
+  repeat every night (e.g. too few labels) is reported to admins once, not nightly.
+
+Written as temp file + fsync + ``os.replace``, so a crash never leaves half a file; an unreadable
+file is treated as empty (with a warning): losing it only costs one extra training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import threading
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BotState"]
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+
+
+class BotState:
+    """A JSON dict on disk, read once and rewritten atomically on every change. Thread-safe."""
+
+    def __init__(self, store_dir: Path) -> None:
+        self.path = Path(store_dir) / STATE_FILE
+        self._lock = threading.Lock()
+        self._data: dict[str, Any] = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable %s (%s)", self.path, exc)
+            return {}
+        if not isinstance(data, dict):
+            log.warning("ignoring %s: not a JSON object", self.path)
+            return {}
+        return data
+
+    def get(self, key: str, default: Any = None) -> Any:
+        with self._lock:
+            return self._data.get(key, default)
+
+    def update(self, **values: Any) -> None:
+        """Set keys and write the file atomically."""
+        with self._lock:
+            self._data.update(values)
+            text = json.dumps(self._data, indent=1, sort_keys=True)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.parent / f".tmp-state-{secrets.token_hex(6)}"
+            try:
+                with open(tmp, "w", encoding="utf-8") as fh:
+                    fh.write(text)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, self.path)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+            fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)

@@ -1,0 +1,335 @@
+"""Run one retraining in a subprocess and follow its progress; one training at a time.
+
+The bot never trains in its own process: TensorFlow's memory and the GIL would stall the photo
+replies. ``python -m bot retrain --store_dir DIR --json ...`` prints one JSON object per line on
+stdout (``{"event": "progress", "stage", "done", "total"}`` while working, then
+``{"event": "result", ...RetrainReport.to_dict()}``); this module reads them, hands progress to a
+callback, and turns the result into a :class:`TrainingOutcome`.
+
+:class:`Trainer` owns the one :class:`asyncio.Lock` that ``/retrain``, ``/rollback`` and the
+scheduled job share. After a completed run it records the store fingerprint in ``state.json``
+(so an unchanged store is not retrained by the schedule) and, after a promotion, makes the
+classifier load the new version before the next photo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bot.config import Config
+from bot.state import BotState
+
+__all__ = ["TrainingOutcome", "Trainer", "retrain_command"]
+
+log = logging.getLogger(__name__)
+
+#: ``await on_progress(stage, done, total)``
+ProgressCallback = Callable[[str, int, int], Awaitable[None]]
+
+_SECRET_ENV = ("TELEGRAM_BOT_TOKEN", "LABELGRAM_TELEGRAM__TOKEN", "LABELGRAM_TELEGRAM__WEBHOOK_SECRET_TOKEN")
+_STDOUT_LINE_LIMIT = 64 * 1024 * 1024  # the result line carries all metrics (confusion matrix, ...)
+
+
+@dataclass
+class TrainingOutcome:
+    """What one training run produced.
+
+    Attributes:
+        status: "promoted", "refused" or "failed".
+        message: human summary, safe for chat.
+        version: the new version's name (None when failed).
+        metrics: the version's metrics (accuracy, per_label, gate, ...), {} when failed.
+        confusion_png: the confusion-matrix picture, if one was written.
+        trigger: "manual", "scheduled" or "startup".
+        started_at / finished_at: unix times.
+    """
+
+    status: str
+    message: str
+    version: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    confusion_png: Path | None = None
+    excluded_labels: list[str] = field(default_factory=list)
+    trigger: str = "manual"
+    started_at: float = 0.0
+    finished_at: float = 0.0
+
+    @property
+    def completed(self) -> bool:
+        """True when the training itself ran to the end (promoted or refused by the gate)."""
+        return self.status in ("promoted", "refused")
+
+    @classmethod
+    def from_result(cls, data: dict[str, Any], *, trigger: str, started_at: float) -> TrainingOutcome:
+        status = str(data.get("status") or "failed")
+        if status not in ("promoted", "refused", "failed"):
+            status = "failed"
+        png = data.get("confusion_png")
+        metrics = data.get("metrics") if isinstance(data.get("metrics"), dict) else {}
+        excluded = data.get("excluded_labels") if isinstance(data.get("excluded_labels"), list) else []
+        return cls(
+            status=status,
+            message=str(data.get("message") or ""),
+            version=data.get("version") if isinstance(data.get("version"), str) else None,
+            metrics=metrics,
+            confusion_png=Path(png) if isinstance(png, str) and png else None,
+            excluded_labels=[str(x) for x in excluded],
+            trigger=trigger,
+            started_at=started_at,
+            finished_at=time.time(),
+        )
+
+
+def retrain_command(config: Config, *, store_dir: Path | str | None = None) -> list[str]:
+    """The ``python -m bot retrain`` command line for this configuration (retrain.py flag names)."""
+    t = config.training
+    cmd = [
+        sys.executable,
+        "-m",
+        "bot",
+        "retrain",
+        "--store_dir",
+        str(store_dir if store_dir is not None else config.store_dir),
+        "--json",
+        "--architecture",
+        t.backbone,
+        "--weights",
+        t.backbone_weights,
+        "--epochs",
+        str(t.epochs),
+        "--learning_rate",
+        repr(t.learning_rate),
+        "--train_batch_size",
+        str(t.batch_size),
+        "--validation_percentage",
+        repr(float(t.validation_percentage)),
+        "--testing_percentage",
+        repr(float(t.testing_percentage)),
+        "--min_images_per_label",
+        str(t.min_images_per_label),
+        "--accuracy_floor",
+        repr(t.accuracy_floor),
+        "--max_accuracy_drop",
+        repr(t.max_accuracy_drop),
+        "--keep_versions",
+        str(t.keep_versions),
+    ]
+    cmd.append("--flip_left_right" if t.flip else "--no-flip_left_right")
+    return cmd
+
+
+def _child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k.upper() not in _SECRET_ENV}
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Trainer:
+    """Runs trainings one at a time.
+
+    Args:
+        config: the bot configuration (store folder, training flags, time limit).
+        state: where the last completed run's fingerprint is kept.
+        fingerprint: returns the store's current fingerprint (called in a worker thread).
+        after_promotion: awaited after a promotion (the classifier reload).
+        command: override of :func:`retrain_command` (tests and benchmarks).
+
+    Use ``async with trainer.lock:`` around :meth:`run` (and around anything else that must not
+    overlap a training, such as a rollback); :attr:`busy` says whether it is held.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        state: BotState,
+        *,
+        fingerprint: Callable[[], str],
+        after_promotion: Callable[[], Awaitable[Any]] | None = None,
+        command: list[str] | None = None,
+    ) -> None:
+        self.config = config
+        self.state = state
+        self._fingerprint = fingerprint
+        self._after_promotion = after_promotion
+        self.command = command or retrain_command(config)
+        self.lock = asyncio.Lock()
+        self.current_trigger: str | None = None
+        self.started_at: float | None = None
+        self.last_outcome: TrainingOutcome | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self.closing = False
+
+    @property
+    def busy(self) -> bool:
+        return self.lock.locked()
+
+    async def run(self, *, trigger: str = "manual", on_progress: ProgressCallback | None = None) -> TrainingOutcome:
+        """Train once (the caller holds :attr:`lock`). Never raises for a failed training."""
+        if not self.lock.locked():
+            raise RuntimeError("Trainer.run() must be called with trainer.lock held")
+        started = time.time()
+        if self.closing:
+            return TrainingOutcome(
+                "failed", "The bot is shutting down; no training was started.", trigger=trigger,
+                started_at=started, finished_at=started,
+            )
+        self.current_trigger, self.started_at = trigger, started
+        try:
+            fingerprint = await asyncio.to_thread(self._fingerprint)
+            outcome = await self._run_subprocess(trigger, started, on_progress)
+            if outcome.completed:
+                self.state.update(
+                    last_run={
+                        # taken before the subprocess snapshot: images added while it trained make
+                        # the next scheduled run happen (the pipeline's own figure is taken later)
+                        "fingerprint": fingerprint,
+                        "at": outcome.finished_at,
+                        "started_at": started,
+                        "version": outcome.version,
+                        "status": outcome.status,
+                        "trigger": trigger,
+                    },
+                    last_failure_fingerprint=None,
+                )
+            if outcome.status == "promoted" and self._after_promotion is not None:
+                await self._after_promotion()
+            self.last_outcome = outcome
+            log.info("training (%s) finished: %s %s", trigger, outcome.status, outcome.version or "")
+            return outcome
+        finally:
+            self.current_trigger, self.started_at = None, None
+
+    async def _run_subprocess(
+        self, trigger: str, started: float, on_progress: ProgressCallback | None
+    ) -> TrainingOutcome:
+        limit = self.config.training.max_minutes * 60
+        log.info("starting training (%s): %s", trigger, " ".join(self.command[1:]))
+        proc = await asyncio.create_subprocess_exec(
+            *self.command,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=_child_env(),
+            limit=_STDOUT_LINE_LIMIT,
+            start_new_session=True,  # Ctrl-C on the bot's terminal does not kill a training midway
+        )
+        self._proc = proc
+        stderr_tail: deque[str] = deque(maxlen=40)
+        stderr_task = asyncio.create_task(self._drain(proc.stderr, stderr_tail))
+        result: dict[str, Any] | None = None
+        try:
+            async with asyncio.timeout(limit):
+                assert proc.stdout is not None
+                async for raw in proc.stdout:
+                    event = self._parse(raw)
+                    if event is None:
+                        continue
+                    if event.get("event") == "result":
+                        result = event
+                    elif event.get("event") == "progress" and on_progress is not None:
+                        await self._report_progress(on_progress, event)
+                returncode = await proc.wait()
+                await stderr_task
+        except TimeoutError:
+            await self._kill(proc)
+            stderr_task.cancel()
+            log.error("training (%s) took longer than %s minutes and was stopped", trigger, self.config.training.max_minutes)
+            return TrainingOutcome(
+                "failed",
+                f"The training took longer than {self.config.training.max_minutes:g} minutes and was stopped. "
+                "The current model keeps serving.",
+                trigger=trigger,
+                started_at=started,
+                finished_at=time.time(),
+            )
+        except BaseException:
+            await self._kill(proc)
+            stderr_task.cancel()
+            raise
+        finally:
+            self._proc = None
+        if result is None:
+            log.error(
+                "training (%s) ended with exit code %s and no result; last stderr lines:\n%s",
+                trigger,
+                returncode,
+                "\n".join(stderr_tail),
+            )
+            return TrainingOutcome(
+                "failed",
+                f"The training process stopped unexpectedly (exit code {returncode}). "
+                "The current model keeps serving; the bot's log has the details.",
+                trigger=trigger,
+                started_at=started,
+                finished_at=time.time(),
+            )
+        if returncode not in (0, 1):
+            log.warning("training (%s) exited with code %s after reporting a result", trigger, returncode)
+        if result.get("status") == "failed" and stderr_tail:
+            log.warning("training (%s) failed; last stderr lines:\n%s", trigger, "\n".join(stderr_tail))
+        return TrainingOutcome.from_result(result, trigger=trigger, started_at=started)
+
+    @staticmethod
+    def _parse(raw: bytes) -> dict[str, Any] | None:
+        line = raw.decode("utf-8", "replace").strip()
+        if not line.startswith("{"):
+            if line:
+                log.debug("training output: %s", line[:500])
+            return None
+        try:
+            event = json.loads(line)
+        except ValueError:
+            log.debug("training output (not JSON): %s", line[:500])
+            return None
+        return event if isinstance(event, dict) else None
+
+    @staticmethod
+    async def _report_progress(on_progress: ProgressCallback, event: dict[str, Any]) -> None:
+        try:
+            done, total = int(event.get("done", 0)), int(event.get("total", 0))
+            await on_progress(str(event.get("stage", "")), done, total)
+        except (TypeError, ValueError):
+            return
+        except Exception:  # a failed progress edit must not stop the training
+            log.exception("progress callback failed")
+
+    @staticmethod
+    async def _drain(stream: asyncio.StreamReader | None, tail: deque[str]) -> None:
+        if stream is None:
+            return
+        async for raw in stream:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line:
+                tail.append(line[:1000])
+
+    @staticmethod
+    async def _kill(proc: asyncio.subprocess.Process) -> None:
+        if proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(proc.wait(), 10)
+
+    async def aclose(self) -> None:
+        """Stop a running training (bot shutdown) and refuse new ones. The store stays consistent."""
+        self.closing = True
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            log.warning("stopping the running training because the bot shuts down")
+            await self._kill(proc)

@@ -1,0 +1,209 @@
+"""Shared fixtures for the bot tests.
+
+* ``botapi`` (from tests/botapi_fixtures.py): the local Bot API stand-in on 127.0.0.1.
+* ``trained_store``: a store with a model trained ONCE per session (real TensorFlow, shipped
+  backbone) on 6 photos each of shoes, pants and t-shirt; ``store_copy`` gives each test its own
+  copy (images, bottleneck cache, models) so tests never interfere.
+* ``bot_config(...)`` builds a real :class:`bot.config.Config` pointed at the stand-in;
+  ``running_bot(...)`` starts the real Application the way ``run_polling`` does (initialize,
+  post_init, start, long polling) and yields a :class:`BotHarness` that sends updates and waits
+  for the bot's replies over HTTP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from telegram.ext import Application
+
+from bot.app import ALLOWED_UPDATES, build_application
+from bot.config import Config
+from bot.services import SERVICES_KEY, Services
+from tests.botapi_fixtures import botapi  # noqa: F401  (fixture re-exported for every test module)
+from tests.botapi_standin import BotApiStandIn, Call
+
+DATA = Path(__file__).resolve().parent / "data"
+CLOTHING = DATA / "clothing"
+CASES = DATA / "cases"
+
+ADMIN = 1001
+OTHER_ADMIN = 1002
+USER = 2002
+
+#: labels of the session-trained model; photos [:6] train it, [6:] are never stored there
+TRAINED_LABELS = ("shoes", "pants", "t-shirt")
+TRAIN_PER_LABEL = 6
+
+_BOT_ENV_PREFIXES = ("LABELGRAM_", "TELEGRAM_BOT_TOKEN")
+
+
+@pytest.fixture(autouse=True)
+def _clean_bot_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never see a developer's LABELGRAM_* / TELEGRAM_BOT_TOKEN variables."""
+    for name in list(os.environ):
+        if name.upper().startswith(_BOT_ENV_PREFIXES):
+            monkeypatch.delenv(name, raising=False)
+
+
+def photos(label: str) -> list[Path]:
+    """The test photos of one clothing label, in a stable order."""
+    return sorted((CLOTHING / label).glob("*.jpg"))
+
+
+@pytest.fixture(scope="session")
+def trained_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store folder with one promoted model, trained once per test session."""
+    from model_store.pipeline import retrain
+    from model_store.training import TrainConfig
+    from model_store.workspace import Workspace
+
+    root = tmp_path_factory.mktemp("trained") / "store"
+    ws = Workspace(root)
+    for label in TRAINED_LABELS:
+        for path in photos(label)[:TRAIN_PER_LABEL]:
+            ws.store.add(path.read_bytes(), label, added_by=ADMIN, chat_id=ADMIN)
+    report = retrain(ws, TrainConfig(epochs=20, accuracy_floor=0.0, max_accuracy_drop=1.0))
+    assert report.status == "promoted", report.message
+    return root
+
+
+@pytest.fixture
+def store_copy(trained_store: Path, tmp_path: Path) -> Path:
+    """This test's own copy of the trained store."""
+    target = tmp_path / "store"
+    shutil.copytree(trained_store, target, symlinks=True)
+    (target / "state.json").unlink(missing_ok=True)
+    return target
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def bot_config(api: BotApiStandIn, store_dir: Path, **overrides: Any) -> Config:
+    """A real Config for a bot talking to ``api``; keyword sections are merged in."""
+    data: dict[str, Any] = {
+        "telegram": {"token": api.token, "base_url": api.base_url, "base_file_url": api.base_file_url},
+        "admins": [ADMIN, OTHER_ADMIN],
+        "store_dir": str(store_dir),
+        "classify": {"album_wait_ms": 300},
+        "training": {"epochs": 20, "accuracy_floor": 0.0, "max_accuracy_drop": 1.0, "max_minutes": 5},
+        "limits": {"min_free_disk_mb": 0},
+    }
+    return Config(**_merge(data, overrides))
+
+
+@dataclass
+class BotHarness:
+    """The running bot plus helpers to talk to it through the stand-in."""
+
+    api: BotApiStandIn
+    app: Application[Any, Any, Any, Any, Any, Any]
+
+    @property
+    def svc(self) -> Services:
+        return self.app.bot_data[SERVICES_KEY]
+
+    def send_photo(
+        self,
+        user: int,
+        image: Path | bytes,
+        *,
+        chat: int | None = None,
+        caption: str | None = None,
+        media_group_id: str | None = None,
+        reply_to: int | None = None,
+    ) -> int:
+        """Push a photo message; returns its message id."""
+        data = image.read_bytes() if isinstance(image, Path) else image
+        update = self.api.make_photo_update(
+            chat if chat is not None else user,
+            user,
+            data,
+            caption=caption,
+            media_group_id=media_group_id,
+            reply_to=reply_to,
+        )
+        self.api.push_update(update)
+        return update["message"]["message_id"]
+
+    def send_document(
+        self,
+        user: int,
+        data: bytes,
+        *,
+        file_name: str,
+        mime_type: str,
+        chat: int | None = None,
+        caption: str | None = None,
+        file_size: int | None = None,
+    ) -> int:
+        update = self.api.make_document_update(
+            chat if chat is not None else user,
+            user,
+            data,
+            mime_type=mime_type,
+            file_name=file_name,
+            caption=caption,
+            file_size=file_size,
+        )
+        self.api.push_update(update)
+        return update["message"]["message_id"]
+
+    def send_text(self, user: int, text: str, *, chat: int | None = None, reply_to: int | None = None) -> int:
+        update = self.api.make_text_update(chat if chat is not None else user, user, text, reply_to_message=reply_to)
+        self.api.push_update(update)
+        return update["message"]["message_id"]
+
+    async def reply(self, chat: int, message_id: int, timeout: float = 30.0) -> Call:
+        """The bot's (first) reply to one message."""
+        return await self.api.wait_for_reply(chat, message_id, timeout=timeout)
+
+    async def reply_text(self, chat: int, message_id: int, timeout: float = 30.0) -> str:
+        call = await self.reply(chat, message_id, timeout)
+        assert call.method == "sendMessage", call
+        return str(call.params["text"])
+
+    async def ask(self, user: int, text: str, *, chat: int | None = None, timeout: float = 30.0, **kw: Any) -> str:
+        """Send a text (command) and return the bot's reply text."""
+        chat_id = chat if chat is not None else user
+        return await self.reply_text(chat_id, self.send_text(user, text, chat=chat, **kw), timeout)
+
+
+@contextlib.asynccontextmanager
+async def running_bot(
+    api: BotApiStandIn, config: Config, **build_kwargs: Any
+) -> AsyncIterator[BotHarness]:
+    """Build the real Application and run it like ``run_polling`` does, against the stand-in."""
+    app = build_application(config, **build_kwargs)
+    await app.initialize()
+    if app.post_init is not None:
+        await app.post_init(app)
+    await app.start()
+    assert app.updater is not None
+    await app.updater.start_polling(poll_interval=0, timeout=1, allowed_updates=ALLOWED_UPDATES)
+    try:
+        yield BotHarness(api, app)
+    finally:
+        if app.updater.running:
+            await app.updater.stop()
+        if app.running:
+            await app.stop()
+        if app.post_stop is not None:
+            await app.post_stop(app)
+        await app.shutdown()
+        if app.post_shutdown is not None:
+            await app.post_shutdown(app)
