@@ -99,8 +99,7 @@ async def run_scheduled_training(context: ContextTypes.DEFAULT_TYPE) -> None:
     async with trainer.lock:
         store = svc.workspace.store
         fingerprint = await asyncio.to_thread(store.fingerprint)
-        last_run = svc.state.get("last_run") or {}
-        if fingerprint == last_run.get("fingerprint"):
+        if fingerprint == await asyncio.to_thread(_last_trained_fingerprint, svc):
             log.info("%s retraining skipped: no image changed since the last training", trigger)
             svc.state.update(last_scheduled_check=fired)
             return
@@ -115,6 +114,20 @@ async def run_scheduled_training(context: ContextTypes.DEFAULT_TYPE) -> None:
         return
     svc.state.update(last_scheduled_check=fired)
     await _tell_admins(context, svc, outcome, fingerprint)
+
+
+def _last_trained_fingerprint(svc: Services) -> str | None:
+    """Fingerprint of the images the last completed training used.
+
+    From ``state.json``; before the bot has run a training itself (a store trained with
+    ``python -m bot retrain``), from the serving version's metrics.
+    """
+    last_run = svc.state.get("last_run") or {}
+    if last_run.get("fingerprint"):
+        return str(last_run["fingerprint"])
+    current = svc.workspace.registry.current()
+    value = current.metrics.get("store_fingerprint") if current is not None else None
+    return str(value) if value else None
 
 
 async def _tell_admins(context: ContextTypes.DEFAULT_TYPE, svc: Services, outcome: Any, fingerprint: str) -> None:
