@@ -3,7 +3,7 @@
 As in retrain.py, the expensive part of retraining is running every image through the frozen
 backbone; the result (the *bottleneck*) is cached on disk so a later retraining only computes the
 bottlenecks of images it has not seen. Augmentation is done with cached *views* of each image
-(the plain image and its mirror image), so it keeps the cache useful instead of defeating it as
+(centre crops at two scales and their mirror images), so it keeps the cache useful instead of defeating it as
 retrain.py's random distortions did.
 
 Layout: ``<root>/<backbone id>/<preprocessing>-<view>/<sha256[:2]>/<sha256>.npy``, each a float32 ``(D,)`` array,
@@ -29,16 +29,29 @@ from model_store.images import decode_image, to_model_input
 
 log = logging.getLogger(__name__)
 
-#: Views of an image the cache knows: the image as is, and mirrored left-right.
-VIEWS: tuple[str, ...] = ("plain", "flip")
-
-#: The eval transform of every backbone input (``images.to_model_input`` mode): resize the shorter
-#: side to size / 0.875 and centre-crop, the transform the shipped backbone was checked with
-#: (BACKBONE_NOTICE.md). Measured on clothing-small (251 test images, plain softmax head):
-#: 0.888 test accuracy with centre crop vs 0.841 when squashing the whole photo to 224x224.
+#: The eval transform of every backbone input (``images.to_model_input`` mode): scale so the shorter
+#: side covers size / crop_fraction and centre-crop (the transform the shipped backbone was checked
+#: with, BACKBONE_NOTICE.md). Measured on clothing-small (251 test images, plain softmax head):
+#: 0.888 test accuracy with a 0.875 centre crop vs 0.841 when squashing the photo to 224x224.
 PREPROCESSING_MODE = "center_crop"
 
 Progress = Callable[[int, int], None]
+
+
+def view_name(crop_fraction: float, flip: bool = False) -> str:
+    """Cache name of a view: ``"crop875"`` for a 0.875 centre crop, ``"crop1000-flip"`` for a mirrored full crop."""
+    return f"crop{round(crop_fraction * 1000)}" + ("-flip" if flip else "")
+
+
+def parse_view(name: str) -> tuple[float, bool]:
+    """Inverse of :func:`view_name`: ``(crop_fraction, flip)``. Raises ValueError for other names."""
+    base, _, suffix = name.partition("-")
+    if not base.startswith("crop") or suffix not in ("", "flip") or not base[4:].isdigit():
+        raise ValueError(f"unknown view {name!r}; expected e.g. 'crop875' or 'crop1000-flip'")
+    fraction = int(base[4:]) / 1000
+    if not 0 < fraction <= 1:
+        raise ValueError(f"view {name!r}: crop fraction must be in (0, 1]")
+    return fraction, suffix == "flip"
 
 
 def make_views(rgb: np.ndarray, size: tuple[int, int], views: Sequence[str]) -> list[np.ndarray]:
@@ -47,20 +60,22 @@ def make_views(rgb: np.ndarray, size: tuple[int, int], views: Sequence[str]) -> 
     Args:
         rgb: uint8 ``(H, W, 3)`` RGB image.
         size: backbone input ``(height, width)``.
-        views: names from :data:`VIEWS`.
+        views: names from :func:`view_name`, e.g. ``("crop875", "crop875-flip", "crop1000")``.
 
     Returns:
         One float32 ``(h, w, 3)`` array (RGB 0..255) per view, in the order given.
+
+    Raises:
+        ValueError: an unknown view name.
     """
-    base = to_model_input(rgb, size, mode=PREPROCESSING_MODE)
+    crops: dict[float, np.ndarray] = {}
     out = []
     for v in views:
-        if v == "plain":
-            out.append(base)
-        elif v == "flip":
-            out.append(np.ascontiguousarray(base[:, ::-1]))
-        else:
-            raise ValueError(f"unknown view {v!r}; known: {VIEWS}")
+        fraction, flip = parse_view(v)
+        if fraction not in crops:
+            crops[fraction] = to_model_input(rgb, size, mode=PREPROCESSING_MODE, crop_fraction=fraction)
+        base = crops[fraction]
+        out.append(np.ascontiguousarray(base[:, ::-1]) if flip else base)
     return out
 
 
@@ -125,14 +140,14 @@ class BottleneckCache:
         self,
         items: Sequence[tuple[str, Path | bytes]],
         *,
-        views: Sequence[str] = ("plain",),
+        views: Sequence[str] = ("crop875",),
         progress: Progress | None = None,
     ) -> tuple[np.ndarray, list[int]]:
         """Bottlenecks of many images, computing only the missing ones.
 
         Args:
             items: ``(sha256, source)`` pairs; ``source`` is the image file path or its bytes.
-            views: which views to return, from :data:`VIEWS`.
+            views: which views to return (names from :func:`view_name`).
             progress: called as ``progress(done, to_compute)`` after each computed batch
                 (and once with ``(0, to_compute)`` before starting).
 

@@ -32,7 +32,10 @@ class _Loaded:
         self.model = keras.models.load_model(version.model_path, compile=False)
         shape = self.model.input_shape
         self.input_size = (int(shape[1]), int(shape[2]))
-        self.mode = version.metrics.get("preprocessing", {}).get("mode", "center_crop")
+        pre = version.metrics.get("preprocessing", {})
+        self.mode = pre.get("mode", "center_crop")
+        # Crops whose softmax outputs are averaged (multi-crop evaluation, as at test time).
+        self.crops = [float(f) for f in pre.get("crop_fractions", [0.875])]
         model = self.model
         self.fn = tf.function(
             lambda x: model(x, training=False),
@@ -48,7 +51,8 @@ class Classifier:
     Args:
         registry: where versions live; the ``CURRENT`` pointer is re-checked (one ``stat``) on
             every call, and a newly promoted or rolled-back version is loaded without a restart.
-        max_batch: images per forward pass (larger calls are split).
+        max_batch: model inputs per forward pass (each image gives one input per crop of the
+            version's multi-crop evaluation; larger calls are split).
 
     Thread-safe: calls may come from several threads; a reload swaps the model atomically.
     """
@@ -110,8 +114,8 @@ class Classifier:
             top_k: labels per image (capped at the number of labels).
 
         Returns:
-            Per image, ``[(label, probability), ...]`` best first; probabilities are softmax
-            outputs in 0..1 summing to 1 over all labels.
+            Per image, ``[(label, probability), ...]`` best first; probabilities are the mean of
+            the softmax outputs over the version's crops, in 0..1, summing to 1 over all labels.
 
         Raises:
             NoModelError: no model has been trained yet.
@@ -124,10 +128,18 @@ class Classifier:
         if not images:
             return []
         arrays = [decode_image(im) if isinstance(im, bytes | bytearray) else im for im in images]
-        batch = np.stack([to_model_input(a, loaded.input_size, mode=loaded.mode) for a in arrays])
-        probs = np.concatenate(
-            [loaded.fn(batch[i : i + self.max_batch]).numpy() for i in range(0, len(batch), self.max_batch)]
+        v = len(loaded.crops)
+        # (N * V, h, w, 3): the V crops of image 0, then of image 1, ...
+        batch = np.stack(
+            [
+                to_model_input(a, loaded.input_size, mode=loaded.mode, crop_fraction=f)
+                for a in arrays
+                for f in loaded.crops
+            ]
         )
+        step = max(v, self.max_batch - self.max_batch % v)
+        flat = np.concatenate([loaded.fn(batch[i : i + step]).numpy() for i in range(0, len(batch), step)])
+        probs = flat.reshape(len(arrays), v, -1).mean(axis=1)
         k = max(1, min(top_k, len(loaded.labels)))
         out = []
         for row in probs:

@@ -321,7 +321,11 @@ def sniff_extension(data: bytes) -> str:
 
 
 def to_model_input(
-    rgb: np.ndarray, size: tuple[int, int] = (224, 224), *, mode: str = "squash"
+    rgb: np.ndarray,
+    size: tuple[int, int] = (224, 224),
+    *,
+    mode: str = "squash",
+    crop_fraction: float = _CENTER_CROP_FRACTION,
 ) -> np.ndarray:
     """The backbone's eval transform: an RGB image resized to the model's input size.
 
@@ -329,8 +333,9 @@ def to_model_input(
 
     * ``"squash"``: the whole image is resized to ``size``; the aspect ratio is not kept and
       nothing is cropped.
-    * ``"center_crop"``: the image is scaled so that it covers ``size / 0.875`` (the shorter
-      side, relative to the target, becomes ``target / 0.875``), then the central ``size``
+    * ``"center_crop"``: the image is scaled so that it covers ``size / crop_fraction`` (the
+      shorter side, relative to the target, becomes ``target / crop_fraction``; 0.875 is the
+      classic ImageNet eval crop, 1.0 keeps the whole shorter side), then the central ``size``
       region is taken. Implemented by resampling only that source box, so extreme aspect
       ratios (e.g. 2000x20) never build a huge intermediate image.
 
@@ -338,6 +343,7 @@ def to_model_input(
         rgb: ``(H, W, 3)`` ``uint8`` RGB array (as returned by :func:`decode_image`), H, W >= 1.
         size: target ``(height, width)``, as in ``Backbone.input_size``.
         mode: ``"squash"`` or ``"center_crop"``.
+        crop_fraction: for ``"center_crop"``: share (0..1] of the scaled shorter side kept.
 
     Returns:
         A new ``(height, width, 3)`` ``float32`` array with values in 0..255 (not normalised:
@@ -345,8 +351,10 @@ def to_model_input(
 
     Raises:
         ValueError: ``rgb`` is not a non-empty ``(H, W, 3)`` uint8 array, ``size`` is not two
-            positive integers, or ``mode`` is unknown.
+            positive integers, ``mode`` is unknown or ``crop_fraction`` is not in (0, 1].
     """
+    if not 0.0 < crop_fraction <= 1.0:
+        raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction!r}")
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
@@ -362,10 +370,10 @@ def to_model_input(
     if mode == "squash":
         resized = image.resize((out_w, out_h), Image.Resampling.BICUBIC)
     else:
-        # Scale factor of the (virtual) resize that makes the image cover size / 0.875.
-        scale = max(out_h / _CENTER_CROP_FRACTION / src_h, out_w / _CENTER_CROP_FRACTION / src_w)
-        box_w, box_h = out_w / scale, out_h / scale
-        left, top = (src_w - box_w) / 2.0, (src_h - box_h) / 2.0
+        # Scale factor of the (virtual) resize that makes the image cover size / crop_fraction.
+        scale = max(out_h / crop_fraction / src_h, out_w / crop_fraction / src_w)
+        box_w, box_h = min(out_w / scale, src_w), min(out_h / scale, src_h)  # float round-off at 1.0
+        left, top = max(0.0, (src_w - box_w) / 2.0), max(0.0, (src_h - box_h) / 2.0)
         resized = image.resize(
             (out_w, out_h), Image.Resampling.BICUBIC, box=(left, top, left + box_w, top + box_h)
         )

@@ -81,6 +81,15 @@ class RetrainReport:
         }
 
 
+def _predict(head, feats: np.ndarray) -> np.ndarray:
+    """Mean softmax of ``head`` over views: feats ``(N, V, D)`` -> probabilities ``(N, C)`` float32."""
+    if len(feats) == 0:
+        return np.zeros((0, head.output_shape[-1]), np.float32)
+    return np.mean(
+        [softmax(np.asarray(head(feats[:, v], training=False))) for v in range(feats.shape[1])], axis=0
+    )
+
+
 def build_inference_model(backbone: Backbone, head):
     """Backbone + head + softmax as one Keras model.
 
@@ -107,7 +116,8 @@ def _gate_against_current(
     """Accuracy of the serving model and of the new one on the same test images.
 
     Only test images whose label the serving model knows are compared. Uses the serving version's
-    head on the cached bottlenecks when the backbone is the same, else its full model.
+    head on the cached bottlenecks ``test_feats`` (N, V, D), averaged over the V eval crops, when the
+    backbone is the same; else its full model on the 0.875 centre crop.
 
     Returns:
         ``{"version", "images", "current_accuracy", "new_accuracy"}`` or None without a serving model.
@@ -125,7 +135,7 @@ def _gate_against_current(
     same_backbone = current.metrics.get("backbone", {}).get("id") == backbone.id
     if same_backbone and (current.path / "head.keras").exists():
         head = keras.models.load_model(current.path / "head.keras", compile=False)
-        cur_pred = np.asarray(head(test_feats[keep], training=False)).argmax(1)
+        cur_pred = _predict(head, test_feats[keep]).argmax(1)
     else:
         model = keras.models.load_model(current.model_path, compile=False)
         size = (int(model.input_shape[1]), int(model.input_shape[2]))
@@ -203,7 +213,8 @@ def retrain(
         # 1. bottlenecks (only the missing ones are computed)
         t = time.perf_counter()
         cache = BottleneckCache(ws.bottleneck_dir, backbone)
-        views = ("plain", "flip") if config.flip_left_right else ("plain",)
+        views = config.train_views()
+        eval_idx = [views.index(v) for v in config.eval_views()]
         feats, failed = cache.get(
             [(records[i].sha256, records[i].path) for i in used],
             views=views,
@@ -235,7 +246,7 @@ def retrain(
         head, history = train_head(
             train_x,
             train_y,
-            feats[va, 0],
+            feats[va, eval_idx[0]],
             y[va],
             len(labels),
             config,
@@ -248,7 +259,7 @@ def retrain(
         t = time.perf_counter()
         step("evaluating", 0, 1)
         test_recs = [r for r, m in zip(recs, te, strict=True) if m]
-        test_probs = softmax(np.asarray(head(feats[te, 0], training=False)))
+        test_probs = _predict(head, feats[te][:, eval_idx])
         ev = evaluate(
             test_probs,
             y[te],
@@ -257,9 +268,7 @@ def retrain(
             paths=[str(r.path) for r in test_recs],
         )
         val_acc = (
-            float((softmax(np.asarray(head(feats[va, 0], training=False))).argmax(1) == y[va]).mean())
-            if va.any()
-            else None
+            float((_predict(head, feats[va][:, eval_idx]).argmax(1) == y[va]).mean()) if va.any() else None
         )
         if config.print_misclassified_test_images:
             for m in ev.misclassified:
@@ -270,7 +279,9 @@ def retrain(
                     m["predicted"],
                     m["probability"],
                 )
-        comparison = _gate_against_current(ws, backbone, feats[te, 0], test_recs, test_probs, labels)
+        comparison = _gate_against_current(
+            ws, backbone, feats[te][:, eval_idx], test_recs, test_probs, labels
+        )
         timings["evaluating_s"] = time.perf_counter() - t
         step("evaluating", 1, 1)
 
@@ -318,7 +329,12 @@ def retrain(
                     "input_size": list(backbone.input_size),
                     "feature_dim": backbone.feature_dim,
                 },
-                "preprocessing": {"mode": PREPROCESSING_MODE, "input": "float32 RGB 0..255"},
+                "preprocessing": {
+                    "mode": PREPROCESSING_MODE,
+                    "crop_fractions": list(config.crop_fractions),
+                    "input": "float32 RGB 0..255",
+                    "combine": "mean of the softmax outputs over the crops",
+                },
                 "config": config.to_dict(),
                 "history": history,
                 "epochs_run": len(history.get("loss", [])),

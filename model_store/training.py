@@ -44,6 +44,11 @@ class TrainConfig:
             image possible, 5 gives each label a training, validation and test image).
         flip_left_right: augment with the cached bottlenecks of mirror images (retrain.py's
             ``--flip_left_right``, done on cached features so the cache stays useful).
+        crop_fractions: centre crops the head is trained on (each a cached view) and whose
+            softmax outputs are averaged at test and serving time (multi-crop evaluation as in
+            Szegedy et al., "Going deeper with convolutions", 2014, reduced to two scales). The
+            default (0.875, 1.0) was chosen by 5-fold cross-validation on clothing-small:
+            0.897 mean accuracy vs 0.889 for the single 0.875 crop (see docs/accuracy.md).
         hidden_units: 0 for retrain.py's single softmax layer, otherwise one ReLU layer first.
         dropout: dropout rate before each dense layer.
         label_smoothing: cross-entropy label smoothing.
@@ -65,8 +70,9 @@ class TrainConfig:
     testing_percentage: float = 10.0
     min_images_per_label: int = 5
     flip_left_right: bool = True
-    hidden_units: int = 512
-    dropout: float = 0.5
+    crop_fractions: tuple[float, ...] = (0.875, 1.0)
+    hidden_units: int = 0
+    dropout: float = 0.2
     label_smoothing: float = 0.0
     early_stopping_patience: int = 10
     seed: int = 0
@@ -80,7 +86,22 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         """JSON-safe dict of every setting."""
-        return asdict(self)
+        d = asdict(self)
+        d["crop_fractions"] = list(self.crop_fractions)
+        return d
+
+    def eval_views(self) -> list[str]:
+        """Cached views whose predictions are averaged at test / serving time (one per crop)."""
+        from model_store.bottlenecks import view_name
+
+        return [view_name(f) for f in self.crop_fractions]
+
+    def train_views(self) -> list[str]:
+        """Cached views the head is trained on: every crop, and its mirror image if flipping."""
+        from model_store.bottlenecks import view_name
+
+        flips = (False, True) if self.flip_left_right else (False,)
+        return [view_name(f, flip) for f in self.crop_fractions for flip in flips]
 
 
 def hash_percentage(sha256: str) -> float:
