@@ -10,8 +10,10 @@ the retraining schedule. :func:`run` is what ``python -m bot run`` calls.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -270,12 +272,19 @@ def run(config_path: str | None) -> int:
         print(NO_TOKEN_HELP, file=sys.stderr, end="")
         return 2
     configure_logging(config.logging.level, token)
+    tg = config.telegram
+    if tg.mode == "webhook" and importlib.util.find_spec("tornado") is None:
+        print(
+            'labelgram: telegram.mode = "webhook" needs the webhook extra of python-telegram-bot: '
+            "pip install 'python-telegram-bot[webhooks]' (or use mode = \"polling\").",
+            file=sys.stderr,
+        )
+        return 2
     try:
         application = build_application(config)
-    except (OSError, LabelgramError) as exc:
+    except (OSError, sqlite3.Error, LabelgramError) as exc:
         log.error("cannot open the store %s: %s", config.store_dir, exc)
         return 1
-    tg = config.telegram
     try:
         if tg.mode == "webhook":
             assert tg.webhook_url is not None

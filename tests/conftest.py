@@ -29,7 +29,8 @@ from bot.services import SERVICES_KEY, Services
 from tests.botapi_fixtures import botapi  # noqa: F401  (fixture re-exported for every test module)
 from tests.botapi_standin import BotApiStandIn, Call
 
-DATA = Path(__file__).resolve().parent / "data"
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
 CLOTHING = DATA / "clothing"
 CASES = DATA / "cases"
 
