@@ -216,6 +216,7 @@ def build_application(
         trainer=trainer,
         state=state,
         rate=RateLimiter(config.limits.photos_per_minute),
+        image_slots=asyncio.Semaphore(2 * config.classify.max_batch),
     )
     application.bot_data[SERVICES_KEY] = svc
     _add_handlers(application)

@@ -192,9 +192,11 @@ async def classify_message(update: Update, context: ContextTypes.DEFAULT_TYPE, m
     try:
         await send_action(context, message, ChatAction.TYPING)
         data = await download_image(context, ref)
-        rgb = await asyncio.to_thread(decode_image, data, max_pixels=svc.config.classify.max_pixels)
-        del data
-        predictions = await svc.batcher.submit(rgb)
+        async with svc.image_slots:
+            rgb = await asyncio.to_thread(decode_image, data, max_pixels=svc.config.classify.max_pixels)
+            del data
+            predictions = await svc.batcher.submit(rgb)
+            del rgb
     except NoModelError:
         await reply(message, still_learning_text(svc.is_admin(user_id)))
         return

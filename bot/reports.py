@@ -30,9 +30,9 @@ _STAGES = {
 }
 
 
-def _pct(value: Any) -> str:
+def _pct(value: Any, decimals: int = 1) -> str:
     try:
-        return f"{float(value) * 100:.1f}%"
+        return f"{float(value) * 100:.{decimals}f}%"
     except (TypeError, ValueError):
         return "n/a"
 
@@ -49,21 +49,21 @@ def format_progress(stage: str, done: int, total: int, elapsed: float) -> str:
 
 
 def format_report(outcome: TrainingOutcome) -> str:
-    """The report an admin reads after a training."""
+    """The report an admin reads after a training: outcome, accuracy, per-label figures."""
     when = {"manual": "", "scheduled": " (scheduled)", "startup": " (missed while the bot was down)"}
-    lines: list[str] = []
+    label = when.get(outcome.trigger, "")
     m = outcome.metrics
+    lines: list[str] = []
     if outcome.status == "promoted":
-        lines.append(f"Retraining done{when.get(outcome.trigger, '')}: model {outcome.version} is now serving.")
+        lines.append(f"Retraining done{label}: model {outcome.version} is now serving.")
     elif outcome.status == "refused":
-        lines.append(
-            f"Retraining done{when.get(outcome.trigger, '')}, but model {outcome.version} was not promoted; "
-            "the current model keeps serving."
-        )
-    else:
-        lines.append(f"Retraining failed{when.get(outcome.trigger, '')}. The current model keeps serving.")
-    if outcome.message:
+        # the pipeline's message names the gate's reasons and says the current model keeps serving
+        lines.append(f"Retraining done{label}, but the new model was not promoted.")
         lines.append(outcome.message)
+    else:
+        lines.append(f"Retraining failed{label}: {outcome.message}")
+        if "keeps serving" not in outcome.message:
+            lines.append("The current model keeps serving.")
     if outcome.status != "failed" and m:
         test_images = m.get("test_images")
         lines.append("")
@@ -74,6 +74,8 @@ def format_report(outcome: TrainingOutcome) -> str:
                 f"Previous model {comparison.get('version')}: {_pct(comparison.get('current_accuracy'))} "
                 f"on the same {comparison.get('images')} images"
             )
+        if outcome.excluded_labels:
+            lines.append(f"Left out for having too few images: {', '.join(outcome.excluded_labels)}")
         per_label = m.get("per_label") or {}
         if isinstance(per_label, dict) and per_label:
             lines.append("")
@@ -82,7 +84,7 @@ def format_report(outcome: TrainingOutcome) -> str:
             for name, figures in items[:MAX_LABEL_LINES]:
                 figures = figures if isinstance(figures, dict) else {}
                 lines.append(
-                    f"{name}: {_pct(figures.get('precision'))} / {_pct(figures.get('recall'))} "
+                    f"{name}: {_pct(figures.get('precision'), 0)} / {_pct(figures.get('recall'), 0)} "
                     f"({figures.get('support', '?')})"
                 )
             if len(items) > MAX_LABEL_LINES:

@@ -94,25 +94,25 @@ async def run_scheduled_training(context: ContextTypes.DEFAULT_TYPE) -> None:
     fired = time.time()
     if trainer.busy:
         log.info("%s retraining skipped: a training is already running", trigger)
-        svc.state.update(last_scheduled_check=fired)
+        await asyncio.to_thread(svc.state.update, last_scheduled_check=fired)
         return
     async with trainer.lock:
         store = svc.workspace.store
         fingerprint = await asyncio.to_thread(store.fingerprint)
         if fingerprint == await asyncio.to_thread(_last_trained_fingerprint, svc):
             log.info("%s retraining skipped: no image changed since the last training", trigger)
-            svc.state.update(last_scheduled_check=fired)
+            await asyncio.to_thread(svc.state.update, last_scheduled_check=fired)
             return
         if await asyncio.to_thread(store.image_count) == 0:
             log.info("%s retraining skipped: no labelled images yet", trigger)
-            svc.state.update(last_scheduled_check=fired)
+            await asyncio.to_thread(svc.state.update, last_scheduled_check=fired)
             return
         outcome = await trainer.run(trigger=trigger)
     if trainer.closing:
         # stopped by a shutdown: the check time stays old, so the next start catches this run up
         log.info("%s retraining interrupted by shutdown; it will run again at the next start", trigger)
         return
-    svc.state.update(last_scheduled_check=fired)
+    await asyncio.to_thread(svc.state.update, last_scheduled_check=fired)
     await _tell_admins(context, svc, outcome, fingerprint)
 
 
@@ -135,5 +135,5 @@ async def _tell_admins(context: ContextTypes.DEFAULT_TYPE, svc: Services, outcom
         if svc.state.get("last_failure_fingerprint") == fingerprint:
             log.info("scheduled training failed again for the same images; admins were told already")
             return
-        svc.state.update(last_failure_fingerprint=fingerprint)
+        await asyncio.to_thread(svc.state.update, last_failure_fingerprint=fingerprint)
     await notify_admins(context.bot, svc.config.admins, outcome)

@@ -6,6 +6,7 @@ talks to Telegram; it is plain state shared by the handlers of one Application.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -104,6 +105,8 @@ class Services:
     state: BotState
     rate: RateLimiter
     chat_actions: Throttle = field(default_factory=lambda: Throttle(4.0))
+    #: bounds how many decoded images (up to ~100 MB each for 40 Mpx) exist at once; set by build_application
+    image_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(64))
     schedule_job: Job[Any] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 

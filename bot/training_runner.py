@@ -191,7 +191,8 @@ class Trainer:
             fingerprint = await asyncio.to_thread(self._fingerprint)
             outcome = await self._run_subprocess(trigger, started, on_progress)
             if outcome.completed:
-                self.state.update(
+                await asyncio.to_thread(
+                    self.state.update,
                     last_run={
                         # taken before the subprocess snapshot: images added while it trained make
                         # the next scheduled run happen (the pipeline's own figure is taken later)
@@ -217,15 +218,25 @@ class Trainer:
     ) -> TrainingOutcome:
         limit = self.config.training.max_minutes * 60
         log.info("starting training (%s): %s", trigger, " ".join(self.command[1:]))
-        proc = await asyncio.create_subprocess_exec(
-            *self.command,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=_child_env(),
-            limit=_STDOUT_LINE_LIMIT,
-            start_new_session=True,  # Ctrl-C on the bot's terminal does not kill a training midway
-        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=_child_env(),
+                limit=_STDOUT_LINE_LIMIT,
+                start_new_session=True,  # Ctrl-C on the bot's terminal does not kill a training midway
+            )
+        except OSError:
+            log.exception("could not start the training process")
+            return TrainingOutcome(
+                "failed",
+                "The training process could not be started; the bot's log has the details.",
+                trigger=trigger,
+                started_at=started,
+                finished_at=time.time(),
+            )
         self._proc = proc
         stderr_tail: deque[str] = deque(maxlen=40)
         stderr_task = asyncio.create_task(self._drain(proc.stderr, stderr_tail))

@@ -161,7 +161,7 @@ async def test_missed_run_catches_up_at_start_and_a_refused_model_is_explained(
         after = await bot.reply_text(USER, bot.send_photo(USER, photos("pants")[7]))
         serving = bot.svc.classifier.version
     text = str(reports[0].params["text"])
-    assert "was not promoted" in text and "the current model keeps serving" in text
+    assert "the new model was not promoted" in text and "The current model keeps serving" in text
     assert "below the floor of 90.0%" in text
     assert serving == old_version.name
     assert ModelRegistry(store_copy / "models").current().name == old_version.name
