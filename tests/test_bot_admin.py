@@ -187,3 +187,24 @@ async def test_command_menus_for_everyone_and_for_admins(botapi: BotApiStandIn, 
     assert [c["command"] for c in admin] == [c.command for c in ADMIN_COMMANDS]
     assert other == admin
     assert botapi.commands({"type": "chat", "chat_id": USER}) == []
+
+
+async def test_an_admins_album_without_add_is_classified_photo_by_photo(
+    botapi: BotApiStandIn, store_copy: Path
+) -> None:
+    from tests.test_bot_classify import labels_in
+
+    async with running_bot(botapi, bot_config(botapi, store_copy)) as bot:
+        mids = [bot.send_photo(ADMIN, p, media_group_id="holiday") for p in (photos("shoes")[6], photos("pants")[6])]
+        texts = [await bot.reply_text(ADMIN, mid) for mid in mids]
+    assert [labels_in(t)[0] for t in texts] == ["shoes", "pants"]
+    assert stored(store_copy) == {"pants": 6, "shoes": 6, "t-shirt": 6}
+
+
+async def test_a_full_disk_is_explained_to_the_admin(botapi: BotApiStandIn, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    config = bot_config(botapi, store, limits={"min_free_disk_mb": 1024**3})  # a petabyte floor
+    async with running_bot(botapi, config) as bot:
+        text = await bot.reply_text(ADMIN, bot.send_photo(ADMIN, photos("hat")[0], caption="/add hat"))
+    assert "almost out of disk space" in text
+    assert stored(store) == {}
