@@ -114,8 +114,10 @@ async def notify_admins(bot: Bot, admins: Iterable[int], outcome: TrainingOutcom
             continue
         try:
             await send_report(bot, admin, outcome)
-        except (Forbidden, BadRequest) as exc:
+        except (Forbidden, BadRequest) as exc:  # the admin never opened a chat with the bot
             log.warning("could not send the training report to admin %d: %s", admin, exc.message)
+        except TelegramError as exc:  # network trouble: the other admins still get theirs
+            log.warning("could not send the training report to admin %d: %s", admin, exc)
 
 
 class ProgressMessage:
