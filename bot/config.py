@@ -151,7 +151,7 @@ class TrainingConfig(_Section):
     validation_percentage: float = Field(10, ge=0, lt=100)
     testing_percentage: float = Field(10, ge=0, lt=100)
     min_images_per_label: int = Field(5, ge=1)
-    flip: bool = True
+    flip: bool = False
     accuracy_floor: float = Field(0.5, ge=0, le=1)
     max_accuracy_drop: float = Field(0.02, ge=0, le=1)
     keep_versions: int = Field(5, ge=1)

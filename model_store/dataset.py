@@ -768,8 +768,13 @@ class ImageStore:
         It changes if and only if the set of (label, image hash) pairs changes: adding, removing,
         relabelling or renaming a label changes it; re-adding an existing image does not.
         """
+        return self.fingerprint_of(self.snapshot())
+
+    @staticmethod
+    def fingerprint_of(records: list[ImageRecord]) -> str:
+        """:meth:`fingerprint` of a given snapshot (e.g. the one a training run used)."""
         digest = hashlib.sha256()
-        for label, sha in sorted({(r.label, r.sha256) for r in self.snapshot()}):
+        for label, sha in sorted({(r.label, r.sha256) for r in records}):
             digest.update(f"{label}\0{sha}\n".encode())
         return digest.hexdigest()
 

@@ -195,6 +195,7 @@ def retrain(
         if not isinstance(backbone, Backbone):
             backbone = load_backbone(backbone, weights=weights)
         records = ws.store.snapshot()
+        fingerprint = ws.store.fingerprint_of(records)
         splits, excluded = assign_split(
             [(r.sha256, r.label) for r in records],
             validation_percentage=config.validation_percentage,
@@ -322,7 +323,7 @@ def retrain(
                 "misclassified": ev.misclassified,
                 "excluded_labels": excluded,
                 "skipped_images": skipped,
-                "store_fingerprint": ws.store.fingerprint(),
+                "store_fingerprint": fingerprint,
                 "backbone": {
                     "id": backbone.id,
                     "name": backbone.name,
