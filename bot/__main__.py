@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 # TensorFlow's C++ start-up chatter (CUDA probing on CPU-only machines) is noise for CLI users.
@@ -203,11 +204,14 @@ def cmd_retrain(args: argparse.Namespace) -> int:
                 print(f"  skipped {f}: {r}", file=sys.stderr)
 
     bar = None
+    last_emit = 0.0
 
     def progress(stage: str, done: int, total: int) -> None:
-        nonlocal bar
+        nonlocal bar, last_emit
         if emit:
-            if stage != "bottlenecks" or done == total or done % 256 < 32:
+            now = time.monotonic()
+            if stage != "bottlenecks" or done in (0, total) or now - last_emit >= 0.5:
+                last_emit = now
                 emit({"event": "progress", "stage": stage, "done": done, "total": total})
             return
         if stage == "bottlenecks" and total:
@@ -220,9 +224,27 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             if done >= total:
                 bar.close()
 
-    report = retrain(
-        ws, _train_config(args), backbone=args.architecture, weights=args.weights, progress=progress
-    )
+    try:
+        report = retrain(
+            ws, _train_config(args), backbone=args.architecture, weights=args.weights, progress=progress
+        )
+    except Exception:
+        # Unexpected: log the traceback on stderr, and still give a JSON reader its result line.
+        logging.getLogger("bot.retrain").exception("retrain crashed")
+        if emit:
+            emit(
+                {
+                    "event": "result",
+                    "status": "failed",
+                    "message": "The training crashed; see the bot's log.",
+                    "version": None,
+                    "metrics": {},
+                    "confusion_png": None,
+                    "excluded_labels": [],
+                    "skipped_images": [],
+                }
+            )
+        return 1
     if report.version and report.status in ("promoted", "refused"):
         vdir = ws.registry.root / report.version
         if args.output_labels:

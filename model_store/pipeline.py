@@ -11,10 +11,13 @@ either the old or the new pointer (see ``registry``).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -183,6 +186,67 @@ def retrain(
         :class:`RetrainReport`. Expected failures (too few labels or images, a backbone that cannot be
         loaded) come back as ``status="failed"`` with a message rather than an exception.
     """
+    config = config or TrainConfig()
+    try:
+        _check_config(config)
+        with training_lock(ws):
+            return _retrain(ws, config, backbone=backbone, weights=weights, progress=progress)
+    except LabelgramError as exc:
+        log.warning("retrain failed: %s", exc.message)
+        return RetrainReport("failed", exc.message)
+
+
+def _check_config(config: TrainConfig) -> None:
+    """Refuse impossible settings before any work (raises TrainingError naming the setting)."""
+    v, t = config.validation_percentage, config.testing_percentage
+    if not (0 <= v < 100 and 0 <= t < 100 and v + t < 100):
+        raise TrainingError(
+            f"validation_percentage ({v:g}) and testing_percentage ({t:g}) must each be in 0..100 "
+            "and add up to less than 100."
+        )
+    if not config.crop_fractions or not all(0 < f <= 1 for f in config.crop_fractions):
+        raise TrainingError("crop_fractions must be one or more numbers in (0, 1].")
+    if config.train_batch_size < 1 or config.epochs < 1 or config.learning_rate <= 0:
+        raise TrainingError("train_batch_size and epochs must be at least 1 and learning_rate above 0.")
+
+
+@contextlib.contextmanager
+def training_lock(ws: Workspace) -> Iterator[None]:
+    """Hold the store's training lock (``models/.train.lock``, fcntl.flock) for one run.
+
+    One training per store at a time, across processes (the bot's scheduler, ``/retrain`` and a
+    CLI run): ``prune`` deletes unfinished version folders, which is only safe while no other run
+    writes one.
+
+    Raises:
+        TrainingError: another process holds the lock.
+    """
+    path = ws.registry.root / ".train.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TrainingError(
+                "Another training is already running on this store; try again when it has finished."
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _retrain(
+    ws: Workspace,
+    config: TrainConfig | None = None,
+    *,
+    backbone: Backbone | str | None = None,
+    weights: str | None = "imagenet",
+    progress: Progress | None = None,
+) -> RetrainReport:
+    """The body of :func:`retrain`, run under the training lock with a checked config."""
     config = config or TrainConfig()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

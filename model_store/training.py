@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -113,9 +114,11 @@ def hash_percentage(sha256: str) -> float:
         sha256: 64 hex characters.
 
     Returns:
-        float in [0, 100): the first 60 bits of the hash, scaled.
+        float in [0, 100): the first 40 bits of the hash, scaled.
     """
-    return int(sha256[:15], 16) / float(16**15) * 100.0
+    # 40 bits: the product below is exact in float64 and the division by 2**40 too, so the
+    # result is strictly below 100.
+    return int(sha256[:10], 16) * 100 / 16**10
 
 
 def assign_split(
@@ -169,12 +172,19 @@ def assign_split(
             for i in idx:
                 splits[i] = "excluded"
             continue
-        for wanted in (TESTING, VALIDATION):
-            if any(splits[i] == wanted for i in idx):
+        # Every label needs a training image, then (with 2+ images) a test image, then (3+) a
+        # validation image. A missing one is taken from the largest other split (training first),
+        # the image with the smallest hash position, so the same image is picked on every run.
+        for wanted in (TRAINING, TESTING, VALIDATION)[: min(3, len(idx))]:
+            counts = Counter(splits[i] for i in idx)
+            if counts[wanted]:
                 continue
-            train = [i for i in idx if splits[i] == TRAINING]
-            if len(train) > 1:
-                splits[min(train, key=lambda i: hash_percentage(items[i][0]))] = wanted
+            donors = [s for s in (TRAINING, VALIDATION, TESTING) if s != wanted and counts[s] > 1]
+            if not donors:
+                continue
+            donor = max(donors, key=lambda s: (s == TRAINING, counts[s]))
+            pool = [i for i in idx if splits[i] == donor]
+            splits[min(pool, key=lambda i: hash_percentage(items[i][0]))] = wanted
     return splits, sorted(excluded, key=label_key)
 
 
