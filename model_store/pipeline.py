@@ -212,7 +212,7 @@ def _check_config(config: TrainConfig) -> None:
 
 @contextlib.contextmanager
 def training_lock(ws: Workspace) -> Iterator[None]:
-    """Hold the store's training lock (``models/.train.lock``, fcntl.flock) for one run.
+    """Hold the store's training lock (``<store>/.train.lock``, fcntl.flock) for one run.
 
     One training per store at a time, across processes (the bot's scheduler, ``/retrain`` and a
     CLI run): ``prune`` deletes unfinished version folders, which is only safe while no other run
@@ -221,7 +221,7 @@ def training_lock(ws: Workspace) -> Iterator[None]:
     Raises:
         TrainingError: another process holds the lock.
     """
-    path = ws.registry.root / ".train.lock"
+    path = ws.root / ".train.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
