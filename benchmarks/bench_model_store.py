@@ -84,7 +84,7 @@ def main() -> int:
     cold_s = time.perf_counter() - t
     m = cold.metrics
     emit("cold_retrain", round(cold_s, 2), "s", target="<= 60", status=cold.status, timings=m.get("timings"))
-    n_views = 2 if config.flip_left_right else 1
+    n_views = len(config.train_views())
     bn_s = m["timings"]["bottlenecks_s"]
     n_imgs = m["bottleneck_cache"]["computed"]
     emit("bottleneck_throughput", round(n_imgs / bn_s, 1), "images/s", views_per_image=n_views,
