@@ -190,7 +190,7 @@ def retrain(
     try:
         _check_config(config)
         with training_lock(ws):
-            return _retrain(ws, config, backbone=backbone, weights=weights, progress=progress)
+            return _retrain(ws, config, backbone, weights, progress)
     except LabelgramError as exc:
         log.warning("retrain failed: %s", exc.message)
         return RetrainReport("failed", exc.message)
@@ -240,14 +240,12 @@ def training_lock(ws: Workspace) -> Iterator[None]:
 
 def _retrain(
     ws: Workspace,
-    config: TrainConfig | None = None,
-    *,
-    backbone: Backbone | str | None = None,
-    weights: str | None = "imagenet",
-    progress: Progress | None = None,
+    config: TrainConfig,
+    backbone: Backbone | str | None,
+    weights: str | None,
+    progress: Progress | None,
 ) -> RetrainReport:
     """The body of :func:`retrain`, run under the training lock with a checked config."""
-    config = config or TrainConfig()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
