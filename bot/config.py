@@ -146,8 +146,8 @@ class TrainingConfig(_Section):
     backbone: str = "efficientnet_lite0"
     backbone_weights: str = "imagenet"
     epochs: int = Field(60, ge=1, le=100_000)
-    learning_rate: float = Field(0.001, gt=0, le=10)
-    batch_size: int = Field(64, ge=1, le=65_536)
+    learning_rate: float = Field(0.004, gt=0, le=10)
+    batch_size: int = Field(256, ge=1, le=65_536)
     validation_percentage: float = Field(10, ge=0, lt=100)
     testing_percentage: float = Field(10, ge=0, lt=100)
     min_images_per_label: int = Field(5, ge=1)

