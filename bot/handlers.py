@@ -191,8 +191,11 @@ async def classify_message(update: Update, context: ContextTypes.DEFAULT_TYPE, m
         return
     try:
         await send_action(context, message, ChatAction.TYPING)
-        data = await download_image(context, ref)
+        # The slot is taken before downloading: it bounds the bytes and decoded images in memory,
+        # the HTTP requests in flight (httpx's pool gets slow with hundreds queued), and makes a
+        # burst of photos go through roughly first come, first served instead of in lockstep.
         async with svc.image_slots:
+            data = await download_image(context, ref)
             rgb = await asyncio.to_thread(decode_image, data, max_pixels=svc.config.classify.max_pixels)
             del data
             predictions = await svc.batcher.submit(rgb)
