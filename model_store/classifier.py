@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -36,6 +37,7 @@ class _Loaded:
         self.mode = pre.get("mode", "center_crop")
         # Crops whose softmax outputs are averaged (multi-crop evaluation, as at test time).
         self.crops = [float(f) for f in pre.get("crop_fractions", [0.875])]
+        self.spec = (self.input_size, self.mode, tuple(self.crops))
         model = self.model
         self.fn = tf.function(
             lambda x: model(x, training=False),
@@ -45,13 +47,28 @@ class _Loaded:
         self.fn(np.zeros((1, *self.input_size, 3), np.float32))
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """An image ready for :meth:`Classifier.classify` (see :meth:`Classifier.prepare`).
+
+    Attributes:
+        rgb: the decoded uint8 ``(H, W, 3)`` image.
+        inputs: float32 ``(V, h, w, 3)`` model inputs, or None if no model was loaded.
+        spec: the (input size, mode, crops) they were made for.
+    """
+
+    rgb: np.ndarray
+    inputs: np.ndarray | None
+    spec: tuple | None
+
+
 class Classifier:
     """Top-k classification with the registry's current model.
 
     Args:
         registry: where versions live; the ``CURRENT`` pointer is re-checked (one ``stat``) on
             every call, and a newly promoted or rolled-back version is loaded without a restart.
-        max_batch: model inputs per forward pass (each image gives one input per crop of the
+        max_batch: images per forward pass (each image gives one model input per crop of the
             version's multi-crop evaluation; larger calls are split).
 
     Thread-safe: calls may come from several threads; a reload swaps the model atomically.
@@ -105,12 +122,38 @@ class Classifier:
             self._pointer_stat = stamp
             return changed
 
-    def classify(self, images: Sequence[np.ndarray | bytes], top_k: int = 3) -> list[list[tuple[str, float]]]:
+    def prepare(self, image: np.ndarray | bytes) -> Prepared:
+        """Decode (if bytes) and crop/resize one image for the serving version's model.
+
+        Call it from any thread (e.g. the one that decoded the photo), so that :meth:`classify`
+        on the model's thread only runs the forward pass.
+
+        Args:
+            image: uint8 ``(H, W, 3)`` RGB array or raw image bytes.
+
+        Returns:
+            :class:`Prepared`: the model inputs, float32 ``(V, h, w, 3)`` RGB 0..255, one per crop
+            of the version's multi-crop evaluation (None before any model exists), and the RGB image.
+
+        Raises:
+            ImageDecodeError: bytes that are not a readable image.
+        """
+        rgb = decode_image(image) if isinstance(image, bytes | bytearray) else image
+        self.reload_if_changed()
+        loaded = self._loaded
+        if loaded is None:
+            return Prepared(rgb, None, None)
+        return Prepared(rgb, _model_inputs(rgb, loaded), loaded.spec)
+
+    def classify(
+        self, images: Sequence[np.ndarray | bytes | Prepared], top_k: int = 3
+    ) -> list[list[tuple[str, float]]]:
         """Top-k labels for each image.
 
         Args:
-            images: decoded uint8 ``(H, W, 3)`` RGB arrays (see ``images.decode_image``), or raw
-                image bytes (decoded here; an undecodable one raises for the whole call).
+            images: decoded uint8 ``(H, W, 3)`` RGB arrays (see ``images.decode_image``), raw
+                image bytes (decoded here; an undecodable one raises for the whole call), or the
+                results of :meth:`prepare` (re-prepared here if the serving version changed meanwhile).
             top_k: labels per image (capped at the number of labels).
 
         Returns:
@@ -127,22 +170,34 @@ class Classifier:
             raise NoModelError("I haven't been trained yet.")
         if not images:
             return []
-        arrays = [decode_image(im) if isinstance(im, bytes | bytearray) else im for im in images]
+        inputs = []
+        for im in images:
+            if isinstance(im, Prepared) and im.spec == loaded.spec and im.inputs is not None:
+                inputs.append(im.inputs)
+            else:
+                rgb = (
+                    im.rgb
+                    if isinstance(im, Prepared)
+                    else decode_image(im)
+                    if isinstance(im, bytes | bytearray)
+                    else im
+                )
+                inputs.append(_model_inputs(rgb, loaded))
         v = len(loaded.crops)
-        # (N * V, h, w, 3): the V crops of image 0, then of image 1, ...
-        batch = np.stack(
-            [
-                to_model_input(a, loaded.input_size, mode=loaded.mode, crop_fraction=f)
-                for a in arrays
-                for f in loaded.crops
-            ]
-        )
-        step = max(v, self.max_batch - self.max_batch % v)
+        batch = np.concatenate(inputs)  # (N * V, h, w, 3): the V crops of image 0, then of image 1, ...
+        step = self.max_batch * v
         flat = np.concatenate([loaded.fn(batch[i : i + step]).numpy() for i in range(0, len(batch), step)])
-        probs = flat.reshape(len(arrays), v, -1).mean(axis=1)
+        probs = flat.reshape(len(inputs), v, -1).mean(axis=1)
         k = max(1, min(top_k, len(loaded.labels)))
         out = []
         for row in probs:
             idx = np.argsort(-row)[:k]
             out.append([(loaded.labels[j], float(row[j])) for j in idx])
         return out
+
+
+def _model_inputs(rgb: np.ndarray, loaded: _Loaded) -> np.ndarray:
+    """float32 ``(V, h, w, 3)``: the version's crops of one uint8 RGB image."""
+    return np.stack(
+        [to_model_input(rgb, loaded.input_size, mode=loaded.mode, crop_fraction=f) for f in loaded.crops]
+    )
