@@ -285,7 +285,8 @@ async def on_undo(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     if message is None:
         return
     arg = _arg_text(message)
-    if arg and not (arg.isdigit() and 1 <= int(arg) <= MAX_UNDO):
+    # isdecimal, not isdigit: "²" is a digit that int() refuses (it raised in the handler)
+    if arg and not (arg.isdecimal() and 1 <= int(arg) <= MAX_UNDO):
         await reply(message, f"Use /undo to remove your last added image, or /undo <n> (n from 1 to {MAX_UNDO}).")
         return
     n = int(arg) if arg else 1

@@ -1,8 +1,9 @@
 """Build and run the Telegram Application.
 
 :func:`build_application` wires the configuration, the model store and the handlers into a
-python-telegram-bot ``Application``: token and Bot API URLs from the config, ``AIORateLimiter``
-for Telegram's flood limits, concurrent update handling (photos are answered in parallel and
+python-telegram-bot ``Application``: token and Bot API URLs from the config, a rate limiter for
+Telegram's flood limits (``AIORateLimiter``'s throttling with 429 pauses per chat,
+:mod:`bot.ratelimit`), concurrent update handling (photos are answered in parallel and
 batched into one forward pass), the command menus (one for everyone, one per admin chat), and
 the retraining schedule. :func:`run` is what ``python -m bot run`` calls.
 """
@@ -22,11 +23,11 @@ from urllib.parse import urlparse
 from telegram import BotCommand, BotCommandScopeChat, Update
 from telegram.error import InvalidToken, TelegramError
 from telegram.ext import (
-    AIORateLimiter,
     Application,
     CallbackQueryHandler,
     CommandHandler,
     MessageHandler,
+    TypeHandler,
     filters,
 )
 
@@ -34,6 +35,7 @@ from bot import admin, handlers
 from bot.batching import MicroBatcher
 from bot.config import CONFIG_PATH_ENV, Config, ConfigError, load_config
 from bot.logsafe import configure_logging, install_token_filter, redact
+from bot.ratelimit import ChatRetryRateLimiter, limit_messages
 from bot.schedule import setup_schedule
 from bot.services import SERVICES_KEY, RateLimiter, Services
 from bot.state import BotState
@@ -188,7 +190,8 @@ def build_application(
         .token(token)
         .concurrent_updates(tg.concurrent_updates)
         .rate_limiter(
-            AIORateLimiter(
+            # AIORateLimiter's throttling, but a 429 pauses only the chat it concerns (bot/ratelimit.py)
+            ChatRetryRateLimiter(
                 overall_max_rate=tg.max_requests_per_second,
                 overall_time_period=1 if tg.max_requests_per_second else 0,
                 max_retries=2,
@@ -216,6 +219,7 @@ def build_application(
         trainer=trainer,
         state=state,
         rate=RateLimiter(config.limits.photos_per_minute),
+        message_rate=RateLimiter(config.limits.messages_per_minute),
         image_slots=asyncio.Semaphore(2 * config.classify.max_batch),
     )
     application.bot_data[SERVICES_KEY] = svc
@@ -226,6 +230,8 @@ def build_application(
 
 def _add_handlers(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
     new = filters.UpdateType.MESSAGE
+    # first, for every update: a non-admin over limits.messages_per_minute goes no further
+    application.add_handler(TypeHandler(Update, limit_messages), group=-1)
     application.add_handler(CommandHandler("start", handlers.on_start, filters=new))
     application.add_handler(CommandHandler("help", handlers.on_help, filters=new))
     for name, callback in (

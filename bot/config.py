@@ -191,6 +191,7 @@ class LimitsConfig(_Section):
     """``[limits]``: protection against floods and full disks."""
 
     photos_per_minute: int = Field(30, ge=0)
+    messages_per_minute: int = Field(60, ge=0)
     min_free_disk_mb: int = Field(500, ge=0)
 
 

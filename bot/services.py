@@ -104,6 +104,8 @@ class Services:
     trainer: Trainer
     state: BotState
     rate: RateLimiter
+    #: every update of a non-admin (limits.messages_per_minute); set by build_application
+    message_rate: RateLimiter = field(default_factory=lambda: RateLimiter(0))
     chat_actions: Throttle = field(default_factory=lambda: Throttle(4.0))
     #: bounds how many decoded images (up to ~100 MB each for 40 Mpx) exist at once; set by build_application
     image_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(64))
