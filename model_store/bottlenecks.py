@@ -13,6 +13,7 @@ or non-finite values is treated as missing and recomputed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -135,6 +136,37 @@ class BottleneckCache:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def prune(self, keep: set[str]) -> int:
+        """Delete the entries of images not in ``keep`` and leftovers of interrupted writes.
+
+        Only this backbone's folder is touched. Call it while no other process writes to the
+        same cache (the training lock), with the content hashes of every stored image.
+
+        Args:
+            keep: sha256 hex digests whose entries stay.
+
+        Returns:
+            The number of files deleted.
+        """
+        removed = 0
+        if not self.dir.is_dir():
+            return removed
+        for view_dir in self.dir.iterdir():
+            if not view_dir.is_dir():
+                continue
+            for shard in view_dir.iterdir():
+                if not shard.is_dir():
+                    continue
+                for entry in shard.iterdir():
+                    if entry.name.startswith(".tmp-") or (entry.suffix == ".npy" and entry.stem not in keep):
+                        entry.unlink(missing_ok=True)
+                        removed += 1
+                with contextlib.suppress(OSError):
+                    shard.rmdir()  # only if now empty
+        if removed:
+            log.info("bottleneck cache: removed %d entries of images no longer stored", removed)
+        return removed
 
     def get(
         self,

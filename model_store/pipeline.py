@@ -3,7 +3,7 @@
 snapshot the labelled images -> compute only the missing bottlenecks -> hash split -> train the
 softmax head -> evaluate on the test split -> write a new version (model, labels, metrics, confusion
 matrix PNG) -> gate (accuracy floor; not worse than the serving model on the same test images) ->
-promote atomically -> prune old versions.
+promote atomically -> prune old versions and the bottlenecks of images no longer stored.
 
 A crash anywhere before the promotion leaves the serving model untouched; a crash during it leaves
 either the old or the new pointer (see ``registry``).
@@ -443,6 +443,7 @@ def _retrain(
         if excluded:
             message += f" Left out for having fewer than {config.min_images_per_label} images: {', '.join(excluded)}."
         ws.registry.prune(config.keep_versions)
+        _prune_bottlenecks(ws, cache, records)
         log.info("retrain finished: %s (%s)", status, message)
         return RetrainReport(
             status, message, name, metrics, version.path / "confusion_matrix.png", excluded, skipped
@@ -450,6 +451,21 @@ def _retrain(
     except LabelgramError as exc:
         log.warning("retrain failed: %s", exc.message)
         return RetrainReport("failed", exc.message)
+
+
+def _prune_bottlenecks(ws: Workspace, cache: BottleneckCache, records: list) -> None:
+    """Drop cached bottlenecks of images no longer stored, so the cache never outgrows the store.
+
+    Only the store's own cache (``<store>/bottlenecks``) is pruned: a ``--bottleneck_dir`` given on
+    the command line may be shared with other stores. A failure is logged, never fatal.
+    """
+    if ws.bottleneck_dir.resolve() != (ws.root / "bottlenecks").resolve():
+        return
+    try:
+        keep = {r.sha256 for r in records} | {r.sha256 for r in ws.store.snapshot()}
+        cache.prune(keep)
+    except OSError as exc:
+        log.warning("could not prune the bottleneck cache: %s", exc)
 
 
 def _export_tflite(backbone: Backbone, head, path: Path) -> None:
