@@ -24,6 +24,7 @@ from telegram.error import BadRequest, TelegramError
 from telegram.ext import ContextTypes
 
 from bot.services import Services, services
+from model_store.classifier import Prepared
 from model_store.errors import ImageDecodeError, LabelgramError, NoModelError
 from model_store.images import decode_image
 
@@ -44,7 +45,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_ADD_CAPTION = re.compile(r"^/add(?:@(?P<bot>[A-Za-z0-9_]+))?(?:[ \t\u00a0]+(?P<label>[^\n]*))?(?:\n|$)", re.I)
+_ADD_CAPTION = re.compile(
+    r"^/add(?:@(?P<bot>[A-Za-z0-9_]+))?(?:[ \t\u00a0]+(?P<label>[^\n]*))?(?:\n|$)", re.I
+)
 
 GENERIC_APOLOGY = "Sorry, something went wrong on my side while handling that. Please try again later."
 
@@ -105,6 +108,11 @@ def too_large_text(svc: Services, size: int | None) -> str:
     )
 
 
+def _decode_and_prepare(svc: Services, data: bytes) -> Prepared:
+    """Decode image bytes (size-limited) and prepare them for the serving model (worker thread)."""
+    return svc.classifier.prepare(decode_image(data, max_pixels=svc.config.classify.max_pixels))
+
+
 class FileTooLarge(LabelgramError):
     """The file is over ``classify.max_file_bytes`` (or the Bot API refused to hand it out)."""
 
@@ -139,7 +147,9 @@ async def send_action(context: ContextTypes.DEFAULT_TYPE, message: Message, acti
     if not svc.chat_actions.ready(message.chat_id):
         return
     try:
-        await context.bot.send_chat_action(message.chat_id, action, message_thread_id=message.message_thread_id)
+        await context.bot.send_chat_action(
+            message.chat_id, action, message_thread_id=message.message_thread_id
+        )
     except TelegramError as exc:
         log.debug("chat action not sent: %s", exc)
 
@@ -196,10 +206,12 @@ async def classify_message(update: Update, context: ContextTypes.DEFAULT_TYPE, m
         # burst of photos go through roughly first come, first served instead of in lockstep.
         async with svc.image_slots:
             data = await download_image(context, ref)
-            rgb = await asyncio.to_thread(decode_image, data, max_pixels=svc.config.classify.max_pixels)
+            # Decode, crop and resize here, in a worker thread: the model's thread only runs the
+            # forward pass (Classifier.prepare).
+            prepared = await asyncio.to_thread(_decode_and_prepare, svc, data)
             del data
-            predictions = await svc.batcher.submit(rgb)
-            del rgb
+            predictions = await svc.batcher.submit(prepared)
+            del prepared
     except NoModelError:
         await reply(message, still_learning_text(svc.is_admin(user_id)))
         return

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from bot.config import Config
     from bot.state import BotState
     from bot.training_runner import Trainer
-    from model_store.classifier import Classifier
+    from model_store.classifier import Classifier, Prepared
     from model_store.workspace import Workspace
 
 __all__ = ["SERVICES_KEY", "RateLimiter", "Services", "Throttle", "services"]
@@ -100,7 +100,7 @@ class Services:
     config: Config
     workspace: Workspace
     classifier: Classifier
-    batcher: MicroBatcher[np.ndarray, list[tuple[str, float]]]
+    batcher: MicroBatcher[np.ndarray | Prepared, list[tuple[str, float]]]
     trainer: Trainer
     state: BotState
     rate: RateLimiter
