@@ -133,7 +133,7 @@ class ClassifyConfig(_Section):
     max_file_bytes: int = Field(BOT_API_DOWNLOAD_LIMIT, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)
     batch_window_ms: float = Field(10.0, ge=0, le=10_000)
-    max_batch: int = Field(32, ge=1, le=1024)
+    max_batch: int = Field(8, ge=1, le=1024)
     album_wait_ms: float = Field(800.0, ge=0, le=60_000)
 
 

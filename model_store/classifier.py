@@ -69,12 +69,14 @@ class Classifier:
         registry: where versions live; the ``CURRENT`` pointer is re-checked (one ``stat``) on
             every call, and a newly promoted or rolled-back version is loaded without a restart.
         max_batch: images per forward pass (each image gives one model input per crop of the
-            version's multi-crop evaluation; larger calls are split).
+            version's multi-crop evaluation; larger calls are split). Default 8: on 2 CPU cores
+            8 images (16 inputs) per pass took 13.2 ms/image and 857 MiB RSS, 32 images
+            23.6 ms/image and 1346 MiB (larger activations fall out of the caches).
 
     Thread-safe: calls may come from several threads; a reload swaps the model atomically.
     """
 
-    def __init__(self, registry: ModelRegistry, *, max_batch: int = 32):
+    def __init__(self, registry: ModelRegistry, *, max_batch: int = 8):
         self.registry = registry
         self.max_batch = max_batch
         self._loaded: _Loaded | None = None
