@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
         "--flip_left_right",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="augment with mirrored images (cached bottlenecks); on by default",
+        help="also train on mirrored images (cached bottlenecks); off by default (config: training.flip)",
     )
     p.add_argument("--accuracy_floor", type=float, default=None)
     p.add_argument("--max_accuracy_drop", type=float, default=None)
