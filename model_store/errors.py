@@ -50,6 +50,3 @@ class NoModelError(LabelgramError):
 class TrainingError(LabelgramError):
     """Retraining cannot run or failed (too few labels or images, a crash in the trainer, ...)."""
 
-
-class GateRefused(LabelgramError):
-    """A freshly trained version did not pass the promotion gate; the current model keeps serving."""
