@@ -497,7 +497,11 @@ async def on_retrain(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None
         await reply(
             message,
             f"A training is already running (by {who.get(trainer.current_trigger or '', 'someone')}{started}). "
-            "Its report goes to the admins when it finishes.",
+            + (
+                "Its report goes to the admin who started it when it finishes."
+                if trainer.current_trigger == "manual"
+                else "Its report goes to the admins when it finishes."
+            ),
         )
         return
     async with trainer.lock:
