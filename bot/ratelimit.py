@@ -41,7 +41,7 @@ from telegram.ext import AIORateLimiter, ApplicationHandlerStop, ContextTypes
 from bot.handlers import reply
 from bot.services import services
 
-__all__ = ["ChatRetryRateLimiter", "limit_messages"]
+__all__ = ["ChatRetryRateLimiter", "limit_messages", "retry_after_seconds"]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,8 @@ _MAX_PAUSED_CHATS = 1024
 _ALL = object()  # the key of a pause that applies to every request
 
 
-def _retry_seconds(exc: RetryAfter) -> float:
+def retry_after_seconds(exc: RetryAfter) -> float:
+    """Seconds Telegram asked to wait (``RetryAfter.retry_after``: an int, or a timedelta since PTB 22.2)."""
     value = getattr(exc, "_retry_after", None)  # a timedelta since PTB 22.2; avoids the int deprecation warning
     if value is None:
         value = exc.retry_after
@@ -111,7 +112,7 @@ class ChatRetryRateLimiter(AIORateLimiter):
                     kwargs=kwargs,
                 )
             except RetryAfter as exc:
-                seconds = _retry_seconds(exc) + 0.1
+                seconds = retry_after_seconds(exc) + 0.1
                 self._pause(key, seconds)
                 where = f"chat {key}" if key is not None else "all requests"
                 if attempt == max_retries:

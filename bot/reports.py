@@ -15,6 +15,7 @@ from typing import Any
 from telegram import Bot, Message, ReplyParameters
 from telegram.error import BadRequest, Forbidden, RetryAfter, TelegramError
 
+from bot.ratelimit import retry_after_seconds
 from bot.training_runner import TrainingOutcome
 
 __all__ = ["ProgressMessage", "format_report", "notify_admins", "send_report"]
@@ -147,8 +148,7 @@ class ProgressMessage:
             await self.message.edit_text(text)
             self._last_text = text
         except RetryAfter as exc:  # flood control: skip edits for a while, the training goes on
-            delay = exc.retry_after if isinstance(exc.retry_after, int | float) else exc.retry_after.total_seconds()
-            self._last_edit = time.monotonic() + float(delay)
+            self._last_edit = time.monotonic() + retry_after_seconds(exc)
         except BadRequest as exc:
             if "not modified" not in exc.message:
                 log.info("progress message not edited: %s", exc.message)
