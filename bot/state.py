@@ -13,14 +13,13 @@ file is treated as empty (with a warning): losing it only costs one extra traini
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import secrets
 import threading
 from pathlib import Path
 from typing import Any
+
+from model_store.registry import write_atomic
 
 __all__ = ["BotState"]
 
@@ -51,28 +50,13 @@ class BotState:
         return data
 
     def get(self, key: str, default: Any = None) -> Any:
+        """The value stored under ``key`` (``default`` if absent)."""
         with self._lock:
             return self._data.get(key, default)
 
     def update(self, **values: Any) -> None:
-        """Set keys and write the file atomically."""
+        """Set keys and write the file atomically (temp file, fsync, ``os.replace``)."""
         with self._lock:
             self._data.update(values)
-            text = json.dumps(self._data, indent=1, sort_keys=True)
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.parent / f".tmp-state-{secrets.token_hex(6)}"
-            try:
-                with open(tmp, "w", encoding="utf-8") as fh:
-                    fh.write(text)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                raise
-            fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_atomic(self.path, json.dumps(self._data, indent=1, sort_keys=True).encode("utf-8"))
