@@ -177,6 +177,12 @@ def _train_config(args: argparse.Namespace):
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
+    """``retrain``: import ``--image_dir`` (if given), retrain, print the report (or JSON lines).
+
+    Returns:
+        The exit code: 0 promoted or refused by the gate, 1 failed (``--json`` still ends with a
+        ``{"event": "result", ...}`` line).
+    """
     from model_store.pipeline import retrain
     from model_store.workspace import Workspace
 
@@ -267,6 +273,12 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
+    """``classify``: top-k labels of each image with the serving model.
+
+    Returns:
+        The exit code: 0 when every image was classified, 1 when there is no model or any image
+        could not be read (its line says why).
+    """
     from model_store.classifier import Classifier
     from model_store.errors import LabelgramError
     from model_store.images import decode_image
@@ -313,6 +325,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """``status``: serving version, its test accuracy, images per label, images added since. Returns 0."""
     from model_store.workspace import Workspace
 
     ws = Workspace(_store_dir(args))
@@ -338,6 +351,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    """``rollback``: serve the previous version. Returns 0, or 1 when there is none to go back to."""
     from model_store.errors import NoModelError
     from model_store.registry import ModelRegistry
 

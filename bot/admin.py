@@ -281,6 +281,7 @@ async def collect_album_item(
 
 @admin_only("undo")
 async def on_undo(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """``/undo [n]``: remove the admin's own last ``n`` (1..MAX_UNDO) added images."""
     message = update.effective_message
     if message is None:
         return
@@ -312,6 +313,7 @@ async def on_undo(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
 
 @admin_only("labels")
 async def on_labels(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """``/labels``: every label with its image count."""
     message = update.effective_message
     if message is None:
         return
@@ -345,6 +347,7 @@ def _two_names(text: str) -> tuple[str, str] | None:
 
 @admin_only("rename")
 async def on_rename(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """``/rename <old> <new>`` (quotes or ``->`` for names with spaces)."""
     message = update.effective_message
     if message is None:
         return
@@ -383,6 +386,7 @@ def _pending_deletes(svc: Services) -> dict[str, _PendingDelete]:
 
 @admin_only("delete")
 async def on_delete(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """``/delete <label>``: asks for confirmation with two buttons (see :func:`on_delete_button`)."""
     message = update.effective_message
     if message is None:
         return
@@ -486,6 +490,7 @@ async def _drop_keyboard(query: Any) -> None:
 
 @admin_only("retrain")
 async def on_retrain(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """``/retrain``: train now, with a live progress message, then the report in this chat."""
     message = update.effective_message
     if message is None:
         return
@@ -553,6 +558,7 @@ def status_text(svc: Services) -> str:
 
 
 def next_run_text(svc: Services, tz: ZoneInfo) -> str:
+    """When the schedule fires next, in ``tz``, and its rule ("not scheduled" without a job)."""
     job = svc.schedule_job
     if job is None:
         return "not scheduled"
@@ -569,6 +575,7 @@ def next_run_text(svc: Services, tz: ZoneInfo) -> str:
 
 @admin_only("status")
 async def on_status(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """``/status``: see :func:`status_text`."""
     message = update.effective_message
     if message is None:
         return
@@ -577,6 +584,7 @@ async def on_status(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
 
 @admin_only("rollback")
 async def on_rollback(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """``/rollback``: serve the previous model version (not while a training runs)."""
     message = update.effective_message
     if message is None:
         return

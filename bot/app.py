@@ -89,6 +89,7 @@ class LabelgramApplication(Application):  # type: ignore[type-arg]
     """An Application that stops a running training before waiting for its handlers to finish."""
 
     async def stop(self) -> None:
+        """Kill a running training subprocess first, then stop as usual."""
         svc: Services | None = self.bot_data.get(SERVICES_KEY)
         if svc is not None:
             await svc.trainer.aclose()

@@ -265,6 +265,7 @@ class Config(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The environment beats the file; the file data comes in as init kwargs.
+        """Environment variables first, then the TOML data (passed as init kwargs)."""
         return (env_settings, init_settings)
 
     @property
@@ -273,6 +274,7 @@ class Config(BaseSettings):
         return self.telegram.token.get_secret_value() if self.telegram.token else None
 
     def is_admin(self, user_id: int | None) -> bool:
+        """Whether ``user_id`` is listed in :attr:`admins` (None is never an admin)."""
         return user_id is not None and user_id in self.admins
 
 

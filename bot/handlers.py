@@ -100,6 +100,7 @@ async def reply(message: Message, text: str, **kwargs: object) -> Message:
 
 
 def too_large_text(svc: Services, size: int | None) -> str:
+    """The polite refusal for a file over ``classify.max_file_bytes`` (``size`` in bytes, if known)."""
     limit_mb = svc.config.classify.max_file_bytes / (1024 * 1024)
     size_part = f" ({size / (1024 * 1024):.1f} MB)" if size else ""
     return (
@@ -172,6 +173,7 @@ def format_predictions(predictions: list[tuple[str, float]], threshold: float) -
 
 
 def still_learning_text(is_admin: bool) -> str:
+    """The reply to a photo before any model exists (admins are told how to teach)."""
     if is_admin:
         return (
             "I'm still learning: there is no trained model yet. Teach me by sending photos with the "
@@ -249,6 +251,7 @@ async def on_other_document(update: Update, context: ContextTypes.DEFAULT_TYPE) 
 
 
 def help_text(is_admin: bool) -> str:
+    """The /help text; admins also get the teaching commands."""
     lines = [
         "Send me a photo, or an image as a file, and I'll tell you what I think it shows.",
         "",
@@ -272,6 +275,7 @@ def help_text(is_admin: bool) -> str:
 
 
 async def on_start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """``/start``: a greeting and the help text."""
     message = update.effective_message
     if message is None:
         return
@@ -282,6 +286,7 @@ async def on_start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
 
 
 async def on_help(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """``/help``."""
     message = update.effective_message
     if message is None:
         return

@@ -44,6 +44,7 @@ class TokenRedactingFilter(logging.Filter):
         self.secrets = [s for s in secrets if s]
 
     def add(self, secret: str | None) -> None:
+        """Also redact ``secret`` from now on (None / "" / already known: nothing happens)."""
         if secret and secret not in self.secrets:
             self.secrets.append(secret)
 
@@ -51,6 +52,7 @@ class TokenRedactingFilter(logging.Filter):
         return redact(text, self.secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Redact the record in place (message, args, traceback, stack); always returns True."""
         if not self.secrets:
             return True
         try:

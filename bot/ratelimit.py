@@ -92,6 +92,7 @@ class ChatRetryRateLimiter(AIORateLimiter):
         data: dict[str, Any],
         rate_limit_args: int | None,
     ) -> bool | dict[str, Any] | list[dict[str, Any]]:
+        """Throttle like ``AIORateLimiter``; on ``RetryAfter`` pause only the chat concerned, then retry."""
         max_retries = rate_limit_args or self._max_retries
         chat_id = data.get("chat_id")
         chat = chat_id is not None

@@ -39,6 +39,7 @@ def _pct(value: Any, decimals: int = 1) -> str:
 
 
 def format_progress(stage: str, done: int, total: int, elapsed: float) -> str:
+    """One progress line, e.g. "Retraining… training: epoch 3/60 (12 s)"."""
     what = _STAGES.get(stage, stage or "working")
     if stage == "training" and total:
         detail = f"{what}: epoch {done}/{total}"
@@ -133,6 +134,7 @@ class ProgressMessage:
         self._last_stage = ""
 
     async def update(self, stage: str, done: int, total: int) -> None:
+        """Show a progress event (throttled: at most every ``interval`` s, sooner on a new stage)."""
         now = time.monotonic()
         stage_changed = stage != self._last_stage
         self._last_stage = stage
@@ -141,6 +143,7 @@ class ProgressMessage:
         await self.set_text(format_progress(stage, done, total, now - self._started))
 
     async def set_text(self, text: str) -> None:
+        """Edit the message to ``text`` now; Telegram errors are logged, never raised."""
         if text == self._last_text:
             return
         self._last_edit = time.monotonic()
@@ -156,5 +159,6 @@ class ProgressMessage:
             log.info("progress message not edited: %s", exc)
 
     async def finish(self, text: str) -> None:
+        """Show the final line (never raises for Telegram errors)."""
         with contextlib.suppress(TelegramError):
             await self.set_text(text)

@@ -83,6 +83,7 @@ class Throttle:
         self._last: dict[Any, float] = {}
 
     def ready(self, key: Any, now: float | None = None) -> bool:
+        """True (and recorded) if ``key`` had no event in the last ``interval`` seconds."""
         now = time.monotonic() if now is None else now
         last = self._last.get(key)
         if last is not None and now - last < self.interval:
@@ -113,6 +114,7 @@ class Services:
     extras: dict[str, Any] = field(default_factory=dict)
 
     def is_admin(self, user_id: int | None) -> bool:
+        """Whether ``user_id`` is listed in ``config.admins``."""
         return self.config.is_admin(user_id)
 
 

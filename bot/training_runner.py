@@ -73,6 +73,7 @@ class TrainingOutcome:
 
     @classmethod
     def from_result(cls, data: dict[str, Any], *, trigger: str, started_at: float) -> TrainingOutcome:
+        """Build an outcome from the subprocess's ``{"event": "result", ...}`` object (bad fields -> "failed" / empty)."""
         status = str(data.get("status") or "failed")
         if status not in ("promoted", "refused", "failed"):
             status = "failed"
@@ -174,6 +175,7 @@ class Trainer:
 
     @property
     def busy(self) -> bool:
+        """True while :attr:`lock` is held (a training or a rollback is running)."""
         return self.lock.locked()
 
     async def run(self, *, trigger: str = "manual", on_progress: ProgressCallback | None = None) -> TrainingOutcome:
