@@ -29,7 +29,7 @@ from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Message, Update
 from telegram.error import TelegramError
 from telegram.ext import ContextTypes
 
-from bot.handlers import FileTooLarge, ImageRef, classify_message, download_image, image_ref, reply
+from bot.handlers import ImageRef, classify_message, download_image, image_ref, reply
 from bot.reports import ProgressMessage, send_report
 from bot.services import Services, services
 from model_store.errors import LabelError, LabelgramError, NoModelError, StoreFullError
@@ -136,10 +136,7 @@ async def add_images(
             )
         except (LabelError, StoreFullError) as exc:
             return exc.message if not added else f"Added {_photos(added)} to {stored_label}, then: {exc.message}"
-        except FileTooLarge as exc:
-            problems.append(exc.message)
-            continue
-        except LabelgramError as exc:
+        except LabelgramError as exc:  # too large, unreadable, already under another label
             problems.append(exc.message)
             continue
         stored_label = result.label

@@ -25,7 +25,7 @@ from telegram.ext import ContextTypes
 
 from bot.services import Services, services
 from model_store.classifier import Prepared
-from model_store.errors import ImageDecodeError, LabelgramError, NoModelError
+from model_store.errors import LabelgramError, NoModelError
 from model_store.images import decode_image
 
 __all__ = [
@@ -217,7 +217,7 @@ async def classify_message(update: Update, context: ContextTypes.DEFAULT_TYPE, m
     except NoModelError:
         await reply(message, still_learning_text(svc.is_admin(user_id)))
         return
-    except (ImageDecodeError, LabelgramError) as exc:
+    except LabelgramError as exc:  # unreadable image, too large, ...
         await reply(message, exc.message)
         return
     await reply(message, format_predictions(predictions, svc.config.classify.confidence_threshold))
