@@ -377,4 +377,4 @@ def to_model_input(
         resized = image.resize(
             (out_w, out_h), Image.Resampling.BICUBIC, box=(left, top, left + box_w, top + box_h)
         )
-    return np.asarray(resized, dtype=np.float32).copy()
+    return np.asarray(resized, dtype=np.float32)  # the uint8 -> float32 cast makes a new, writable array
