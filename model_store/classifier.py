@@ -98,6 +98,9 @@ class Classifier:
     def reload_if_changed(self) -> bool:
         """Load the current version if the ``CURRENT`` pointer changed since the last check.
 
+        A version that fails to load is logged once (with its traceback) and the version already
+        loaded keeps serving; the pointer is checked again only when it changes.
+
         Returns:
             True if a different version was loaded.
         """
@@ -107,10 +110,10 @@ class Classifier:
             stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         except FileNotFoundError:
             stamp = None
-        if stamp == self._pointer_stat and (self._loaded is not None or stamp is None):
+        if stamp == self._pointer_stat:
             return False
         with self._lock:
-            if stamp == self._pointer_stat and (self._loaded is not None or stamp is None):
+            if stamp == self._pointer_stat:
                 return False
             current = self.registry.current()
             changed = False
@@ -119,8 +122,16 @@ class Classifier:
                 self._loaded = None
             elif self._loaded is None or self._loaded.version.name != current.name:
                 log.info("loading model version %s", current.name)
-                self._loaded = _Loaded(current)
-                changed = True
+                try:
+                    self._loaded = _Loaded(current)
+                    changed = True
+                except Exception:  # a version that cannot load must not stop the serving one
+                    keep = self._loaded.version.name if self._loaded else None
+                    log.exception(
+                        "model version %s could not be loaded; %s",
+                        current.name,
+                        f"still serving {keep}" if keep else "serving no model",
+                    )
             self._pointer_stat = stamp
             return changed
 

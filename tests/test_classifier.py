@@ -57,3 +57,28 @@ def test_a_stale_prepared_image_is_prepared_again_for_the_new_version(
     assert stale.inputs.shape[0] != 1  # it was made for the two-crop version
     assert [lab for lab, _ in again] == [lab for lab, _ in fresh]
     np.testing.assert_allclose([p for _, p in again], [p for _, p in fresh], rtol=1e-4, atol=1e-6)
+
+
+def test_a_version_that_cannot_load_leaves_the_serving_one_answering(
+    clothing_store: TrainedStore, tmp_path: Path, caplog
+) -> None:
+    ws = copy_store(clothing_store.root, tmp_path / "store")
+    clf = Classifier(ws.registry)
+    photo = decode_image(PHOTOS[0].read_bytes())
+    (before,) = clf.classify([photo])
+    good = clf.version
+    current = ws.registry.current()
+    name, tmp = ws.registry.new_version_dir()
+    for f in current.path.iterdir():
+        if f.is_file():
+            (tmp / f.name).write_bytes(f.read_bytes())
+    (tmp / "model.keras").write_bytes(b"this is not a keras file")
+    ws.registry.promote(ws.registry.commit(name, tmp))
+    for _ in range(3):
+        (after,) = clf.classify([photo])
+        assert after == before
+    assert clf.version == good
+    assert sum("could not be loaded" in r.getMessage() for r in caplog.records) == 1
+    ws.registry.rollback()
+    (again,) = clf.classify([photo])
+    assert again == before and clf.version == good
