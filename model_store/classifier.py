@@ -52,7 +52,9 @@ class Prepared:
     """An image ready for :meth:`Classifier.classify` (see :meth:`Classifier.prepare`).
 
     Attributes:
-        rgb: the decoded uint8 ``(H, W, 3)`` image.
+        rgb: the decoded uint8 ``(H, W, 3)`` image, shrunk to at most :data:`KEEP_SIDE` pixels on
+            its longer side (kept only to prepare it again if the serving version changes before
+            the forward pass; a queued 40-megapixel photo would otherwise hold 120 MB).
         inputs: float32 ``(V, h, w, 3)`` model inputs, or None if no model was loaded.
         spec: the (input size, mode, crops) they were made for.
     """
@@ -156,7 +158,7 @@ class Classifier:
         loaded = self._loaded
         if loaded is None:
             return Prepared(rgb, None, None)
-        return Prepared(rgb, _model_inputs(rgb, loaded), loaded.spec)
+        return Prepared(_shrunk(rgb), _model_inputs(rgb, loaded), loaded.spec)
 
     def classify(
         self, images: Sequence[np.ndarray | bytes | Prepared], top_k: int = 3
@@ -207,6 +209,22 @@ class Classifier:
             idx = np.argsort(-row)[:k]
             out.append([(loaded.labels[j], float(row[j])) for j in idx])
         return out
+
+
+#: Longer side, in pixels, of the copy a :class:`Prepared` keeps (4x a 224 crop's source size).
+KEEP_SIDE = 1024
+
+
+def _shrunk(rgb: np.ndarray) -> np.ndarray:
+    """``rgb`` if its longer side is at most KEEP_SIDE, else a bicubic downscale to that size."""
+    h, w = rgb.shape[:2]
+    if max(h, w) <= KEEP_SIDE:
+        return rgb
+    from PIL import Image
+
+    scale = KEEP_SIDE / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BICUBIC))
 
 
 def _model_inputs(rgb: np.ndarray, loaded: _Loaded) -> np.ndarray:

@@ -82,3 +82,15 @@ def test_a_version_that_cannot_load_leaves_the_serving_one_answering(
     ws.registry.rollback()
     (again,) = clf.classify([photo])
     assert again == before and clf.version == good
+
+
+def test_a_prepared_large_photo_keeps_only_a_small_copy(clothing_store: TrainedStore, tmp_path: Path) -> None:
+    ws = copy_store(clothing_store.root, tmp_path / "store")
+    clf = Classifier(ws.registry)
+    small = decode_image(PHOTOS[1].read_bytes())
+    big = np.repeat(np.repeat(small, 20, axis=0), 20, axis=1)  # ~3200 px on the longer side
+    prepared = clf.prepare(big)
+    assert max(prepared.rgb.shape[:2]) == 1024 and prepared.rgb.dtype == np.uint8
+    (direct,) = clf.classify([big], top_k=1)
+    (queued,) = clf.classify([prepared], top_k=1)
+    assert direct[0][0] == queued[0][0]
