@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from telegram import BotCommand, BotCommandScopeChat, Update
-from telegram.error import InvalidToken, TelegramError
+from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import (
     Application,
     CallbackQueryHandler,
@@ -104,7 +104,9 @@ async def _post_init(application: Application[Any, Any, Any, Any, Any, Any]) -> 
     svc = _services_of(application)
     await set_commands(application, svc.config)
     # Load the serving model on the classifier's own thread before the first photo needs it.
-    warmup = asyncio.get_running_loop().run_in_executor(svc.batcher.executor, svc.classifier.reload_if_changed)
+    warmup = asyncio.get_running_loop().run_in_executor(
+        svc.batcher.executor, svc.classifier.reload_if_changed
+    )
     warmup.add_done_callback(_log_warmup)
     svc.extras["warmup"] = warmup
 
@@ -313,7 +315,12 @@ def run(config_path: str | None) -> int:
             file=sys.stderr,
         )
         return 2
-    except TelegramError as exc:
+    except NetworkError as exc:
         print(f"labelgram: cannot reach the Bot API: {redact(str(exc), [token])}", file=sys.stderr)
+        return 1
+    except TelegramError as exc:
+        print(
+            f"labelgram: the Bot API refused a start-up request: {redact(str(exc), [token])}", file=sys.stderr
+        )
         return 1
     return 0
