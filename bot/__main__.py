@@ -127,46 +127,35 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: retrain flags that set a TrainConfig field of the same name
+_TRAIN_FLAGS = (
+    "how_many_training_steps", "epochs", "learning_rate", "testing_percentage", "validation_percentage",
+    "train_batch_size", "min_images_per_label", "hidden_units", "flip_left_right", "accuracy_floor",
+    "max_accuracy_drop", "keep_versions", "summaries_dir",
+)  # fmt: skip
+
+
 def _train_config(args: argparse.Namespace):
-    """TrainConfig from the config file's [training] section, overridden by explicit flags."""
+    """TrainConfig from the config file's [training] section, overridden by explicit flags.
+
+    The config file is read through the same flags the bot passes to its training subprocess
+    (``bot.training_runner.training_flags``), so there is one mapping from config keys to settings.
+    """
     from model_store.training import TrainConfig
 
-    cfg = TrainConfig()
     config_path = args.config or os.environ.get("LABELGRAM_CONFIG")
     if config_path:
         from bot.config import load_config
+        from bot.training_runner import training_flags
 
-        t = load_config(config_path).training
-        cfg = TrainConfig(
-            epochs=t.epochs,
-            learning_rate=t.learning_rate,
-            train_batch_size=t.batch_size,
-            validation_percentage=t.validation_percentage,
-            testing_percentage=t.testing_percentage,
-            min_images_per_label=t.min_images_per_label,
-            flip_left_right=t.flip,
-            accuracy_floor=t.accuracy_floor,
-            max_accuracy_drop=t.max_accuracy_drop,
-            keep_versions=t.keep_versions,
-        )
+        defaults = _parser().parse_args(["retrain", *training_flags(load_config(config_path).training)])
+        for name in _TRAIN_FLAGS:
+            if getattr(args, name) is None:
+                setattr(args, name, getattr(defaults, name))
         if args.architecture is None:
-            args.architecture = t.backbone
-            args.weights = t.backbone_weights
-    for name in (
-        "how_many_training_steps",
-        "epochs",
-        "learning_rate",
-        "testing_percentage",
-        "validation_percentage",
-        "train_batch_size",
-        "min_images_per_label",
-        "hidden_units",
-        "flip_left_right",
-        "accuracy_floor",
-        "max_accuracy_drop",
-        "keep_versions",
-        "summaries_dir",
-    ):
+            args.architecture, args.weights = defaults.architecture, defaults.weights
+    cfg = TrainConfig()
+    for name in _TRAIN_FLAGS:
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bot.config import Config
+from bot.config import Config, TrainingConfig
 from bot.state import BotState
 
-__all__ = ["TrainingOutcome", "Trainer", "retrain_command"]
+__all__ = ["TrainingOutcome", "Trainer", "retrain_command", "training_flags"]
 
 log = logging.getLogger(__name__)
 
@@ -93,42 +93,42 @@ class TrainingOutcome:
         )
 
 
+def training_flags(training: TrainingConfig) -> list[str]:
+    """The config's ``[training]`` section as ``python -m bot retrain`` flags (retrain.py names).
+
+    The one mapping from config keys to training flags: the bot's training subprocess gets these
+    on its command line, and ``retrain --config FILE`` reads a config file through them too.
+    """
+    t = training
+    return [
+        "--architecture", t.backbone,
+        "--weights", t.backbone_weights,
+        "--epochs", str(t.epochs),
+        "--learning_rate", repr(t.learning_rate),
+        "--train_batch_size", str(t.batch_size),
+        "--validation_percentage", repr(float(t.validation_percentage)),
+        "--testing_percentage", repr(float(t.testing_percentage)),
+        "--min_images_per_label", str(t.min_images_per_label),
+        "--accuracy_floor", repr(t.accuracy_floor),
+        "--max_accuracy_drop", repr(t.max_accuracy_drop),
+        "--keep_versions", str(t.keep_versions),
+        "--flip_left_right" if t.flip else "--no-flip_left_right",
+    ]  # fmt: skip
+
+
 def retrain_command(config: Config, *, store_dir: Path | str | None = None) -> list[str]:
     """The ``python -m bot retrain`` command line for this configuration (retrain.py flag names)."""
-    t = config.training
-    cmd = [
+    store = str(store_dir if store_dir is not None else config.store_dir)
+    return [
         sys.executable,
         "-m",
         "bot",
         "retrain",
         "--store_dir",
-        str(store_dir if store_dir is not None else config.store_dir),
+        store,
         "--json",
-        "--architecture",
-        t.backbone,
-        "--weights",
-        t.backbone_weights,
-        "--epochs",
-        str(t.epochs),
-        "--learning_rate",
-        repr(t.learning_rate),
-        "--train_batch_size",
-        str(t.batch_size),
-        "--validation_percentage",
-        repr(float(t.validation_percentage)),
-        "--testing_percentage",
-        repr(float(t.testing_percentage)),
-        "--min_images_per_label",
-        str(t.min_images_per_label),
-        "--accuracy_floor",
-        repr(t.accuracy_floor),
-        "--max_accuracy_drop",
-        repr(t.max_accuracy_drop),
-        "--keep_versions",
-        str(t.keep_versions),
+        *training_flags(config.training),
     ]
-    cmd.append("--flip_left_right" if t.flip else "--no-flip_left_right")
-    return cmd
 
 
 def _child_env() -> dict[str, str]:
@@ -178,15 +178,20 @@ class Trainer:
         """True while :attr:`lock` is held (a training or a rollback is running)."""
         return self.lock.locked()
 
-    async def run(self, *, trigger: str = "manual", on_progress: ProgressCallback | None = None) -> TrainingOutcome:
+    async def run(
+        self, *, trigger: str = "manual", on_progress: ProgressCallback | None = None
+    ) -> TrainingOutcome:
         """Train once (the caller holds :attr:`lock`). Never raises for a failed training."""
         if not self.lock.locked():
             raise RuntimeError("Trainer.run() must be called with trainer.lock held")
         started = time.time()
         if self.closing:
             return TrainingOutcome(
-                "failed", "The bot is shutting down; no training was started.", trigger=trigger,
-                started_at=started, finished_at=started,
+                "failed",
+                "The bot is shutting down; no training was started.",
+                trigger=trigger,
+                started_at=started,
+                finished_at=started,
             )
         self.current_trigger, self.started_at = trigger, started
         try:
@@ -259,7 +264,11 @@ class Trainer:
         except TimeoutError:
             await self._kill(proc)
             stderr_task.cancel()
-            log.error("training (%s) took longer than %s minutes and was stopped", trigger, self.config.training.max_minutes)
+            log.error(
+                "training (%s) took longer than %s minutes and was stopped",
+                trigger,
+                self.config.training.max_minutes,
+            )
             return TrainingOutcome(
                 "failed",
                 f"The training took longer than {self.config.training.max_minutes:g} minutes and was stopped. "
