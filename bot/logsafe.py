@@ -74,7 +74,9 @@ class TokenRedactingFilter(logging.Filter):
         return True
 
 
-def install_token_filter(token: str | None, *, extra_loggers: Iterable[str] = ()) -> TokenRedactingFilter | None:
+def install_token_filter(
+    token: str | None, *, extra_loggers: Iterable[str] = ()
+) -> TokenRedactingFilter | None:
     """Attach one shared redacting filter to the root logger's handlers (and ``extra_loggers``').
 
     Idempotent: a handler that already has a labelgram filter gets the token added to it.
@@ -99,8 +101,26 @@ def install_token_filter(token: str | None, *, extra_loggers: Iterable[str] = ()
     return shared
 
 
+class NetworkRetryTracebackFilter(logging.Filter):
+    """Shorten PTB's "Network Retry Loop ... Aborting." error to one line (no chained traceback).
+
+    When the Bot API cannot be reached at start-up, PTB logs a ~70-line traceback of httpx/httpcore
+    internals before ``run`` prints its own one-line explanation; the exception text is kept.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.getMessage().startswith("Network Retry Loop"):
+            exc = record.exc_info[1]
+            record.msg = f"{record.getMessage()} ({type(exc).__name__}: {exc})"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def configure_logging(level: str = "INFO", token: str | None = None) -> None:
-    """Log to stderr at ``level`` with the token redacted; httpx/httpcore only from WARNING."""
+    """Log to stderr at ``level`` with the token redacted; httpx/httpcore only from WARNING;
+    PTB's start-up network retry errors on one line (:class:`NetworkRetryTracebackFilter`)."""
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -109,4 +129,7 @@ def configure_logging(level: str = "INFO", token: str | None = None) -> None:
     root.setLevel(level)
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in root.handlers:
+        if not any(isinstance(f, NetworkRetryTracebackFilter) for f in handler.filters):
+            handler.addFilter(NetworkRetryTracebackFilter())
     install_token_filter(token)
