@@ -72,31 +72,93 @@ _THUMB_SIDE = 90
 # Parameters whose (form-encoded) value is a plain string and must never be JSON-decoded.
 _STRING_PARAMS = frozenset(
     {
-        "text", "caption", "parse_mode", "callback_query_id", "action", "url", "language_code",
-        "inline_message_id", "secret_token", "ip_address", "business_connection_id",
-        "message_effect_id", "file_id", "photo", "document", "audio", "video", "voice",
-        "animation", "video_note", "sticker", "thumbnail", "certificate", "emoji", "title",
-        "description", "short_description", "name", "query", "data", "address", "first_name",
-        "last_name", "vcard", "phone_number", "question", "explanation", "payload",
-        "provider_token", "currency", "start_parameter", "foursquare_id", "foursquare_type",
-        "google_place_id", "google_place_type", "custom_emoji_id", "file_name",
+        "text",
+        "caption",
+        "parse_mode",
+        "callback_query_id",
+        "action",
+        "url",
+        "language_code",
+        "inline_message_id",
+        "secret_token",
+        "ip_address",
+        "business_connection_id",
+        "message_effect_id",
+        "file_id",
+        "photo",
+        "document",
+        "audio",
+        "video",
+        "voice",
+        "animation",
+        "video_note",
+        "sticker",
+        "thumbnail",
+        "certificate",
+        "emoji",
+        "title",
+        "description",
+        "short_description",
+        "name",
+        "query",
+        "data",
+        "address",
+        "first_name",
+        "last_name",
+        "vcard",
+        "phone_number",
+        "question",
+        "explanation",
+        "payload",
+        "provider_token",
+        "currency",
+        "start_parameter",
+        "foursquare_id",
+        "foursquare_type",
+        "google_place_id",
+        "google_place_type",
+        "custom_emoji_id",
+        "file_name",
     }
 )
 
 _DEFAULT_UPDATE_TYPES = frozenset(
     {
-        "message", "edited_message", "channel_post", "edited_channel_post", "business_connection",
-        "business_message", "edited_business_message", "deleted_business_messages",
-        "inline_query", "chosen_inline_result", "callback_query", "shipping_query",
-        "pre_checkout_query", "purchased_paid_media", "poll", "poll_answer", "my_chat_member",
-        "chat_join_request", "chat_boost", "removed_chat_boost",
+        "message",
+        "edited_message",
+        "channel_post",
+        "edited_channel_post",
+        "business_connection",
+        "business_message",
+        "edited_business_message",
+        "deleted_business_messages",
+        "inline_query",
+        "chosen_inline_result",
+        "callback_query",
+        "shipping_query",
+        "pre_checkout_query",
+        "purchased_paid_media",
+        "poll",
+        "poll_answer",
+        "my_chat_member",
+        "chat_join_request",
+        "chat_boost",
+        "removed_chat_boost",
     }
 )
 
 _CHAT_ACTIONS = frozenset(
     {
-        "typing", "upload_photo", "record_video", "upload_video", "record_voice", "upload_voice",
-        "upload_document", "choose_sticker", "find_location", "record_video_note",
+        "typing",
+        "upload_photo",
+        "record_video",
+        "upload_video",
+        "record_voice",
+        "upload_voice",
+        "upload_document",
+        "choose_sticker",
+        "find_location",
+        "record_video_note",
         "upload_video_note",
     }
 )
@@ -312,10 +374,22 @@ class _TextBuilder:
 
 
 _HTML_TAGS = {
-    "b": "bold", "strong": "bold", "i": "italic", "em": "italic", "u": "underline",
-    "ins": "underline", "s": "strikethrough", "strike": "strikethrough", "del": "strikethrough",
-    "tg-spoiler": "spoiler", "span": "spoiler", "a": "text_link", "code": "code", "pre": "pre",
-    "blockquote": "blockquote", "tg-emoji": "custom_emoji",
+    "b": "bold",
+    "strong": "bold",
+    "i": "italic",
+    "em": "italic",
+    "u": "underline",
+    "ins": "underline",
+    "s": "strikethrough",
+    "strike": "strikethrough",
+    "del": "strikethrough",
+    "tg-spoiler": "spoiler",
+    "span": "spoiler",
+    "a": "text_link",
+    "code": "code",
+    "pre": "pre",
+    "blockquote": "blockquote",
+    "tg-emoji": "custom_emoji",
 }
 _HTML_ATTR_RE = re.compile(r"""([a-zA-Z_-]+)(?:\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>]+)))?""")
 _HTML_ENTITY_RE = re.compile(r"&(#[0-9]+|#[xX][0-9a-fA-F]+|[a-zA-Z]+);")
@@ -375,7 +449,10 @@ def _parse_html(text: str) -> tuple[str, list[dict[str, Any]]]:
 
 
 def _close_html_tag(
-    b: _TextBuilder, stack: list[tuple[str, int, dict[str, str]]], tag: str, start: int,
+    b: _TextBuilder,
+    stack: list[tuple[str, int, dict[str, str]]],
+    tag: str,
+    start: int,
     attrs: dict[str, str],
 ) -> None:
     etype = _HTML_TAGS[tag]
@@ -405,8 +482,13 @@ def _close_html_tag(
 
 _MDV2_RESERVED = frozenset("_*[]()~`>#+-=|{}.!")
 _MDV2_NAMES = {
-    "bold": "Bold", "italic": "Italic", "underline": "Underline", "strikethrough": "Strikethrough",
-    "spoiler": "Spoiler", "text_link": "TextUrl", "custom_emoji": "CustomEmoji",
+    "bold": "Bold",
+    "italic": "Italic",
+    "underline": "Underline",
+    "strikethrough": "Strikethrough",
+    "spoiler": "Spoiler",
+    "text_link": "TextUrl",
+    "custom_emoji": "CustomEmoji",
     "blockquote": "BlockQuote",
 }
 
@@ -438,7 +520,9 @@ def _parse_markdown_v2(text: str) -> tuple[str, list[dict[str, Any]]]:
             _, start, _ = stack.pop()
             b.entity(etype, start)
         elif any(s[0] == etype for s in stack):
-            raise _EntityError(f"Can't find end of {_MDV2_NAMES[etype]} entity at byte offset {_byte_offset(text, at)}")
+            raise _EntityError(
+                f"Can't find end of {_MDV2_NAMES[etype]} entity at byte offset {_byte_offset(text, at)}"
+            )
         else:
             stack.append((etype, b.u16, _byte_offset(text, at)))
 
@@ -466,7 +550,9 @@ def _parse_markdown_v2(text: str) -> tuple[str, list[dict[str, Any]]]:
             else:
                 end = _find_unescaped(text, "`", i + 1)
                 if end < 0:
-                    raise _EntityError(f"Can't find end of Code entity at byte offset {_byte_offset(text, i)}")
+                    raise _EntityError(
+                        f"Can't find end of Code entity at byte offset {_byte_offset(text, i)}"
+                    )
                 start = b.u16
                 b.add(_unescape_md(text[i + 1 : end]))
                 b.entity("code", start)
@@ -493,7 +579,9 @@ def _parse_markdown_v2(text: str) -> tuple[str, list[dict[str, Any]]]:
             continue
         if ch == "]" and stack and stack[-1][0] in ("text_link", "custom_emoji"):
             if i + 1 >= n or text[i + 1] != "(":
-                raise _EntityError(f"Can't find end of {_MDV2_NAMES[stack[-1][0]]} entity at byte offset {stack[-1][2]}")
+                raise _EntityError(
+                    f"Can't find end of {_MDV2_NAMES[stack[-1][0]]} entity at byte offset {stack[-1][2]}"
+                )
             end = _find_unescaped(text, ")", i + 2)
             if end < 0:
                 raise _EntityError(f"Can't find end of a URL at byte offset {_byte_offset(text, i + 1)}")
@@ -586,9 +674,7 @@ def _parse_markdown(text: str) -> tuple[str, list[dict[str, Any]]]:
     return b.result()
 
 
-def _render_text(
-    text: str, parse_mode: Any, entities: Any
-) -> tuple[str, list[dict[str, Any]] | None]:
+def _render_text(text: str, parse_mode: Any, entities: Any) -> tuple[str, list[dict[str, Any]] | None]:
     """Apply ``parse_mode`` like the real server: strip markup, return text and entities."""
     if parse_mode in (None, ""):
         ents = entities if isinstance(entities, list) and entities else None
@@ -611,6 +697,17 @@ def _render_text(
 # ----------------------------------------------------------------------------------------------
 # The server
 # ----------------------------------------------------------------------------------------------
+
+
+def _consume_failure(queue: list[_Failure] | None) -> _ApiError | None:
+    """Use one count of the first injected failure in ``queue`` (caller holds the lock)."""
+    if not queue:
+        return None
+    failure = queue[0]
+    failure.remaining -= 1
+    if failure.remaining <= 0:
+        queue.pop(0)
+    return _ApiError(failure.error_code, failure.description, failure.parameters)
 
 
 class BotApiStandIn:
@@ -734,10 +831,7 @@ class BotApiStandIn:
         from telegram.ext import Application
 
         return (
-            Application.builder()
-            .token(self.token)
-            .base_url(self.base_url)
-            .base_file_url(self.base_file_url)
+            Application.builder().token(self.token).base_url(self.base_url).base_file_url(self.base_file_url)
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -936,8 +1030,12 @@ class BotApiStandIn:
         storing it; getFile then refuses with "file is too big" like the real server).
         """
         stored = self._store_file(
-            data, file_unique_id=file_unique_id, file_path=file_path, file_size=file_size,
-            kind=kind, extension=extension,
+            data,
+            file_unique_id=file_unique_id,
+            file_path=file_path,
+            file_size=file_size,
+            kind=kind,
+            extension=extension,
         )
         return stored.file_id, stored.file_path
 
@@ -1124,7 +1222,11 @@ class BotApiStandIn:
         """A ``message`` update with a ``document``; ``file_size`` overrides the claimed size."""
         ext = file_name.rsplit(".", 1)[-1] if "." in file_name else "bin"
         stored = self._store_file(
-            data, kind="documents", extension=ext, file_size=file_size, mime_type=mime_type,
+            data,
+            kind="documents",
+            extension=ext,
+            file_size=file_size,
+            mime_type=mime_type,
             file_name=file_name,
         )
         msg = self._user_message(chat_id, user_id, chat_type=chat_type, username=username, reply_to=reply_to)
@@ -1441,9 +1543,7 @@ class BotApiStandIn:
 
     @staticmethod
     def _json_response(payload: dict[str, Any], status: int = 200) -> web.Response:
-        return web.Response(
-            body=json.dumps(payload).encode(), status=status, content_type="application/json"
-        )
+        return web.Response(body=json.dumps(payload).encode(), status=status, content_type="application/json")
 
     def _error_response(self, err: _ApiError) -> web.Response:
         payload: dict[str, Any] = {"ok": False, "error_code": err.code, "description": err.description}
@@ -1477,14 +1577,7 @@ class BotApiStandIn:
 
     def _take_failure(self, method_key: str) -> _ApiError | None:
         with self._lock:
-            queue = self._failures.get(method_key)
-            if not queue:
-                return None
-            failure = queue[0]
-            failure.remaining -= 1
-            if failure.remaining <= 0:
-                queue.pop(0)
-            return _ApiError(failure.error_code, failure.description, failure.parameters)
+            return _consume_failure(self._failures.get(method_key))
 
     async def _apply_latency(self, method_key: str) -> None:
         with self._lock:
@@ -1568,11 +1661,20 @@ class BotApiStandIn:
         if rows is None:
             return None
         if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
-            raise _ApiError(400, "Bad Request: field \"inline_keyboard\" of the InlineKeyboardMarkup must be an Array")
+            raise _ApiError(
+                400, 'Bad Request: field "inline_keyboard" of the InlineKeyboardMarkup must be an Array'
+            )
         actions = (
-            "url", "callback_data", "web_app", "login_url", "switch_inline_query",
-            "switch_inline_query_current_chat", "switch_inline_query_chosen_chat", "copy_text",
-            "callback_game", "pay",
+            "url",
+            "callback_data",
+            "web_app",
+            "login_url",
+            "switch_inline_query",
+            "switch_inline_query_current_chat",
+            "switch_inline_query_chosen_chat",
+            "copy_text",
+            "callback_game",
+            "pay",
         )
         for row in rows:
             for button in row:
@@ -1651,14 +1753,14 @@ class BotApiStandIn:
         if entities:
             message["caption_entities"] = entities
 
-    def _input_file(self, params: dict[str, Any], files: dict[str, UploadedFile], name: str) -> tuple[StoredFile | None, UploadedFile | None, bytes]:
+    def _input_file(
+        self, params: dict[str, Any], files: dict[str, UploadedFile], name: str
+    ) -> tuple[StoredFile | None, UploadedFile | None, bytes]:
         value = params.get(name)
         if value is None or value == "":
             raise _ApiError(400, f"Bad Request: there is no {name} in the request")
         if isinstance(value, bytes):
-            upload = files.get(name) or next(
-                (f for f in files.values() if f.data is value), None
-            )
+            upload = files.get(name) or next((f for f in files.values() if f.data is value), None)
             if not value:
                 raise _ApiError(400, "Bad Request: file must be non-empty")
             return None, upload, value
@@ -1811,7 +1913,7 @@ class BotApiStandIn:
             except ValueError:
                 raise _ApiError(400, "Bad Request: can't parse commands JSON object") from None
         if not isinstance(commands, list):
-            raise _ApiError(400, "Bad Request: parameter \"commands\" is required")
+            raise _ApiError(400, 'Bad Request: parameter "commands" is required')
         if len(commands) > 100:
             raise _ApiError(400, "Bad Request: too many commands specified")
         clean: list[dict[str, Any]] = []

@@ -165,7 +165,9 @@ class BotHarness:
         return update["message"]["message_id"]
 
     def send_text(self, user: int, text: str, *, chat: int | None = None, reply_to: int | None = None) -> int:
-        update = self.api.make_text_update(chat if chat is not None else user, user, text, reply_to_message=reply_to)
+        update = self.api.make_text_update(
+            chat if chat is not None else user, user, text, reply_to_message=reply_to
+        )
         self.api.push_update(update)
         return update["message"]["message_id"]
 
@@ -178,7 +180,9 @@ class BotHarness:
         assert call.method == "sendMessage", call
         return str(call.params["text"])
 
-    async def ask(self, user: int, text: str, *, chat: int | None = None, timeout: float = 30.0, **kw: Any) -> str:
+    async def ask(
+        self, user: int, text: str, *, chat: int | None = None, timeout: float = 30.0, **kw: Any
+    ) -> str:
         """Send a text (command) and return the bot's reply text."""
         chat_id = chat if chat is not None else user
         return await self.reply_text(chat_id, self.send_text(user, text, chat=chat, **kw), timeout)
@@ -186,16 +190,24 @@ class BotHarness:
 
 @contextlib.asynccontextmanager
 async def running_bot(
-    api: BotApiStandIn, config: Config, **build_kwargs: Any
+    api: BotApiStandIn,
+    config: Config,
+    *,
+    allowed_updates: list[str] | None = ALLOWED_UPDATES,
+    **build_kwargs: Any,
 ) -> AsyncIterator[BotHarness]:
-    """Build the real Application and run it like ``run_polling`` does, against the stand-in."""
+    """Build the real Application and run it like ``run_polling`` does, against the stand-in.
+
+    ``allowed_updates=None`` delivers every update type (as a webhook set up without the list
+    would, or updates that were queued before the bot restricted the list).
+    """
     app = build_application(config, **build_kwargs)
     await app.initialize()
     if app.post_init is not None:
         await app.post_init(app)
     await app.start()
     assert app.updater is not None
-    await app.updater.start_polling(poll_interval=0, timeout=1, allowed_updates=ALLOWED_UPDATES)
+    await app.updater.start_polling(poll_interval=0, timeout=1, allowed_updates=allowed_updates)
     try:
         yield BotHarness(api, app)
     finally:

@@ -29,12 +29,10 @@ from typing import Any
 
 import pytest
 
-from bot.app import ALLOWED_UPDATES, build_application
-from bot.config import Config
 from model_store.dataset import ImageStore
 from model_store.labels import label_key, normalize_label
-from tests.botapi_standin import BotApiStandIn, _ApiError, _Failure, _norm_chat_id
-from tests.conftest import BotHarness
+from tests.botapi_standin import BotApiStandIn, _ApiError, _consume_failure, _Failure, _norm_chat_id
+from tests.conftest import running_bot
 
 __all__ = [
     "HardenedStandIn",
@@ -89,7 +87,9 @@ class HardenedStandIn(BotApiStandIn):
         Supported for ``sendMessage`` and ``sendChatAction`` (what the bot sends per chat).
         """
         parameters = {"retry_after": retry_after} if error_code == 429 and retry_after is not None else None
-        description = f"Too Many Requests: retry after {retry_after}" if error_code == 429 else f"Error {error_code}"
+        description = (
+            f"Too Many Requests: retry after {retry_after}" if error_code == 429 else f"Error {error_code}"
+        )
         with self._lock:
             self._chat_failures.setdefault((method.lower(), _norm_chat_id(chat_id)), []).append(
                 _Failure(error_code, description, parameters, count)
@@ -98,14 +98,7 @@ class HardenedStandIn(BotApiStandIn):
     def _take_chat_failure(self, method: str, params: dict[str, Any]) -> _ApiError | None:
         key = (method.lower(), _norm_chat_id(params.get("chat_id")))
         with self._lock:
-            queue = self._chat_failures.get(key)
-            if not queue:
-                return None
-            failure = queue[0]
-            failure.remaining -= 1
-            if failure.remaining <= 0:
-                queue.pop(0)
-            return _ApiError(failure.error_code, failure.description, failure.parameters)
+            return _consume_failure(self._chat_failures.get(key))
 
     def _m_send_message(self, p: dict[str, Any], f: dict[str, Any]) -> dict[str, Any]:
         failure = self._take_chat_failure("sendMessage", p)
@@ -125,7 +118,9 @@ class HardenedStandIn(BotApiStandIn):
         return [
             c
             for c in calls
-            if not c.ok and (method is None or c.method == method) and (chat_id is None or c.chat_id == chat_id)
+            if not c.ok
+            and (method is None or c.method == method)
+            and (chat_id is None or c.chat_id == chat_id)
         ]
 
     # ---------------------------------------------------------------- update builders
@@ -155,7 +150,9 @@ class HardenedStandIn(BotApiStandIn):
         return {"message": msg}
 
 
-def with_sender(update: dict[str, Any], *, username: str | None = None, first_name: str | None = None) -> dict[str, Any]:
+def with_sender(
+    update: dict[str, Any], *, username: str | None = None, first_name: str | None = None
+) -> dict[str, Any]:
     """The update with its sender's username / first name replaced (``username=""`` removes it)."""
     msg = update.get("message") or update.get("edited_message") or update.get("callback_query")
     assert msg is not None
@@ -177,7 +174,11 @@ def with_sender(update: dict[str, Any], *, username: str | None = None, first_na
 def forwarded(update: dict[str, Any], origin: dict[str, Any] | None = None) -> dict[str, Any]:
     """The message update marked as forwarded (``forward_origin``; a hidden user by default)."""
     msg = update["message"]
-    msg["forward_origin"] = origin or {"type": "hidden_user", "sender_user_name": "Someone", "date": int(time.time()) - 3600}
+    msg["forward_origin"] = origin or {
+        "type": "hidden_user",
+        "sender_user_name": "Someone",
+        "date": int(time.time()) - 3600,
+    }
     return update
 
 
@@ -195,38 +196,8 @@ async def api_fixture() -> AsyncIterator[HardenedStandIn]:
         yield stand_in
 
 
-@contextlib.asynccontextmanager
-async def serving_bot(
-    api: BotApiStandIn,
-    config: Config,
-    *,
-    allowed_updates: list[str] | None = ALLOWED_UPDATES,
-    **build_kwargs: Any,
-) -> AsyncIterator[BotHarness]:
-    """The real Application, started like ``run_polling`` does, polling with ``allowed_updates``.
-
-    ``allowed_updates=None`` delivers every update type (as a webhook set up without the list
-    would, or updates that were queued before the bot restricted the list).
-    """
-    app = build_application(config, **build_kwargs)
-    await app.initialize()
-    if app.post_init is not None:
-        await app.post_init(app)
-    await app.start()
-    assert app.updater is not None
-    await app.updater.start_polling(poll_interval=0, timeout=1, allowed_updates=allowed_updates)
-    try:
-        yield BotHarness(api, app)
-    finally:
-        if app.updater.running:
-            await app.updater.stop()
-        if app.running:
-            await app.stop()
-        if app.post_stop is not None:
-            await app.post_stop(app)
-        await app.shutdown()
-        if app.post_shutdown is not None:
-            await app.post_shutdown(app)
+#: The real Application polling the stand-in; ``allowed_updates=None`` delivers every update type.
+serving_bot = running_bot
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,8 +239,17 @@ def store_state(store_dir: Path) -> StoreState:
     return StoreState(frozenset(images), frozenset(catalog), pointer, versions, frozenset(folders))
 
 
-_STORE_TOP_LEVEL = {"images", "catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm", ".lock",
-                    "state.json", "bottlenecks", "models", ".train.lock"}
+_STORE_TOP_LEVEL = {
+    "images",
+    "catalog.sqlite",
+    "catalog.sqlite-wal",
+    "catalog.sqlite-shm",
+    ".lock",
+    "state.json",
+    "bottlenecks",
+    "models",
+    ".train.lock",
+}
 
 
 def assert_store_contained(root: Path, store_dir: Path, before: Iterable[Path] = ()) -> None:
@@ -294,13 +274,17 @@ def assert_store_contained(root: Path, store_dir: Path, before: Iterable[Path] =
     keys: dict[str, str] = {}
     for folder in (store_dir / "images").iterdir():
         assert folder.is_dir(), f"not a folder: {folder}"
-        assert normalize_label(folder.name) == folder.name, f"folder with a non-normalised name: {folder.name!r}"
+        assert normalize_label(folder.name) == folder.name, (
+            f"folder with a non-normalised name: {folder.name!r}"
+        )
         key = label_key(folder.name)
         assert key not in keys, f"two folders for one label: {keys[key]!r} and {folder.name!r}"
         keys[key] = folder.name
         for f in folder.iterdir():
             assert f.is_file() and IMAGE_FILE.match(f.name), f"unexpected entry {f}"
-            assert hashlib.sha256(f.read_bytes()).hexdigest() == f.name.split(".")[0], f"content of {f} changed"
+            assert hashlib.sha256(f.read_bytes()).hexdigest() == f.name.split(".")[0], (
+                f"content of {f} changed"
+            )
 
 
 def catalog_matches_folders(store_dir: Path) -> None:
