@@ -253,204 +253,190 @@ def _retrain(
         if progress:
             progress(stage, done, total)
 
-    try:
-        if not isinstance(backbone, Backbone):
-            backbone = load_backbone(backbone, weights=weights)
-        records = ws.store.snapshot()
-        fingerprint = ws.store.fingerprint_of(records)
-        splits, excluded = assign_split(
-            [(r.sha256, r.label) for r in records],
-            validation_percentage=config.validation_percentage,
-            testing_percentage=config.testing_percentage,
-            min_images_per_label=config.min_images_per_label,
+    if not isinstance(backbone, Backbone):
+        backbone = load_backbone(backbone, weights=weights)
+    records = ws.store.snapshot()
+    fingerprint = ws.store.fingerprint_of(records)
+    splits, excluded = assign_split(
+        [(r.sha256, r.label) for r in records],
+        validation_percentage=config.validation_percentage,
+        testing_percentage=config.testing_percentage,
+        min_images_per_label=config.min_images_per_label,
+    )
+    used = [i for i, s in enumerate(splits) if s != "excluded"]
+    labels = sorted({records[i].label for i in used}, key=label_key)
+    if len(labels) < 2:
+        raise TrainingError(
+            f"I need at least 2 labels with {config.min_images_per_label} or more images each to train; "
+            f"I have {len(labels)}" + (f" (too few images: {', '.join(excluded)})." if excluded else ".")
         )
-        used = [i for i, s in enumerate(splits) if s != "excluded"]
-        labels = sorted({records[i].label for i in used}, key=label_key)
-        if len(labels) < 2:
-            raise TrainingError(
-                f"I need at least 2 labels with {config.min_images_per_label} or more images each to train; "
-                f"I have {len(labels)}" + (f" (too few images: {', '.join(excluded)})." if excluded else ".")
+    timings["load_backbone_s"] = time.perf_counter() - t0
+
+    # 1. bottlenecks (only the missing ones are computed)
+    t = time.perf_counter()
+    cache = BottleneckCache(ws.bottleneck_dir, backbone)
+    views = config.train_views()
+    eval_idx = [views.index(v) for v in config.eval_views()]
+    feats, failed = cache.get(
+        [(records[i].sha256, records[i].path) for i in used],
+        views=views,
+        progress=lambda d, n: step("bottlenecks", d, n),
+    )
+    timings["bottlenecks_s"] = time.perf_counter() - t
+    cache_stats = dict(cache.stats)
+    failed_set = set(failed)
+    skipped = [(records[used[k]].sha256, "could not be read") for k in failed]
+    rows = [k for k in range(len(used)) if k not in failed_set]
+    recs = [records[used[k]] for k in rows]
+    feats = feats[rows]
+    split = np.array([splits[used[k]] for k in rows])
+    index = {label_key(x): n for n, x in enumerate(labels)}
+    y = np.array([index[label_key(r.label)] for r in recs], dtype=np.int64)
+    tr, va, te = split == TRAINING, split == VALIDATION, split == TESTING
+    if not te.any() or not tr.any():
+        raise TrainingError("There are too few images to make a training and a test set; add more examples.")
+
+    # 2. train the head on training bottlenecks (+ mirrored views)
+    t = time.perf_counter()
+    train_x = feats[tr].reshape(-1, feats.shape[2])  # (n_train * views, D): all views of each image
+    train_y = np.repeat(y[tr], feats.shape[1])
+    log_dir = None
+    if config.summaries_dir:
+        log_dir = Path(config.summaries_dir) / time.strftime("%Y%m%d-%H%M%S")
+    head, history = train_head(
+        train_x,
+        train_y,
+        feats[va, eval_idx[0]],
+        y[va],
+        len(labels),
+        config,
+        on_epoch=lambda e, n: step("training", e, n),
+        log_dir=log_dir,
+    )
+    timings["training_s"] = time.perf_counter() - t
+
+    # 3. evaluate on the test split
+    t = time.perf_counter()
+    step("evaluating", 0, 1)
+    test_recs = [r for r, m in zip(recs, te, strict=True) if m]
+    test_probs = _predict(head, feats[te][:, eval_idx])
+    ev = evaluate(
+        test_probs,
+        y[te],
+        labels,
+        sha256s=[r.sha256 for r in test_recs],
+        paths=[str(r.path) for r in test_recs],
+    )
+    val_acc = float((_predict(head, feats[va][:, eval_idx]).argmax(1) == y[va]).mean()) if va.any() else None
+    if config.print_misclassified_test_images:
+        for m in ev.misclassified:
+            log.info(
+                "misclassified test image %s: %s -> %s (%.2f)",
+                m["path"],
+                m["label"],
+                m["predicted"],
+                m["probability"],
             )
-        timings["load_backbone_s"] = time.perf_counter() - t0
+    comparison = _gate_against_current(ws, backbone, feats[te][:, eval_idx], test_recs, test_probs, labels)
+    timings["evaluating_s"] = time.perf_counter() - t
+    step("evaluating", 1, 1)
 
-        # 1. bottlenecks (only the missing ones are computed)
-        t = time.perf_counter()
-        cache = BottleneckCache(ws.bottleneck_dir, backbone)
-        views = config.train_views()
-        eval_idx = [views.index(v) for v in config.eval_views()]
-        feats, failed = cache.get(
-            [(records[i].sha256, records[i].path) for i in used],
-            views=views,
-            progress=lambda d, n: step("bottlenecks", d, n),
-        )
-        timings["bottlenecks_s"] = time.perf_counter() - t
-        cache_stats = dict(cache.stats)
-        failed_set = set(failed)
-        skipped = [(records[used[k]].sha256, "could not be read") for k in failed]
-        rows = [k for k in range(len(used)) if k not in failed_set]
-        recs = [records[used[k]] for k in rows]
-        feats = feats[rows]
-        split = np.array([splits[used[k]] for k in rows])
-        index = {label_key(x): n for n, x in enumerate(labels)}
-        y = np.array([index[label_key(r.label)] for r in recs], dtype=np.int64)
-        tr, va, te = split == TRAINING, split == VALIDATION, split == TESTING
-        if not te.any() or not tr.any():
-            raise TrainingError(
-                "There are too few images to make a training and a test set; add more examples."
-            )
-
-        # 2. train the head on training bottlenecks (+ mirrored views)
-        t = time.perf_counter()
-        train_x = feats[tr].reshape(-1, feats.shape[2])  # (n_train * views, D): all views of each image
-        train_y = np.repeat(y[tr], feats.shape[1])
-        log_dir = None
-        if config.summaries_dir:
-            log_dir = Path(config.summaries_dir) / time.strftime("%Y%m%d-%H%M%S")
-        head, history = train_head(
-            train_x,
-            train_y,
-            feats[va, eval_idx[0]],
-            y[va],
-            len(labels),
-            config,
-            on_epoch=lambda e, n: step("training", e, n),
-            log_dir=log_dir,
-        )
-        timings["training_s"] = time.perf_counter() - t
-
-        # 3. evaluate on the test split
-        t = time.perf_counter()
-        step("evaluating", 0, 1)
-        test_recs = [r for r, m in zip(recs, te, strict=True) if m]
-        test_probs = _predict(head, feats[te][:, eval_idx])
-        ev = evaluate(
-            test_probs,
-            y[te],
-            labels,
-            sha256s=[r.sha256 for r in test_recs],
-            paths=[str(r.path) for r in test_recs],
-        )
-        val_acc = (
-            float((_predict(head, feats[va][:, eval_idx]).argmax(1) == y[va]).mean()) if va.any() else None
-        )
-        if config.print_misclassified_test_images:
-            for m in ev.misclassified:
-                log.info(
-                    "misclassified test image %s: %s -> %s (%.2f)",
-                    m["path"],
-                    m["label"],
-                    m["predicted"],
-                    m["probability"],
-                )
-        comparison = _gate_against_current(
-            ws, backbone, feats[te][:, eval_idx], test_recs, test_probs, labels
-        )
-        timings["evaluating_s"] = time.perf_counter() - t
-        step("evaluating", 1, 1)
-
-        # 4. gate decision
-        reasons = []
-        if ev.accuracy < config.accuracy_floor:
+    # 4. gate decision
+    reasons = []
+    if ev.accuracy < config.accuracy_floor:
+        reasons.append(f"test accuracy {ev.accuracy:.1%} is below the floor of {config.accuracy_floor:.1%}")
+    if comparison and comparison["current_accuracy"] is not None:
+        drop = comparison["current_accuracy"] - comparison["new_accuracy"]
+        if drop > config.max_accuracy_drop:
             reasons.append(
-                f"test accuracy {ev.accuracy:.1%} is below the floor of {config.accuracy_floor:.1%}"
+                f"on the same {comparison['images']} test images it scores {comparison['new_accuracy']:.1%}, "
+                f"{drop:.1%} below the serving model's {comparison['current_accuracy']:.1%} "
+                f"(allowed drop {config.max_accuracy_drop:.1%})"
             )
-        if comparison and comparison["current_accuracy"] is not None:
-            drop = comparison["current_accuracy"] - comparison["new_accuracy"]
-            if drop > config.max_accuracy_drop:
-                reasons.append(
-                    f"on the same {comparison['images']} test images it scores {comparison['new_accuracy']:.1%}, "
-                    f"{drop:.1%} below the serving model's {comparison['current_accuracy']:.1%} "
-                    f"(allowed drop {config.max_accuracy_drop:.1%})"
-                )
-        passed = not reasons
+    passed = not reasons
 
-        # 5. write the version (temp dir, renamed when complete)
-        t = time.perf_counter()
-        step("saving", 0, 1)
-        name, tmp = ws.registry.new_version_dir()
-        try:
-            counts = {x: int((y[tr | va | te] == n).sum()) for n, x in enumerate(labels)}
-            metrics = {
-                "version": name,
-                "created_at": time.time(),
-                "accuracy": ev.accuracy,
-                "validation_accuracy": val_acc,
-                "test_images": ev.count,
-                "train_images": int(tr.sum()),
-                "validation_images": int(va.sum()),
-                "images_per_label": counts,
-                "labels": labels,
-                "per_label": ev.per_label,
-                "confusion_matrix": ev.confusion_matrix,
-                "misclassified": ev.misclassified,
-                "excluded_labels": excluded,
-                "skipped_images": skipped,
-                "store_fingerprint": fingerprint,
-                "backbone": {
-                    "id": backbone.id,
-                    "name": backbone.name,
-                    "input_size": list(backbone.input_size),
-                    "feature_dim": backbone.feature_dim,
-                },
-                "preprocessing": {
-                    "mode": PREPROCESSING_MODE,
-                    "crop_fractions": list(config.crop_fractions),
-                    "input": "float32 RGB 0..255",
-                    "combine": "mean of the softmax outputs over the crops",
-                },
-                "config": config.to_dict(),
-                "history": history,
-                "epochs_run": len(history.get("loss", [])),
-                "bottleneck_cache": cache_stats,
-                "gate": {"passed": passed, "reasons": reasons, "comparison": comparison},
-                "timings": timings,
-            }
-            head.save(tmp / "head.keras")
-            build_inference_model(backbone, head).save(tmp / "model.keras")
-            (tmp / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
-            plot_confusion_matrix(
-                ev,
-                tmp / "confusion_matrix.png",
-                title=f"{name}: test accuracy {ev.accuracy:.1%} ({ev.count} images)",
-            )
-            if config.export_savedmodel:
-                build_inference_model(backbone, head).export(str(tmp / "saved_model"), verbose=False)
-            if config.export_tflite:
-                _export_tflite(backbone, head, tmp / "model.tflite")
-            timings["saving_s"] = time.perf_counter() - t
-            timings["total_s"] = time.perf_counter() - t0
-            (tmp / "metrics.json").write_text(
-                json.dumps(metrics, indent=1, ensure_ascii=False), encoding="utf-8"
-            )
-            version = ws.registry.commit(name, tmp)
-        except BaseException:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        step("saving", 1, 1)
-
-        # 6. promote or refuse; prune
-        if passed:
-            ws.registry.promote(version)
-            status = "promoted"
-            message = f"New model {name} is serving: test accuracy {ev.accuracy:.1%} on {ev.count} images, {len(labels)} labels."
-        else:
-            status = "refused"
-            message = (
-                f"New model {name} was not promoted: {'; '.join(reasons)}. The current model keeps serving."
-            )
-        if excluded:
-            message += f" Left out for having fewer than {config.min_images_per_label} images: {', '.join(excluded)}."
-        ws.registry.prune(config.keep_versions)
-        _prune_bottlenecks(ws, cache, records)
-        log.info("retrain finished: %s (%s)", status, message)
-        return RetrainReport(
-            status, message, name, metrics, version.path / "confusion_matrix.png", excluded, skipped
+    # 5. write the version (temp dir, renamed when complete)
+    t = time.perf_counter()
+    step("saving", 0, 1)
+    name, tmp = ws.registry.new_version_dir()
+    try:
+        counts = {x: int((y[tr | va | te] == n).sum()) for n, x in enumerate(labels)}
+        metrics = {
+            "version": name,
+            "created_at": time.time(),
+            "accuracy": ev.accuracy,
+            "validation_accuracy": val_acc,
+            "test_images": ev.count,
+            "train_images": int(tr.sum()),
+            "validation_images": int(va.sum()),
+            "images_per_label": counts,
+            "labels": labels,
+            "per_label": ev.per_label,
+            "confusion_matrix": ev.confusion_matrix,
+            "misclassified": ev.misclassified,
+            "excluded_labels": excluded,
+            "skipped_images": skipped,
+            "store_fingerprint": fingerprint,
+            "backbone": {
+                "id": backbone.id,
+                "name": backbone.name,
+                "input_size": list(backbone.input_size),
+                "feature_dim": backbone.feature_dim,
+            },
+            "preprocessing": {
+                "mode": PREPROCESSING_MODE,
+                "crop_fractions": list(config.crop_fractions),
+                "input": "float32 RGB 0..255",
+                "combine": "mean of the softmax outputs over the crops",
+            },
+            "config": config.to_dict(),
+            "history": history,
+            "epochs_run": len(history.get("loss", [])),
+            "bottleneck_cache": cache_stats,
+            "gate": {"passed": passed, "reasons": reasons, "comparison": comparison},
+            "timings": timings,
+        }
+        head.save(tmp / "head.keras")
+        build_inference_model(backbone, head).save(tmp / "model.keras")
+        (tmp / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
+        plot_confusion_matrix(
+            ev,
+            tmp / "confusion_matrix.png",
+            title=f"{name}: test accuracy {ev.accuracy:.1%} ({ev.count} images)",
         )
-    except LabelgramError as exc:
-        log.warning("retrain failed: %s", exc.message)
-        return RetrainReport("failed", exc.message)
+        if config.export_savedmodel:
+            build_inference_model(backbone, head).export(str(tmp / "saved_model"), verbose=False)
+        if config.export_tflite:
+            _export_tflite(backbone, head, tmp / "model.tflite")
+        timings["saving_s"] = time.perf_counter() - t
+        timings["total_s"] = time.perf_counter() - t0
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False), encoding="utf-8")
+        version = ws.registry.commit(name, tmp)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    step("saving", 1, 1)
+
+    # 6. promote or refuse; prune
+    if passed:
+        ws.registry.promote(version)
+        status = "promoted"
+        message = f"New model {name} is serving: test accuracy {ev.accuracy:.1%} on {ev.count} images, {len(labels)} labels."
+    else:
+        status = "refused"
+        message = f"New model {name} was not promoted: {'; '.join(reasons)}. The current model keeps serving."
+    if excluded:
+        message += (
+            f" Left out for having fewer than {config.min_images_per_label} images: {', '.join(excluded)}."
+        )
+    ws.registry.prune(config.keep_versions)
+    _prune_bottlenecks(ws, cache, records)
+    log.info("retrain finished: %s (%s)", status, message)
+    return RetrainReport(
+        status, message, name, metrics, version.path / "confusion_matrix.png", excluded, skipped
+    )
 
 
 def _prune_bottlenecks(ws: Workspace, cache: BottleneckCache, records: list) -> None:
