@@ -36,6 +36,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from telegram.constants import ChatID
 
 __all__ = [
     "BOT_API_DOWNLOAD_LIMIT",
@@ -57,6 +58,16 @@ BOT_API_DOWNLOAD_LIMIT = 20 * 1024 * 1024
 """The public Bot API server lets bots download files of up to 20 MB (``getFile``)."""
 
 _TOKEN_RE = re.compile(r"^[0-9]+:[A-Za-z0-9_-]+$")
+# anything shaped like a bot token (also with a percent-encoded colon), for scrubbing error messages
+_TOKEN_LIKE = re.compile(r"[0-9]{3,}(?::|%(?:25)?3[aA])[A-Za-z0-9_-]{8,}")
+
+PSEUDO_USER_IDS = {
+    int(ChatID.ANONYMOUS_ADMIN): "GroupAnonymousBot, the sender Telegram shows for every anonymous group admin",
+    int(ChatID.FAKE_CHANNEL): "Channel_Bot, the sender Telegram shows for messages posted on behalf of a channel",
+    int(ChatID.SERVICE_CHAT): "Telegram's service notifications account (777000)",
+}
+"""User ids that are not people (1087968824, 136817688, 777000; PTB's ``telegram.constants.ChatID``):
+as an admin, each would make strangers (e.g. every anonymous group admin anywhere) admins of the bot."""
 
 
 class ConfigError(Exception):
@@ -115,13 +126,21 @@ class TelegramConfig(_Section):
         if not value:
             return None
         if not re.match(r"^https?://[^\s/]+", value):
-            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+            # never echo the value: a webhook URL often carries the bot token as its path
+            raise ValueError("must be an http:// or https:// URL (the value is not shown: it may hold a secret)")
         return value
 
     @model_validator(mode="after")
-    def _webhook_needs_url(self) -> TelegramConfig:
+    def _webhook_needs_url_and_secret(self) -> TelegramConfig:
         if self.mode == "webhook" and not self.webhook_url:
             raise ValueError("webhook_url: is required when mode = \"webhook\"")
+        if self.mode == "webhook" and self.webhook_secret_token is None:
+            # Without it, anyone who learns the URL can post forged updates (e.g. an admin's /delete).
+            raise ValueError(
+                "webhook_secret_token: is required when mode = \"webhook\" (without it anyone who "
+                "finds the URL can post forged updates); make one with: "
+                "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
         return self
 
 
@@ -253,6 +272,11 @@ class Config(BaseSettings):
         for uid in value:
             if uid <= 0:
                 raise ValueError(f"{uid} is not a user id (user ids are positive numbers)")
+            if uid in PSEUDO_USER_IDS:
+                raise ValueError(
+                    f"{uid} is not a person but {PSEUDO_USER_IDS[uid]}; as an admin it would make "
+                    "strangers admins of this bot. List the admins' own numeric user ids instead."
+                )
         return list(dict.fromkeys(value))
 
     @classmethod
@@ -342,7 +366,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         return Config(**data)
     except ValidationError as exc:
         errors = exc.errors(include_input=False, include_url=False)
-        raise ConfigError(_format_error(errors[0])) from None
+        raise ConfigError(_TOKEN_LIKE.sub("<token>", _format_error(errors[0]))) from None
     except ValueError as exc:  # pydantic-settings' SettingsError: an env var that is not valid JSON
         m = re.search(r'field "([^"]+)"', str(exc))
         where = m.group(1) if m else "environment"
