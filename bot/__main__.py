@@ -172,7 +172,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         The exit code: 0 promoted or refused by the gate, 1 failed (``--json`` still ends with a
         ``{"event": "result", ...}`` line).
     """
-    from model_store.pipeline import retrain
+    from model_store.pipeline import DISK_FULL_MESSAGE, is_disk_full, retrain
     from model_store.workspace import Workspace
 
     ws = Workspace(_store_dir(args))
@@ -223,15 +223,22 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         report = retrain(
             ws, _train_config(args), backbone=args.architecture, weights=args.weights, progress=progress
         )
-    except Exception:
+    except Exception as exc:
         # Unexpected: log the traceback on stderr, and still give a JSON reader its result line.
-        logging.getLogger("bot.retrain").exception("retrain crashed")
+        # A full disk is no crash: say so (the operator's fix is to free space, not to read code).
+        disk_full = is_disk_full(exc)
+        if disk_full:
+            logging.getLogger("bot.retrain").error("retrain stopped: the disk is full (%s)", exc)
+        else:
+            logging.getLogger("bot.retrain").exception("retrain crashed")
+        if not emit:
+            print(DISK_FULL_MESSAGE if disk_full else "The training crashed.", file=sys.stderr)
         if emit:
             emit(
                 {
                     "event": "result",
                     "status": "failed",
-                    "message": "The training crashed; see the bot's log.",
+                    "message": DISK_FULL_MESSAGE if disk_full else "The training crashed; see the bot's log.",
                     "version": None,
                     "metrics": {},
                     "confusion_png": None,
@@ -341,12 +348,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     """``rollback``: serve the previous version. Returns 0, or 1 when there is none to go back to."""
-    from model_store.errors import NoModelError
-    from model_store.registry import ModelRegistry
+    from model_store.errors import NoModelError, TrainingError
+    from model_store.pipeline import training_lock
+    from model_store.workspace import Workspace
 
+    ws = Workspace(_store_dir(args))
     try:
-        v = ModelRegistry(_store_dir(args) / "models").rollback()
-    except NoModelError as exc:
+        # CURRENT is rewritten only under the store's training lock (a running retrain holds it)
+        with training_lock(ws):
+            v = ws.registry.rollback()
+    except (NoModelError, TrainingError) as exc:
         print(exc.message, file=sys.stderr)
         return 1
     print(f"now serving {v.name}")
