@@ -7,16 +7,15 @@ bottlenecks of images it has not seen. Augmentation is done with cached *views* 
 retrain.py's random distortions did.
 
 Layout: ``<root>/<backbone id>/<preprocessing>-<view>/<sha256[:2]>/<sha256>.npy``, each a float32 ``(D,)`` array,
-written temp-file-then-``os.replace``. An entry that cannot be read or has the wrong shape, dtype
+written with ``registry.write_atomic`` (fsync file, ``os.replace``, fsync folder). An entry that cannot be read or has the wrong shape, dtype
 or non-finite values is treated as missing and recomputed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
-import os
-import tempfile
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ import numpy as np
 from model_store.backbones import Backbone
 from model_store.errors import LabelgramError
 from model_store.images import decode_image, to_model_input
+from model_store.registry import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -128,14 +128,9 @@ class BottleneckCache:
     def _store(self, sha256: str, view: str, vec: np.ndarray) -> None:
         p = self.path(sha256, view)
         p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=p.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, vec.astype(np.float32), allow_pickle=False)
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buf = io.BytesIO()
+        np.save(buf, vec.astype(np.float32), allow_pickle=False)
+        write_atomic(p, buf.getvalue())  # fsync file, os.replace, fsync folder
 
     def prune(self, keep: set[str]) -> int:
         """Delete the entries of images not in ``keep`` and leftovers of interrupted writes.
