@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bot.__main__ import main as cli_main
 from bot import app as bot_app
+from bot.__main__ import main as cli_main
 from bot.state import BotState
 from model_store import pipeline
 from model_store.bottlenecks import BottleneckCache
