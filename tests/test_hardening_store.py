@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import logging
@@ -343,3 +344,34 @@ def test_gate_skips_test_images_deleted_during_the_training(tmp_path: Path) -> N
         ws, SimpleNamespace(id="this-backbone"), np.zeros((6, 1, 4), np.float32), records, new_probs, ["hat", "shoes"]
     )
     assert result is not None and result["images"] == 0 and result["current_accuracy"] is None
+
+
+async def test_scheduled_training_skips_quietly_while_a_cli_retrain_holds_the_store(
+    botapi: BotApiStandIn, tmp_path: Path
+) -> None:
+    """Not "failed: another training is already running" to every admin: a skip, then a run later."""
+    store = tmp_path / "store"
+    _store_with_images(store)
+    marker = tmp_path / "trained"
+    fake_training = [
+        sys.executable,
+        "-c",
+        "import json, pathlib, sys; pathlib.Path(sys.argv[1]).touch(); "
+        "print(json.dumps({'event': 'result', 'status': 'failed', 'message': 'fake training'}))",
+        str(marker),
+    ]
+    config = bot_config(botapi, store, training={"interval_seconds": 0.3})
+    async with running_bot(botapi, config, train_command=fake_training) as bot:
+        with training_lock(Workspace(store)):
+            first = bot.svc.state.get("last_scheduled_check")
+            deadline = asyncio.get_running_loop().time() + 20
+            while bot.svc.state.get("last_scheduled_check") == first or not bot.svc.state.get("last_scheduled_check"):
+                assert asyncio.get_running_loop().time() < deadline, "the scheduled job never fired"
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)  # a couple more fires
+            assert not marker.exists(), "a training was started while the store's training lock was held"
+            assert not botapi.sent_calls("sendMessage", chat_id=ADMIN), "admins were told of a failure"
+        deadline = asyncio.get_running_loop().time() + 20
+        while not marker.exists():  # the lock is free again: the next fire trains
+            assert asyncio.get_running_loop().time() < deadline, "no training after the lock was released"
+            await asyncio.sleep(0.05)
