@@ -17,6 +17,7 @@ naming the key and what is wrong, e.g.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
@@ -37,6 +38,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 from telegram.constants import ChatID
+
+from bot.logsafe import redact
 
 __all__ = [
     "BOT_API_DOWNLOAD_LIMIT",
@@ -339,6 +342,27 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config error: {path}: not UTF-8 text") from None
 
 
+def _given_secrets(data: Mapping[str, Any]) -> list[str]:
+    """The token and webhook secret as given (file, ``TELEGRAM_BOT_TOKEN``, ``LABELGRAM_TELEGRAM*``),
+    valid or not, so that an error message can be scrubbed of them."""
+    found: list[Any] = []
+    telegram = data.get("telegram")
+    if isinstance(telegram, Mapping):
+        found += [telegram.get("token"), telegram.get("webhook_secret_token")]
+    for name, value in os.environ.items():
+        upper = name.upper()
+        if upper == TOKEN_ENV or upper.startswith(f"{ENV_PREFIX}TELEGRAM__") and upper.endswith("TOKEN"):
+            found.append(value)
+        elif upper == f"{ENV_PREFIX}TELEGRAM":
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                continue
+            if isinstance(parsed, dict):
+                found += [parsed.get("token"), parsed.get("webhook_secret_token")]
+    return [s.strip() for s in found if isinstance(s, str) and len(s.strip()) >= 4]
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Load and validate the configuration.
 
@@ -366,7 +390,8 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         return Config(**data)
     except ValidationError as exc:
         errors = exc.errors(include_input=False, include_url=False)
-        raise ConfigError(_TOKEN_LIKE.sub("<token>", _format_error(errors[0]))) from None
+        message = redact(_format_error(errors[0]), _given_secrets(data))
+        raise ConfigError(_TOKEN_LIKE.sub("<token>", message)) from None
     except ValueError as exc:  # pydantic-settings' SettingsError: an env var that is not valid JSON
         m = re.search(r'field "([^"]+)"', str(exc))
         where = m.group(1) if m else "environment"

@@ -145,6 +145,15 @@ def test_config_errors_never_print_the_token(tmp_path: Path, text: str) -> None:
     assert HALF not in message and "secretPart" not in message
 
 
+def test_config_errors_never_print_a_secret_given_elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever field a secret lands in by mistake, the error text does not carry the configured secrets."""
+    monkeypatch.setenv("LABELGRAM_TELEGRAM__WEBHOOK_SECRET_TOKEN", HOOK_SECRET)
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, f'[training]\ntimezone = "{HOOK_SECRET}"\n'))
+    assert str(info.value).startswith("config error: training.timezone: unknown time zone")
+    assert HOOK_SECRET not in str(info.value)
+
+
 async def test_training_subprocess_environment_holds_no_secret(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
