@@ -10,7 +10,9 @@ The folders are the source of truth (they are what ``retrain.py``-style tools re
 operator may edit by hand); the catalog only adds provenance. Opening an :class:`ImageStore`
 reconciles the two: catalog rows whose file is gone are dropped, files without a row get one
 (``added_by`` NULL, ``added_at`` = the file's mtime), and leftovers of interrupted writes
-(``.tmp-*`` files, ``root/.trash-*`` folders) are removed.
+(``.tmp-*`` files, ``root/.trash-*`` folders) are removed. A catalog that is missing, not a
+database or damaged (``PRAGMA quick_check``) is rebuilt from the folders, the damaged file kept as
+``catalog.sqlite.corrupt-<UTC time>``, and the log says so (ERROR / WARNING).
 
 A label folder is named with the label's normalised display form as first typed
 (:func:`model_store.labels.normalize_label`). Labels that differ only in letter case or Unicode
