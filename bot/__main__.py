@@ -233,7 +233,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             logging.getLogger("bot.retrain").exception("retrain crashed")
         if not emit:
             print(DISK_FULL_MESSAGE if disk_full else "The training crashed.", file=sys.stderr)
-        if emit:
+        else:
             emit(
                 {
                     "event": "result",
@@ -347,7 +347,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    """``rollback``: serve the previous version. Returns 0, or 1 when there is none to go back to."""
+    """``rollback``: serve the previous version. Returns 0, or 1 when there is none to go back to or
+    a training holds the store's training lock (it may be about to promote)."""
     from model_store.errors import NoModelError, TrainingError
     from model_store.pipeline import training_lock
     from model_store.workspace import Workspace
