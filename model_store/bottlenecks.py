@@ -30,6 +30,9 @@ from model_store.registry import write_atomic
 
 log = logging.getLogger(__name__)
 
+#: concurrent cache writers per computed batch (see ``BottleneckCache._store_many``)
+_WRITERS = 8
+
 #: The eval transform of every backbone input (``images.to_model_input`` mode): scale so the shorter
 #: side covers size / crop_fraction and centre-crop (the transform the shipped backbone was checked
 #: with, BACKBONE_NOTICE.md). Measured on clothing-small (251 test images, plain softmax head):
@@ -131,6 +134,24 @@ class BottleneckCache:
         buf = io.BytesIO()
         np.save(buf, vec.astype(np.float32), allow_pickle=False)
         write_atomic(p, buf.getvalue())  # fsync file, os.replace, fsync folder
+
+    def _store_many(self, entries: Sequence[tuple[str, str, np.ndarray]]) -> None:
+        """:meth:`_store` each ``(sha256, view, vector)``, several at once.
+
+        Each write is durable (fsync file, rename, fsync folder); run concurrently, the file
+        system's journal commits the fsyncs together, so durability does not slow the bottleneck
+        stage down (figures: ``benchmarks/bench_durable_writes.py``).
+
+        Raises:
+            OSError: a write failed (the first error; the other entries may have been written).
+        """
+        if len(entries) <= 1:
+            for sha, view, vec in entries:
+                self._store(sha, view, vec)
+            return
+        with ThreadPoolExecutor(min(_WRITERS, len(entries))) as pool:
+            for _ in pool.map(lambda e: self._store(*e), entries):
+                pass
 
     def prune(self, keep: set[str]) -> int:
         """Delete the entries of images not in ``keep`` and leftovers of interrupted writes.
@@ -239,7 +260,7 @@ class BottleneckCache:
                     feats = self.backbone.features(np.stack(batch), batch_size=self.batch_size)
                     for (i, j), vec in zip(where, feats, strict=True):
                         out[i, j] = vec
-                        self._store(items[i][0], views[j], vec)
+                    self._store_many([(items[i][0], views[j], out[i, j]) for i, j in where])
                 done += len(prepared)
                 self.stats["computed"] += len(prepared)
                 if progress:
