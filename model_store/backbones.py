@@ -37,8 +37,14 @@ from model_store.errors import BackboneUnavailableError
 log = logging.getLogger(__name__)
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+#: Feature extractors shipped in ``assets/`` (converted by tools/convert_backbone.py; licence notice,
+#: sources and parity figures in ``assets/BACKBONE_NOTICE.md``), by backbone spec name.
+SHIPPED_BACKBONES: dict[str, Path] = {
+    "efficientnet_lite0": ASSETS_DIR / "efficientnet_lite0_imagenet_features.keras",
+    "efficientnet_lite2": ASSETS_DIR / "efficientnet_lite2_imagenet_features.keras",
+}
 DEFAULT_BACKBONE = "efficientnet_lite0"
-SHIPPED_BACKBONE_FILE = ASSETS_DIR / "efficientnet_lite0_imagenet_features.keras"
+SHIPPED_BACKBONE_FILE = SHIPPED_BACKBONES[DEFAULT_BACKBONE]
 
 
 @dataclass
@@ -112,7 +118,7 @@ _RETRAIN_MOBILENET = re.compile(r"^mobilenet_(1\.0|0\.75|0\.50?|0\.25)_(224|192|
 
 def available_backbones() -> list[str]:
     """Names accepted by :func:`load_backbone` besides a file path (for help texts)."""
-    return [DEFAULT_BACKBONE, *KERAS_APPLICATIONS, "mobilenet_<1.0|0.75|0.50|0.25>_<224|192|160|128>"]
+    return [*SHIPPED_BACKBONES, *KERAS_APPLICATIONS, "mobilenet_<1.0|0.75|0.50|0.25>_<224|192|160|128>"]
 
 
 def _file_digest(path: Path) -> str:
@@ -214,12 +220,13 @@ def load_backbone(spec: str | None = None, *, weights: str | None = "imagenet") 
             downloaded (the message says how to pass a local weights file instead).
     """
     spec = spec or DEFAULT_BACKBONE
-    if spec == DEFAULT_BACKBONE:
+    if spec in SHIPPED_BACKBONES:
         import keras
 
-        model = keras.models.load_model(SHIPPED_BACKBONE_FILE, compile=False)
-        digest = _file_digest(SHIPPED_BACKBONE_FILE)[:8]
-        return _from_model(model, id_=f"{DEFAULT_BACKBONE}-imagenet-{digest}", name=DEFAULT_BACKBONE)
+        shipped = SHIPPED_BACKBONES[spec]
+        model = keras.models.load_model(shipped, compile=False)
+        digest = _file_digest(shipped)[:8]
+        return _from_model(model, id_=f"{spec}-imagenet-{digest}", name=spec)
 
     path = Path(spec).expanduser()
     if path.exists():
