@@ -17,7 +17,9 @@ Checks done before saving (the script exits non-zero if one fails):
 
 * logits parity: the Keras network with the ImageNet classifier head vs the PyTorch reference, max
   abs difference on real photos and on random inputs (:func:`check_parity`);
-* top-5 ImageNet classes of a few real photos, printed for a human look;
+* top-5 ImageNet classes of a few real photos (``--photos``), printed for a human look (class
+  names from timm's data files if ``timm`` is installed, ``pip install --no-deps timm``; else
+  class indices);
 * it writes the reference pooled features of a few ``tests/data`` photos as ``.npy`` fixtures so
   that CI (which has no torch) can check the shipped ``.keras`` files against PyTorch's output
   (``tests/test_backbone_conversion.py``).
