@@ -75,7 +75,8 @@ def cross_validate(
         views / eval_views: cached view names; heads train on all ``views`` of training images,
             predictions average the softmax over ``eval_views``.
         config: head settings (``TrainConfig``).
-        folds: number of folds (test bin 2k, validation bin 2k + 1).
+        folds: 5 (fold k tests bin 2k, validates on bin 2k + 1, as docs/accuracy.md) or 10
+            (fold k tests bin k, validates on bin k + 1 mod 10: every photo tested once).
         ensemble: one head per eval view (trained on that view and its mirror, if cached), the
             softmax outputs of the heads averaged, instead of one head on all views.
 
@@ -85,8 +86,11 @@ def cross_validate(
     eval_idx = [views.index(v) for v in eval_views]
     num_labels = int(y.max()) + 1
     accs = []
+    if folds not in (5, 10):
+        raise ValueError("folds must be 5 (test bins 0, 2, .., 8) or 10 (every bin tested once)")
     for k in range(folds):
-        te, va = bins == 2 * k, bins == 2 * k + 1
+        test_bin = 2 * k if folds == 5 else k
+        te, va = bins == test_bin, bins == (test_bin + 1) % 10
         tr = ~(te | va)
         groups = (
             [[views.index(v)] + [views.index(w) for w in views if w == f"{v}-flip"] for v in eval_views]
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--head", default="softmax", help="'softmax' (default head) or 'mlpN' (one ReLU layer of N units)")
     ap.add_argument("--ensemble", action="store_true", help="one head per eval view, softmax outputs averaged")
     ap.add_argument("--seeds", type=int, default=1, help="repeat with seeds 0..n-1 and average per fold")
-    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--folds", type=int, default=5, choices=(5, 10))
     ap.add_argument("--cache_dir", type=Path, default=Path("/work/cv-cache"))
     ap.add_argument("--bottlenecks_only", action="store_true", help="fill the cache and stop")
     args = ap.parse_args(argv)
