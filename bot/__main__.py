@@ -65,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
         "--backbone",
         dest="architecture",
         default=None,
-        help="backbone: efficientnet_lite0 (default, shipped), mobilenet_v2, mobilenet_v3_small, "
+        help="backbone: efficientnet_lite1 (default, shipped), efficientnet_lite0 (shipped, faster), "
+        "mobilenet_v2, mobilenet_v3_small, "
         "mobilenet_v3_large, efficientnet_b0, inception_v3, xception, mobilenet_<alpha>_<size>, "
         "or a path to a .keras / SavedModel feature extractor",
     )

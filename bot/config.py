@@ -165,7 +165,7 @@ class TrainingConfig(_Section):
     schedule: str = "0 3 * * *"
     timezone: str = "UTC"
     interval_seconds: float = Field(0, ge=0)
-    backbone: str = "efficientnet_lite0"
+    backbone: str = "efficientnet_lite1"
     backbone_weights: str = "imagenet"
     epochs: int = Field(60, ge=1, le=100_000)
     learning_rate: float = Field(0.004, gt=0, le=10)
