@@ -28,6 +28,7 @@ from bot.config import Config
 from bot.services import SERVICES_KEY, Services
 from tests.botapi_fixtures import botapi  # noqa: F401  (fixture re-exported for every test module)
 from tests.botapi_standin import BotApiStandIn, Call
+from tests.modelstore_fixtures import shared_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -60,7 +61,11 @@ def photos(label: str) -> list[Path]:
 
 @pytest.fixture(scope="session")
 def trained_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A store folder with one promoted model, trained once per test session."""
+    """A store folder with one promoted model, trained once per test session.
+
+    Trained on the shipped Lite0 (the fast choice, as ``shared_backbone``) to keep CI fast; the
+    default backbone is trained and served end to end in tests/test_default_backbone.py.
+    """
     from model_store.pipeline import retrain
     from model_store.training import TrainConfig
     from model_store.workspace import Workspace
@@ -70,7 +75,9 @@ def trained_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for label in TRAINED_LABELS:
         for path in photos(label)[:TRAIN_PER_LABEL]:
             ws.store.add(path.read_bytes(), label, added_by=ADMIN, chat_id=ADMIN)
-    report = retrain(ws, TrainConfig(epochs=20, accuracy_floor=0.0, max_accuracy_drop=1.0))
+    report = retrain(
+        ws, TrainConfig(epochs=20, accuracy_floor=0.0, max_accuracy_drop=1.0), backbone=shared_backbone()
+    )
     assert report.status == "promoted", report.message
     return root
 
