@@ -7,10 +7,14 @@ talks to Telegram; it is plain state shared by the handlers of one Application.
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
 import time
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from telegram.ext import CallbackContext
 
@@ -25,9 +29,21 @@ if TYPE_CHECKING:
     from model_store.classifier import Classifier, Prepared
     from model_store.workspace import Workspace
 
-__all__ = ["SERVICES_KEY", "RateLimiter", "Services", "Throttle", "services"]
+__all__ = ["DECODE_THREADS", "SERVICES_KEY", "RateLimiter", "Services", "Throttle", "decode_pool", "services"]
 
 SERVICES_KEY = "labelgram"
+
+#: Threads decoding images (users' photos and admins' uploads); their memory is bounded anyway by
+#: ``model_store.images.DECODE_BUDGET``, this bounds the CPU they take from the event loop and
+#: the classifier on a small machine.
+DECODE_THREADS = max(1, min(2, os.cpu_count() or 1))
+
+_T = TypeVar("_T")
+
+
+def decode_pool() -> ThreadPoolExecutor:
+    """A new pool of :data:`DECODE_THREADS` threads named ``decode-N`` (one per Application)."""
+    return ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="decode")
 
 
 class RateLimiter:
@@ -108,10 +124,19 @@ class Services:
     #: every update of a non-admin (limits.messages_per_minute); set by build_application
     message_rate: RateLimiter = field(default_factory=lambda: RateLimiter(0))
     chat_actions: Throttle = field(default_factory=lambda: Throttle(4.0))
-    #: bounds how many decoded images (up to ~100 MB each for 40 Mpx) exist at once; set by build_application
+    #: bounds how many downloaded files are held (and queued for decoding) at once; set by build_application
     image_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(64))
+    #: the small dedicated pool every image decode runs in (not asyncio's default executor, so
+    #: decodes never hold the threads that store and registry calls need)
+    decoders: ThreadPoolExecutor = field(default_factory=decode_pool)
     schedule_job: Job[Any] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+
+    async def in_decode_pool(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+        """Run ``fn(*args, **kwargs)`` in :attr:`decoders` and return its result."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self.decoders, functools.partial(fn, *args, **kwargs)
+        )
 
     def is_admin(self, user_id: int | None) -> bool:
         """Whether ``user_id`` is listed in ``config.admins``."""
