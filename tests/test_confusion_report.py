@@ -100,3 +100,27 @@ async def test_a_report_that_cannot_be_a_photo_is_sent_as_a_document(tmp_path: P
         async with bot:
             await send_report(bot, ADMIN, outcome)
         assert [c.method for c in api.sent_calls(chat_id=ADMIN)][3:] == ["sendMessage", "sendPhoto"]
+
+
+# -------------------------------------------------------------------- a real training with them
+from tests import modelstore_fixtures as fx  # noqa: E402
+
+clothing_store = fx.clothing_store
+
+
+@pytest.mark.filterwarnings("ignore:Glyph .* missing from font")
+def test_a_training_with_labels_full_of_dollars_and_carets_succeeds(
+    clothing_store: fx.TrainedStore, tmp_path: Path
+) -> None:
+    from model_store.pipeline import retrain
+
+    ws = fx.copy_store(clothing_store.root, tmp_path / "store")
+    old = fx.clothing_labels()
+    ws.store.rename_label(old[0], "price $5_$10")
+    ws.store.rename_label(old[1], "a$^$b")
+    report = retrain(ws, fx.train_config(accuracy_floor=0.0, max_accuracy_drop=1.0), backbone=fx.shared_backbone())
+    assert report.status == "promoted", report.message
+    assert {"price $5_$10", "a$^$b"} <= set(report.metrics["labels"])
+    with Image.open(report.confusion_png) as im:
+        im.load()
+        assert fits_as_photo(report.confusion_png.read_bytes())
