@@ -9,8 +9,8 @@ pixel buffer is allocated.
 Decisions worth knowing:
 
 * What a decode costs is bounded by what is actually decoded (issue 8): after the header is read,
-  :func:`decode_image` estimates the decode's peak memory (``_BYTES_PER_PIXEL`` per decoded pixel,
-  plus the coefficient buffer of a progressive JPEG) and reserves it from a process-wide
+  :func:`decode_image` estimates the decode's peak memory (12-18 bytes per decoded pixel by format
+  and mode, plus the coefficient buffer of a progressive JPEG) and reserves it from a process-wide
   :class:`DecodeBudget` (a semaphore weighted by bytes) before ``load()``, so concurrent decodes
   never hold more than the budget, whatever thread or caller they come from. A decode whose
   estimate alone is over the budget is refused as "too large".
@@ -18,8 +18,8 @@ Decisions worth knowing:
   200-megapixel phone photo costs what a ~12-megapixel one does; their header may be up to
   :data:`MAX_JPEG_PIXELS`. Every other format is decoded at full size, so its limit is lower:
   ``max_pixels``, and for formats with large decoder buffers (WebP: the animation decoder keeps
-  two canvas-sized RGBA buffers, even for one 1x1 frame) the budget divided by the format's cost
-  per pixel. For animated WebP both the canvas and every frame's declared size are checked.
+  two canvas-sized RGBA buffers, even for one 1x1 frame) the budget divided by the estimated
+  cost per pixel. For animated WebP both the canvas and every frame's declared size are checked.
 * Only the formats in ``_ALLOWED_FORMATS`` are opened (JPEG/MPO, PNG/APNG, WebP, GIF, BMP,
   TIFF, HEIC/HEIF, AVIF). Pillow can open more (EPS, PSD, ...), but some of those hand the bytes to
   external programs (EPS runs Ghostscript) and none of them can be named by
@@ -77,7 +77,7 @@ pillow_heif.register_heif_opener()
 #: baseline JPEG the limit of its DCT-scaled size.
 #:
 #: 40 megapixels is above what phones send as PNG/HEIC and above most scans, while bounding the
-#: work per image (decoding costs up to ``_BYTES_PER_PIXEL`` bytes per pixel at peak).
+#: work per image (decoding costs up to 15 bytes per pixel at peak, see ``_COST_ALPHA_OR_WIDE``).
 DEFAULT_MAX_PIXELS = 40_000_000
 
 #: Largest baseline JPEG header (width * height) accepted: above the 200-megapixel sensors of
@@ -91,8 +91,9 @@ MAX_JPEG_PIXELS = 256_000_000
 DRAFT_PIXELS = 12_000_000
 
 #: Default capacity of :data:`DECODE_BUDGET`: the estimated peak bytes of all decodes running at
-#: once in this process. One 40-megapixel PNG (~400 MB estimated) fits; two wait for each other.
-DEFAULT_DECODE_BUDGET_BYTES = 512 * 1024 * 1024
+#: once in this process. One 40-megapixel PNG with alpha (600 MB estimated) fits; two wait for
+#: each other, while four 12-megapixel JPEGs (144 MB each) run side by side.
+DEFAULT_DECODE_BUDGET_BYTES = 576 * 1024 * 1024
 
 if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_JPEG_PIXELS:
     Image.MAX_IMAGE_PIXELS = MAX_JPEG_PIXELS
@@ -120,23 +121,16 @@ _ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"
     ("AVIF",) if features.check("avif") else ()
 )
 
-#: Estimated peak bytes per decoded pixel, by format: the decoder's own buffers, Pillow's image
-#: (4 bytes per pixel for RGB/RGBA), the RGB conversion / alpha composite and the uint8 result.
-#: Measured as the peak-RSS increase of one decode (tests/test_decode_budget.py prints the
-#: figures) and rounded up: WebP always goes through libwebp's animation decoder, which keeps
-#: two canvas-sized RGBA buffers, and Pillow copies the frame once more.
-_BYTES_PER_PIXEL: dict[str, int] = {
-    "JPEG": 12,
-    "MPO": 12,
-    "PNG": 10,
-    "GIF": 10,
-    "BMP": 10,
-    "TIFF": 12,
-    "HEIF": 12,
-    "AVIF": 12,
-    "WEBP": 18,
-}
-_DEFAULT_BYTES_PER_PIXEL = 12
+#: Estimated peak bytes per decoded pixel (:func:`_bytes_per_pixel`), measured as the peak-RSS
+#: increase of one full-size 40-megapixel decode (tests/test_decode_budget.py prints such
+#: figures) and rounded up: Pillow's image (1-4 bytes per pixel), the RGB conversion or alpha
+#: composite (4 + 4), the uint8 result (3). 16-bit and alpha images need the most; WebP always
+#: goes through libwebp's animation decoder, which keeps two canvas-sized RGBA buffers, and
+#: Pillow copies the frame once more (15 bytes per canvas pixel measured, for a 1x1 frame too).
+_COST_PLAIN = 12
+_COST_ALPHA_OR_WIDE = 15
+_COST_WEBP = 18
+_COST_JPEG = 14  # per DCT-scaled pixel, plus the coefficient buffer of a progressive JPEG
 _FORMAT_NAMES = {"JPEG": "JPEG", "MPO": "JPEG", "WEBP": "WebP", "HEIF": "HEIC", "TIFF": "TIFF"}
 
 _MSG_EMPTY = "That file is empty."
@@ -327,6 +321,20 @@ def _webp_frames(data: bytes) -> tuple[tuple[int, int] | None, list[tuple[int, i
     return canvas, frames
 
 
+def _bytes_per_pixel(im: Image.Image) -> int:
+    """Estimated peak bytes per decoded pixel of an opened image (by format and mode)."""
+    fmt = im.format or ""
+    if fmt in ("JPEG", "MPO"):
+        return _COST_JPEG
+    if fmt == "WEBP":
+        return _COST_WEBP
+    if im.mode in _WIDE_MODES or im.mode in _ALPHA_MODES or "transparency" in im.info:
+        return _COST_ALPHA_OR_WIDE
+    if fmt in ("HEIF", "AVIF"):  # the library's own buffer, then Pillow's copy
+        return _COST_ALPHA_OR_WIDE
+    return _COST_PLAIN
+
+
 def _format_name(fmt: str) -> str:
     return _FORMAT_NAMES.get(fmt, fmt)
 
@@ -392,7 +400,7 @@ def _plan(
     width, height = im.size
     fmt = im.format or ""
     pixels = width * height
-    bpp = _BYTES_PER_PIXEL.get(fmt, _DEFAULT_BYTES_PER_PIXEL)
+    bpp = _bytes_per_pixel(im)
     if fmt in ("JPEG", "MPO"):
         progressive = bool(im.info.get("progressive") or im.info.get("progression"))
         extra = _jpeg_coefficient_bytes(im) if progressive else 0
@@ -445,8 +453,11 @@ def _wide_to_uint8(arr: np.ndarray) -> np.ndarray:
     lo, hi = int(arr.min()), int(arr.max())
     if lo >= 0 and hi <= 0xFFFF:
         # 16-bit samples (the normal case, also Pillow's "I" mode for 16-bit PNG/TIFF):
-        # round(v * 255 / 65535) == round(v / 257).
-        return ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
+        # round(v * 255 / 65535) == round(v / 257). In place: one temporary, not three.
+        wide = arr.astype(np.uint32)
+        wide += 128
+        wide //= 257
+        return wide.astype(np.uint8)
     # Genuine 32-bit data: stretch the used range linearly.
     if hi == lo:
         return np.zeros(arr.shape, dtype=np.uint8)

@@ -183,7 +183,7 @@ _PEAK_SCRIPT = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
 from tests.crafted_images import animated_webp, solid_jpeg, solid_png
-from model_store.images import decode_image
+from model_store.images import DECODE_BUDGET, decode_image
 from model_store.errors import ImageDecodeError
 makers = {
     "webp_6000_canvas_1x1_frame": lambda: animated_webp((6000, 6000)),
@@ -203,12 +203,13 @@ def hwm():  # peak RSS in MB (VmHWM; ru_maxrss would include the parent's peak, 
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset VmHWM to the current RSS
 base = hwm()
+DECODE_BUDGET.reset_peak()
 start = time.perf_counter()
 try:
     shape = list(decode_image(data, **kwargs).shape)
 except ImageDecodeError as exc:
     shape = exc.message
-print(json.dumps({"peak_mb": hwm() - base,
+print(json.dumps({"peak_mb": hwm() - base, "estimate_mb": DECODE_BUDGET.peak / 2**20,
                   "seconds": time.perf_counter() - start, "result": shape, "bytes": len(data)}))
 """
 
@@ -230,6 +231,10 @@ def test_peak_memory_of_one_decode_is_bounded_by_what_is_decoded() -> None:
     twelve = _peak("jpeg_12mp")
     assert isinstance(big["result"], list) and isinstance(twelve["result"], list)
     assert big["peak_mb"] <= twelve["peak_mb"] + 30  # ~1/8-scaled: what a 12 Mpx one costs, or less
+    assert big["peak_mb"] <= big["estimate_mb"] and twelve["peak_mb"] <= twelve["estimate_mb"]
     png = _peak("png_40mp_solid", max_side=1024)
     assert isinstance(png["result"], list) and max(png["result"][:2]) < 2048
     assert png["peak_mb"] < 250  # ~383 MB decoded at full size
+    full = _peak("png_40mp_solid")
+    assert full["result"] == [6250, 6400, 3]
+    assert full["peak_mb"] <= full["estimate_mb"], "the budget reserves less than the decode takes"

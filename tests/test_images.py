@@ -369,7 +369,7 @@ def test_pillow_bomb_warning_becomes_our_error() -> None:
 
 
 def test_a_full_size_format_over_the_budget_is_refused_from_its_header() -> None:
-    with pytest.raises(ImageDecodeError, match=r"10000×9500 pixels\); the limit is 53.7 megapixels for PNG"):
+    with pytest.raises(ImageDecodeError, match=r"10000×9500 pixels\); the limit is [\d.]+ megapixels for PNG"):
         decode_image(_png_header_only(10_000, 9_500), max_pixels=500_000_000)
 
 
