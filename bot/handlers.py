@@ -212,12 +212,16 @@ async def classify_message(update: Update, context: ContextTypes.DEFAULT_TYPE, m
         # The slot is taken before downloading: it bounds the bytes and decoded images in memory,
         # the HTTP requests in flight (httpx's pool gets slow with hundreds queued), and makes a
         # burst of photos go through roughly first come, first served instead of in lockstep.
+        # The download budget is weighted by the file's size (the limit when Telegram did not say),
+        # held until the decode is done: a burst of large files waits instead of piling up.
+        size = ref.file_size if ref.file_size is not None else svc.config.classify.max_file_bytes
         async with svc.image_slots:
-            data = await download_image(context, ref)
-            # Decode, crop and resize here, in the decode pool: the model's thread only runs the
-            # forward pass (Classifier.prepare).
-            prepared = await svc.in_decode_pool(_decode_and_prepare, svc, data)
-            del data
+            async with svc.download_budget.reserve(size):
+                data = await download_image(context, ref)
+                # Decode, crop and resize here, in the decode pool: the model's thread only runs
+                # the forward pass (Classifier.prepare).
+                prepared = await svc.in_decode_pool(_decode_and_prepare, svc, data)
+                del data
             predictions = await svc.batcher.submit(prepared)
             del prepared
     except NoModelError:

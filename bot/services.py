@@ -7,11 +7,12 @@ talks to Telegram; it is plain state shared by the handlers of one Application.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -29,7 +30,17 @@ if TYPE_CHECKING:
     from model_store.classifier import Classifier, Prepared
     from model_store.workspace import Workspace
 
-__all__ = ["DECODE_THREADS", "SERVICES_KEY", "RateLimiter", "Services", "Throttle", "decode_pool", "services"]
+__all__ = [
+    "DECODE_THREADS",
+    "DOWNLOAD_BUDGET_BYTES",
+    "SERVICES_KEY",
+    "ByteBudget",
+    "RateLimiter",
+    "Services",
+    "Throttle",
+    "decode_pool",
+    "services",
+]
 
 SERVICES_KEY = "labelgram"
 
@@ -38,7 +49,63 @@ SERVICES_KEY = "labelgram"
 #: the classifier on a small machine.
 DECODE_THREADS = max(1, min(2, os.cpu_count() or 1))
 
+#: Bytes of downloaded image files held at once by users' photos (from the download until the
+#: decode is done). With the decode budget (``model_store.images.DECODE_BUDGET``) this bounds
+#: what a burst of large files costs: without it, 16 slots x 20 MB files were 320 MB.
+DOWNLOAD_BUDGET_BYTES = 64 * 1024 * 1024
+
 _T = TypeVar("_T")
+
+
+class ByteBudget:
+    """An asyncio semaphore weighted by bytes, first come, first served (one event loop only).
+
+    A reservation larger than ``capacity`` is clamped to it (it then runs alone).
+
+    Args:
+        capacity: bytes that may be reserved at once; must be positive.
+
+    Raises:
+        ValueError: ``capacity`` is not positive.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity <= 0:
+            raise ValueError(f"capacity must be positive, got {capacity}")
+        self.capacity = int(capacity)
+        self.in_use = 0
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    def _wake(self) -> None:
+        while self._waiters and self.in_use + self._waiters[0][0] <= self.capacity:
+            nbytes, future = self._waiters.popleft()
+            if not future.done():
+                self.in_use += nbytes
+                future.set_result(None)
+
+    @contextlib.asynccontextmanager
+    async def reserve(self, nbytes: int) -> AsyncIterator[None]:
+        """Hold ``min(nbytes, capacity)`` bytes for the ``async with`` block (waits until free)."""
+        nbytes = max(0, min(int(nbytes), self.capacity))
+        if not self._waiters and self.in_use + nbytes <= self.capacity:
+            self.in_use += nbytes
+        else:
+            entry = (nbytes, asyncio.get_running_loop().create_future())
+            self._waiters.append(entry)
+            try:
+                await entry[1]
+            except asyncio.CancelledError:
+                if entry[1].done() and not entry[1].cancelled():
+                    self.in_use -= nbytes  # granted just as it was cancelled
+                else:
+                    self._waiters.remove(entry)
+                self._wake()
+                raise
+        try:
+            yield
+        finally:
+            self.in_use -= nbytes
+            self._wake()
 
 
 def decode_pool() -> ThreadPoolExecutor:
@@ -126,6 +193,8 @@ class Services:
     chat_actions: Throttle = field(default_factory=lambda: Throttle(4.0))
     #: bounds how many downloaded files are held (and queued for decoding) at once; set by build_application
     image_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(64))
+    #: bytes of users' downloaded files held at once (see DOWNLOAD_BUDGET_BYTES)
+    download_budget: ByteBudget = field(default_factory=lambda: ByteBudget(DOWNLOAD_BUDGET_BYTES))
     #: the small dedicated pool every image decode runs in (not asyncio's default executor, so
     #: decodes never hold the threads that store and registry calls need)
     decoders: ThreadPoolExecutor = field(default_factory=decode_pool)

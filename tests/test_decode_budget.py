@@ -238,3 +238,39 @@ def test_peak_memory_of_one_decode_is_bounded_by_what_is_decoded() -> None:
     full = _peak("png_40mp_solid")
     assert full["result"] == [6250, 6400, 3]
     assert full["peak_mb"] <= full["estimate_mb"], "the budget reserves less than the decode takes"
+
+
+# --- the bot's download budget (asyncio) ----------------------------------------------------------
+
+
+async def test_the_download_budget_bounds_bytes_in_flight_first_come_first_served() -> None:
+    import asyncio
+
+    from bot.services import ByteBudget
+
+    budget = ByteBudget(100)
+    order: list[str] = []
+    gate = asyncio.Event()
+
+    async def hold(name: str, nbytes: int) -> None:
+        async with budget.reserve(nbytes):
+            order.append(name)
+            assert budget.in_use <= budget.capacity
+            await gate.wait()
+
+    first = asyncio.create_task(hold("first", 70))
+    await asyncio.sleep(0)
+    big = asyncio.create_task(hold("big", 60))
+    small = asyncio.create_task(hold("small", 10))
+    huge = asyncio.create_task(hold("huge", 10_000))  # clamped to the capacity: runs alone
+    await asyncio.sleep(0.05)
+    assert order == ["first"] and budget.in_use == 70
+    # a waiter cancelled in the queue leaves no trace
+    cancelled = asyncio.create_task(hold("cancelled", 5))
+    await asyncio.sleep(0.01)
+    cancelled.cancel()
+    gate.set()
+    await asyncio.gather(first, big, small, huge)
+    assert order == ["first", "big", "small", "huge"]
+    assert budget.in_use == 0
+    assert cancelled.cancelled()

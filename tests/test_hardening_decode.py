@@ -1,7 +1,8 @@
 """Issue 8.1 and 8.9 over the real stack: the bot process (``python -m bot run``) against the stand-in.
 
 Twelve non-admins send hostile image documents at once (the 94-byte animated WebP with a
-6000x6000 canvas and a 1x1 frame, 40-megapixel solid PNGs of ~130 kB): the bot's peak RSS stays
+6000x6000 canvas and a 1x1 frame, the same with a 5600x5600 canvas, just under the WebP limit,
+40-megapixel solid PNGs of ~130 kB): the bot's peak RSS stays
 under :data:`RSS_LIMIT_MB` and an admin's command sent meanwhile is answered within
 :data:`ADMIN_REPLY_SECONDS` (on the old code: 3.3 GB peak, both cores busy for 10 s). Then a
 200-megapixel JPEG sent as a file is classified for a user and taught by an admin (refused as
@@ -83,8 +84,11 @@ async def test_hostile_documents_from_twelve_users_keep_the_bot_small_and_respon
             await asyncio.sleep(0.05)
 
     sampler = asyncio.create_task(sample())
-    webp = animated_webp((6000, 6000))
-    png = solid_png(6400, 6250)
+    hostile = [
+        (animated_webp((6000, 6000)), "image/webp", "a.webp"),  # refused from its header
+        (animated_webp((5600, 5600)), "image/webp", "b.webp"),  # under the WebP limit: ~470 MB to decode
+        (solid_png(6400, 6250), "image/png", "c.png"),  # 40 Mpx: ~160 MB reduced while decoding
+    ]
     big_jpeg = solid_jpeg(16320, 12240)
     try:
         await api.wait_for(lambda c: c.method == "setMyCommands", timeout=120)
@@ -97,7 +101,7 @@ async def test_hostile_documents_from_twelve_users_keep_the_bot_small_and_respon
         sent: list[tuple[int, int]] = []
         for i in range(HOSTILE_USERS):
             user = 7000 + i
-            data, mime, name = (webp, "image/webp", "a.webp") if i % 2 == 0 else (png, "image/png", "b.png")
+            data, mime, name = hostile[i % len(hostile)]
             update = api.make_document_update(user, user, data, mime_type=mime, file_name=name)
             api.push_update(update)
             sent.append((user, update["message"]["message_id"]))
