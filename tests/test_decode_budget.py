@@ -274,3 +274,17 @@ async def test_the_download_budget_bounds_bytes_in_flight_first_come_first_serve
     assert order == ["first", "big", "small", "huge"]
     assert budget.in_use == 0
     assert cancelled.cancelled()
+
+
+def test_admin_uploads_reserve_from_the_same_budget(tmp_path: Path) -> None:
+    from model_store.dataset import ImageStore
+
+    store = ImageStore(tmp_path / "store")
+    DECODE_BUDGET.reset_peak()
+    store.add(solid_png(1200, 1000), "red")
+    assert DECODE_BUDGET.peak >= 1200 * 1000 * 4
+    assert DECODE_BUDGET.in_use == 0
+    # and a 200-megapixel phone photo is stored (bytes unchanged), not refused as too large
+    big = solid_jpeg(16320, 12240)
+    result = store.add(big, "grey")
+    assert result.created and result.path.read_bytes() == big
