@@ -365,14 +365,16 @@ def _jpeg_coefficient_bytes(im: Image.Image) -> int:
 
 
 def _dct_scale(width: int, height: int, target_pixels: int, max_side: int | None) -> int:
-    """Smallest JPEG DCT scale whose result has at most ``target_pixels``; never below ``max_side``."""
-    for scale in (1, 2, 4, 8):
-        w, h = -(-width // scale), -(-height // scale)
-        if max_side is not None and max(w, h) < max_side:
-            return max(1, scale // 2)
-        if w * h <= target_pixels:
-            return scale
-    return 8
+    """The JPEG DCT scale denominator (1, 2, 4 or 8) to decode with.
+
+    The smallest scale whose result has at most ``target_pixels`` (8 if none does); with
+    ``max_side``, a larger scale if the result's longer side still stays at least ``max_side``.
+    """
+    by_pixels = next((s for s in (1, 2, 4, 8) if -(-width // s) * -(-height // s) <= target_pixels), 8)
+    if max_side is None:
+        return by_pixels
+    by_side = max((s for s in (1, 2, 4, 8) if -(-max(width, height) // s) >= max_side), default=1)
+    return max(by_pixels, by_side)
 
 
 def _plan(
@@ -416,7 +418,7 @@ def _plan(
         cost = decoded[0] * decoded[1] * bpp + extra
         if cost > budget.capacity:
             limit = max(1, (budget.capacity - extra) // bpp) if extra < budget.capacity else max_pixels
-            raise _too_large(min(limit, header_limit), (width, height), "progressive JPEG")
+            raise _too_large(min(limit, header_limit), (width, height), "progressive JPEG" if progressive else "JPEG")
         return _Plan(scale, decoded, cost)
 
     limit = min(max_pixels, budget.capacity // bpp)

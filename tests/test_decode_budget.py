@@ -157,6 +157,13 @@ def test_48_to_200_megapixel_jpegs_decode_dct_scaled(width: int, height: int) ->
     assert sniff_extension(data) == "jpg"
 
 
+def test_max_side_decodes_jpegs_no_larger_than_needed() -> None:
+    data = solid_jpeg(4000, 2992)  # 12 Mpx: decoded at full size by default
+    assert decode_image(data).shape == (2992, 4000, 3)
+    assert decode_image(data, max_side=1024).shape == (1496, 2000, 3)  # 1/2: still >= 1024
+    assert decode_image(data, max_side=400).shape == (374, 500, 3)  # 1/8
+
+
 def test_a_jpeg_header_over_the_jpeg_limit_is_refused() -> None:
     data = solid_jpeg(65520, 4000)  # 262 Mpx > MAX_JPEG_PIXELS
     with pytest.raises(ImageDecodeError, match="too large"):
