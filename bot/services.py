@@ -46,10 +46,10 @@ SERVICES_KEY = "labelgram"
 
 #: Threads decoding images (users' photos and admins' uploads). Their memory is bounded anyway by
 #: ``model_store.images.DECODE_BUDGET``; the pool being their own keeps asyncio's default executor
-#: (store and registry calls of admin commands) free. Cores + 2, at most 4: decodes release the GIL
-#: while they wait for downloads' neighbours and the forward pass (a 2-thread pool answered the
-#: 50-chat load test ~15% slower on 2 busy cores).
-DECODE_THREADS = max(1, min(4, (os.cpu_count() or 1) + 2))
+#: (store and registry calls of admin commands) free. Cores + 1, at most 3: on 2 busy cores a
+#: 2-thread pool answered the 50-chat load test slower than the old 6-thread default executor,
+#: while 4 threads raised the bot's peak RSS under hostile files by ~80 MB (more malloc arenas).
+DECODE_THREADS = max(1, min(3, (os.cpu_count() or 1) + 1))
 
 #: Bytes of downloaded image files held at once by users' photos (from the download until the
 #: decode is done). With the decode budget (``model_store.images.DECODE_BUDGET``) this bounds
