@@ -131,7 +131,8 @@ async def add_images(
     for ref in refs:
         try:
             data = await download_image(context, ref)
-            result = await asyncio.to_thread(
+            # in the decode pool, like users' photos: the store decodes the image to check it
+            result = await svc.in_decode_pool(
                 svc.workspace.store.add, data, label, added_by=user_id, chat_id=chat_id
             )
         except (LabelError, StoreFullError) as exc:

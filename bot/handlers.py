@@ -2,7 +2,9 @@
 
 Flow of one photo: the largest ``PhotoSize`` (or the image ``Document``) is checked against
 ``classify.max_file_bytes`` before anything is downloaded -> the bytes are downloaded -> decoded
-by :func:`model_store.images.decode_image` in a worker thread -> handed to the micro-batcher,
+by :func:`model_store.images.decode_image` in the decode pool (``Services.decoders``, within the
+process-wide decode memory budget; JPEGs DCT-scaled, everything reduced to what the classifier
+keeps) -> handed to the micro-batcher,
 which classifies concurrent photos in one forward pass on its own thread -> the reply (to that
 message) lists the top-k labels with percentages, or starts with "I'm not sure" when the best
 one is under ``classify.confidence_threshold``.
@@ -13,7 +15,6 @@ briefly so its caption applies to all its photos: both go to :mod:`bot.admin`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from telegram.error import BadRequest, TelegramError
 from telegram.ext import ContextTypes
 
 from bot.services import Services, services
-from model_store.classifier import Prepared
+from model_store.classifier import KEEP_SIDE, Prepared
 from model_store.errors import LabelgramError, NoModelError
 from model_store.images import decode_image
 
@@ -110,8 +111,13 @@ def too_large_text(svc: Services, size: int | None) -> str:
 
 
 def _decode_and_prepare(svc: Services, data: bytes) -> Prepared:
-    """Decode image bytes (size-limited) and prepare them for the serving model (worker thread)."""
-    return svc.classifier.prepare(decode_image(data, max_pixels=svc.config.classify.max_pixels))
+    """Decode image bytes (size-limited) and prepare them for the serving model (decode pool).
+
+    The image is decoded no larger than needed: the classifier keeps at most ``KEEP_SIDE`` pixels
+    on the longer side, so JPEGs are DCT-scaled and other formats box-reduced towards it.
+    """
+    rgb = decode_image(data, max_pixels=svc.config.classify.max_pixels, max_side=KEEP_SIDE)
+    return svc.classifier.prepare(rgb)
 
 
 class FileTooLarge(LabelgramError):
@@ -206,12 +212,16 @@ async def classify_message(update: Update, context: ContextTypes.DEFAULT_TYPE, m
         # The slot is taken before downloading: it bounds the bytes and decoded images in memory,
         # the HTTP requests in flight (httpx's pool gets slow with hundreds queued), and makes a
         # burst of photos go through roughly first come, first served instead of in lockstep.
+        # The download budget is weighted by the file's size (the limit when Telegram did not say),
+        # held until the decode is done: a burst of large files waits instead of piling up.
+        size = ref.file_size if ref.file_size is not None else svc.config.classify.max_file_bytes
         async with svc.image_slots:
-            data = await download_image(context, ref)
-            # Decode, crop and resize here, in a worker thread: the model's thread only runs the
-            # forward pass (Classifier.prepare).
-            prepared = await asyncio.to_thread(_decode_and_prepare, svc, data)
-            del data
+            async with svc.download_budget.reserve(size):
+                data = await download_image(context, ref)
+                # Decode, crop and resize here, in the decode pool: the model's thread only runs
+                # the forward pass (Classifier.prepare).
+                prepared = await svc.in_decode_pool(_decode_and_prepare, svc, data)
+                del data
             predictions = await svc.batcher.submit(prepared)
             del prepared
     except NoModelError:

@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import time
 from collections.abc import Iterable
 from typing import Any
 
+from PIL import Image
 from telegram import Bot, Message, ReplyParameters
 from telegram.error import BadRequest, Forbidden, RetryAfter, TelegramError
 
 from bot.ratelimit import retry_after_seconds
 from bot.training_runner import TrainingOutcome
 
-__all__ = ["ProgressMessage", "format_report", "notify_admins", "send_report"]
+__all__ = ["ProgressMessage", "fits_as_photo", "format_report", "notify_admins", "send_report"]
 
 log = logging.getLogger(__name__)
 
@@ -95,18 +97,62 @@ def format_report(outcome: TrainingOutcome) -> str:
     return text if len(text) <= 4000 else text[:3990] + "\n…"
 
 
+#: Telegram's sendPhoto limits: width + height at most 10000 px, at most 10 MB, ratio at most 20.
+PHOTO_MAX_SIDES = 10_000
+PHOTO_MAX_BYTES = 10 * 1024 * 1024
+PHOTO_MAX_RATIO = 20
+
+
+def fits_as_photo(data: bytes) -> bool:
+    """Whether a PNG/JPEG can be sent with ``sendPhoto`` (else it goes as a document).
+
+    Only the header is read. Unreadable data is "no" (the document path sends it unchanged).
+    """
+    if len(data) > PHOTO_MAX_BYTES:
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+    except Exception:  # noqa: BLE001 - any unreadable header: send it as a file
+        return False
+    if width <= 0 or height <= 0:
+        return False
+    return width + height <= PHOTO_MAX_SIDES and max(width, height) <= PHOTO_MAX_RATIO * min(width, height)
+
+
 async def send_report(bot: Bot, chat_id: int, outcome: TrainingOutcome, *, reply_to: int | None = None) -> None:
-    """Send the report text and, when there is one, the confusion-matrix picture."""
+    """Send the report text and, when there is one, the confusion-matrix picture.
+
+    The picture goes as a photo when Telegram accepts it as one (:func:`fits_as_photo`), else as
+    a document; with many labels the picture shows the most confused ones and the full matrix
+    (``confusion_matrix.csv`` next to it, written by the training) follows as a document.
+    """
     params = ReplyParameters(message_id=reply_to, allow_sending_without_reply=True) if reply_to else None
     await bot.send_message(chat_id, format_report(outcome), reply_parameters=params)
     png = outcome.confusion_png
-    if png is not None and outcome.status != "failed":
-        try:
-            data = await asyncio.to_thread(png.read_bytes)
-        except OSError as exc:
-            log.warning("confusion matrix %s unreadable: %s", png, exc)
-            return
-        await bot.send_photo(chat_id, data, caption=f"Confusion matrix of {outcome.version} (rows: true label)")
+    if png is None or outcome.status == "failed":
+        return
+    try:
+        data = await asyncio.to_thread(png.read_bytes)
+    except OSError as exc:
+        log.warning("confusion matrix %s unreadable: %s", png, exc)
+        return
+    caption = f"Confusion matrix of {outcome.version} (rows: true label)"
+    if await asyncio.to_thread(fits_as_photo, data):
+        await bot.send_photo(chat_id, data, caption=caption)
+    else:
+        await bot.send_document(chat_id, data, filename=png.name, caption=caption)
+    table = png.with_suffix(".csv")
+    try:
+        table_data = await asyncio.to_thread(table.read_bytes)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.warning("confusion matrix table %s unreadable: %s", table, exc)
+        return
+    await bot.send_document(
+        chat_id, table_data, filename=table.name, caption=f"Full confusion matrix of {outcome.version} (CSV, rows: true label)"
+    )
 
 
 async def notify_admins(bot: Bot, admins: Iterable[int], outcome: TrainingOutcome, *, skip: int | None = None) -> None:

@@ -7,10 +7,15 @@ talks to Telegram; it is plain state shared by the handlers of one Application.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import os
 import time
 from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from telegram.ext import CallbackContext
 
@@ -25,9 +30,89 @@ if TYPE_CHECKING:
     from model_store.classifier import Classifier, Prepared
     from model_store.workspace import Workspace
 
-__all__ = ["SERVICES_KEY", "RateLimiter", "Services", "Throttle", "services"]
+__all__ = [
+    "DECODE_THREADS",
+    "DOWNLOAD_BUDGET_BYTES",
+    "SERVICES_KEY",
+    "ByteBudget",
+    "RateLimiter",
+    "Services",
+    "Throttle",
+    "decode_pool",
+    "services",
+]
 
 SERVICES_KEY = "labelgram"
+
+#: Threads decoding images (users' photos and admins' uploads). Their memory is bounded anyway by
+#: ``model_store.images.DECODE_BUDGET``; the pool being their own keeps asyncio's default executor
+#: (store and registry calls of admin commands) free. Cores + 1, at most 3: on 2 busy cores a
+#: 2-thread pool answered the 50-chat load test slower than the old 6-thread default executor,
+#: while 4 threads raised the bot's peak RSS under hostile files by ~80 MB (more malloc arenas).
+DECODE_THREADS = max(1, min(3, (os.cpu_count() or 1) + 1))
+
+#: Bytes of downloaded image files held at once by users' photos (from the download until the
+#: decode is done). With the decode budget (``model_store.images.DECODE_BUDGET``) this bounds
+#: what a burst of large files costs: without it, 16 slots x 20 MB files were 320 MB.
+DOWNLOAD_BUDGET_BYTES = 64 * 1024 * 1024
+
+_T = TypeVar("_T")
+
+
+class ByteBudget:
+    """An asyncio semaphore weighted by bytes, first come, first served (one event loop only).
+
+    A reservation larger than ``capacity`` is clamped to it (it then runs alone).
+
+    Args:
+        capacity: bytes that may be reserved at once; must be positive.
+
+    Raises:
+        ValueError: ``capacity`` is not positive.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity <= 0:
+            raise ValueError(f"capacity must be positive, got {capacity}")
+        self.capacity = int(capacity)
+        self.in_use = 0
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    def _wake(self) -> None:
+        while self._waiters and self.in_use + self._waiters[0][0] <= self.capacity:
+            nbytes, future = self._waiters.popleft()
+            if not future.done():
+                self.in_use += nbytes
+                future.set_result(None)
+
+    @contextlib.asynccontextmanager
+    async def reserve(self, nbytes: int) -> AsyncIterator[None]:
+        """Hold ``min(nbytes, capacity)`` bytes for the ``async with`` block (waits until free)."""
+        nbytes = max(0, min(int(nbytes), self.capacity))
+        if not self._waiters and self.in_use + nbytes <= self.capacity:
+            self.in_use += nbytes
+        else:
+            entry = (nbytes, asyncio.get_running_loop().create_future())
+            self._waiters.append(entry)
+            try:
+                await entry[1]
+            except asyncio.CancelledError:
+                if entry[1].done() and not entry[1].cancelled():
+                    self.in_use -= nbytes  # granted just as it was cancelled
+                else:
+                    self._waiters.remove(entry)
+                self._wake()
+                raise
+        try:
+            yield
+        finally:
+            self.in_use -= nbytes
+            self._wake()
+
+
+def decode_pool() -> ThreadPoolExecutor:
+    """A new pool of :data:`DECODE_THREADS` threads named ``decode-N`` (one per Application)."""
+    return ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="decode")
 
 
 class RateLimiter:
@@ -108,10 +193,21 @@ class Services:
     #: every update of a non-admin (limits.messages_per_minute); set by build_application
     message_rate: RateLimiter = field(default_factory=lambda: RateLimiter(0))
     chat_actions: Throttle = field(default_factory=lambda: Throttle(4.0))
-    #: bounds how many decoded images (up to ~100 MB each for 40 Mpx) exist at once; set by build_application
+    #: bounds how many downloaded files are held (and queued for decoding) at once; set by build_application
     image_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(64))
+    #: bytes of users' downloaded files held at once (see DOWNLOAD_BUDGET_BYTES)
+    download_budget: ByteBudget = field(default_factory=lambda: ByteBudget(DOWNLOAD_BUDGET_BYTES))
+    #: the small dedicated pool every image decode runs in (not asyncio's default executor, so
+    #: decodes never hold the threads that store and registry calls need)
+    decoders: ThreadPoolExecutor = field(default_factory=decode_pool)
     schedule_job: Job[Any] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+
+    async def in_decode_pool(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+        """Run ``fn(*args, **kwargs)`` in :attr:`decoders` and return its result."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self.decoders, functools.partial(fn, *args, **kwargs)
+        )
 
     def is_admin(self, user_id: int | None) -> bool:
         """Whether ``user_id`` is listed in ``config.admins``."""

@@ -8,37 +8,61 @@ pixel buffer is allocated.
 
 Decisions worth knowing:
 
+* What a decode costs is bounded by what is actually decoded (issue 8): after the header is read,
+  :func:`decode_image` estimates the decode's peak memory (12-18 bytes per decoded pixel by format
+  and mode, plus the coefficient buffer of a progressive JPEG) and reserves it from a process-wide
+  :class:`DecodeBudget` (a semaphore weighted by bytes) before ``load()``, so concurrent decodes
+  never hold more than the budget, whatever thread or caller they come from. A decode whose
+  estimate alone is over the budget is refused as "too large".
+* JPEGs are decoded with DCT scaling (``Image.draft``: 1/2, 1/4 or 1/8 inside libjpeg), so a
+  200-megapixel phone photo costs what a ~12-megapixel one does; their header may be up to
+  :data:`MAX_JPEG_PIXELS`. Every other format is decoded at full size, so its limit is lower:
+  ``max_pixels``, and for formats with large decoder buffers (WebP: the animation decoder keeps
+  two canvas-sized RGBA buffers, even for one 1x1 frame) the budget divided by the estimated
+  cost per pixel. For animated WebP both the canvas and every frame's declared size are checked.
 * Only the formats in ``_ALLOWED_FORMATS`` are opened (JPEG/MPO, PNG/APNG, WebP, GIF, BMP,
-  TIFF, HEIC/HEIF). Pillow can open more (EPS, PSD, ...), but some of those hand the bytes to
+  TIFF, HEIC/HEIF, AVIF). Pillow can open more (EPS, PSD, ...), but some of those hand the bytes to
   external programs (EPS runs Ghostscript) and none of them can be named by
   :func:`sniff_extension`, so they are refused like any other non-image.
 * Truncated files are refused ("That image file is incomplete ..."): Pillow's global
   ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone (False), so a decoder that runs out of data
   raises, and we turn that into the typed error rather than classifying a half-grey picture.
 * Embedded ICC profiles are not applied; pixels are taken as sRGB, as in the training data.
-* Headers above Pillow's own bomb threshold are refused inside ``Image.open`` (before our check
-  sees the size), so that "too large" message names the limit but not the dimensions.
+* Pillow's own bomb threshold (``Image.MAX_IMAGE_PIXELS``) is raised to :data:`MAX_JPEG_PIXELS`
+  when this module is imported (our per-format limits are all lower and are checked before any
+  pixel is decoded); headers above it are refused inside ``Image.open`` (before our check sees
+  the size), so that "too large" message names the limit but not the dimensions.
 * Broken EXIF metadata does not make an otherwise readable image fail: the orientation is then
   left as stored.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import logging
+import math
+import threading
+import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pillow_heif
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from model_store.errors import ImageDecodeError
 
 __all__ = [
+    "DECODE_BUDGET",
+    "DEFAULT_DECODE_BUDGET_BYTES",
     "DEFAULT_MAX_PIXELS",
+    "DRAFT_PIXELS",
     "IMAGE_EXTENSIONS",
+    "MAX_JPEG_PIXELS",
+    "DecodeBudget",
     "decode_image",
     "sniff_extension",
     "to_model_input",
@@ -48,22 +72,35 @@ logger = logging.getLogger(__name__)
 
 pillow_heif.register_heif_opener()
 
-#: Largest image (width * height) :func:`decode_image` accepts by default.
+#: Largest number of pixels :func:`decode_image` decodes by default, i.e. the limit for formats
+#: decoded at full size (PNG, WebP, GIF, BMP, TIFF, HEIC, AVIF, progressive JPEG), and for a
+#: baseline JPEG the limit of its DCT-scaled size.
 #:
-#: 40 megapixels is above what phones send by default (12-24 Mpx; Telegram "photos" are
-#: recompressed to about 2560 px per side, so only files sent as documents or imported from
-#: folders come near it) and above most scans, while bounding the work per image: decoding
-#: needs about 9 bytes per pixel at peak (Pillow's 4-byte RGB buffer, the uint8 result and a
-#: transient copy), i.e. ~360 MB and well under a second for 40 Mpx, which a small bot server
-#: can afford. Opt-in full-resolution 48/50 Mpx phone shots are refused with a clear message;
-#: callers that want them pass a larger ``max_pixels``. The value is also below Pillow's own
-#: decompression-bomb threshold (``Image.MAX_IMAGE_PIXELS``, ~89 Mpx), so our check, which
-#: reports the dimensions, is the one users normally meet.
+#: 40 megapixels is above what phones send as PNG/HEIC and above most scans, while bounding the
+#: work per image (decoding costs up to 15 bytes per pixel at peak, see ``_COST_ALPHA_OR_WIDE``).
 DEFAULT_MAX_PIXELS = 40_000_000
+
+#: Largest baseline JPEG header (width * height) accepted: above the 200-megapixel sensors of
+#: current phones (16320x12240). Such a JPEG is decoded DCT-scaled (see :data:`DRAFT_PIXELS`).
+#: Pillow's own decompression-bomb threshold is raised to this value on import.
+MAX_JPEG_PIXELS = 256_000_000
+
+#: JPEGs are decoded at the largest DCT scale (1, 1/2, 1/4, 1/8) whose result has at most this
+#: many pixels (1/8 if none does): a 48-megapixel photo decodes at 12 Mpx, a 200-megapixel one at
+#: 3.1 Mpx. The classifier's input is 224-480 px, so nothing it sees is lost.
+DRAFT_PIXELS = 12_000_000
+
+#: Default capacity of :data:`DECODE_BUDGET`: the estimated peak bytes of all decodes running at
+#: once in this process. One 40-megapixel PNG with alpha (600 MB estimated) fits; two wait for
+#: each other, while four 12-megapixel JPEGs (144 MB each) run side by side.
+DEFAULT_DECODE_BUDGET_BYTES = 576 * 1024 * 1024
+
+if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_JPEG_PIXELS:
+    Image.MAX_IMAGE_PIXELS = MAX_JPEG_PIXELS
 
 #: File-name suffixes (lower case, with the dot) accepted when importing a folder of images.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif"}
+    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 )
 
 # Pillow format id (``Image.format``) -> canonical extension used to name stored files.
@@ -76,12 +113,30 @@ _FORMAT_EXTENSIONS: dict[str, str] = {
     "BMP": "bmp",
     "TIFF": "tiff",
     "HEIF": "heic",
+    "AVIF": "avif",
 }
 # The only formats Image.open may try. MPO is not listed: Pillow opens it through the JPEG plugin.
-_ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF")
+# AVIF is decoded by Pillow itself (>= 11.3 wheels bundle libavif).
+_ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF") + (
+    ("AVIF",) if features.check("avif") else ()
+)
+
+#: Estimated peak bytes per decoded pixel (:func:`_bytes_per_pixel`), measured as the peak-RSS
+#: increase of one full-size 40-megapixel decode (tests/test_decode_budget.py prints such
+#: figures) and rounded up: Pillow's image (1-4 bytes per pixel), the RGB conversion or alpha
+#: composite (4 + 4), the uint8 result (3). 16-bit and alpha images need the most; WebP always
+#: goes through libwebp's animation decoder, which keeps two canvas-sized RGBA buffers, and
+#: Pillow copies the frame once more (15 bytes per canvas pixel measured, for a 1x1 frame too).
+_COST_PLAIN = 12
+_COST_ALPHA_OR_WIDE = 15
+_COST_WEBP = 18
+_COST_JPEG = 14  # per DCT-scaled pixel, plus the coefficient buffer of a progressive JPEG
+_FORMAT_NAMES = {"JPEG": "JPEG", "MPO": "JPEG", "WEBP": "WebP", "HEIF": "HEIC", "TIFF": "TIFF"}
 
 _MSG_EMPTY = "That file is empty."
-_MSG_NOT_IMAGE = "That doesn't look like an image I can read (JPEG, PNG, WebP, GIF, BMP, TIFF or HEIC)."
+_MSG_NOT_IMAGE = (
+    "That doesn't look like an image I can read (JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC or AVIF)."
+)
 _MSG_INCOMPLETE = "That image file is incomplete; it may have been cut off while sending."
 _MSG_DAMAGED = "That image file is damaged and I can't read it."
 _MSG_COLOURS = "That image uses a colour format I can't read."
@@ -99,15 +154,103 @@ _WIDE_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 def _bomb_limit(max_pixels: int) -> int:
     """The limit in force when Pillow's own bomb guard refused an image."""
     pillow_limit = Image.MAX_IMAGE_PIXELS
-    return min(max_pixels, pillow_limit) if pillow_limit else max_pixels
+    return min(max(max_pixels, MAX_JPEG_PIXELS), pillow_limit) if pillow_limit else max_pixels
 
 
-def _too_large(limit: int, size: tuple[int, int] | None = None) -> ImageDecodeError:
+def _too_large(limit: int, size: tuple[int, int] | None = None, what: str = "") -> ImageDecodeError:
     limit_text = f"{limit / 1_000_000:.3g} megapixels"
+    if what:
+        limit_text += f" for {what} images"
     if size is None:
         return ImageDecodeError(f"That image is too large; the limit is {limit_text}.")
     width, height = size
     return ImageDecodeError(f"That image is too large ({width}×{height} pixels); the limit is {limit_text}.")
+
+
+class DecodeBudget:
+    """A semaphore weighted by bytes: the estimated peak memory of the decodes running at once.
+
+    Thread-safe (the decodes run in worker threads) and first come, first served: a large
+    reservation waiting at the head of the queue is not overtaken by small ones, so it cannot
+    starve. A single reservation may not exceed ``capacity`` (:func:`decode_image` refuses such
+    images as too large before reserving).
+
+    Args:
+        capacity: bytes that may be reserved at once; must be positive.
+
+    Raises:
+        ValueError: ``capacity`` is not positive.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity <= 0:
+            raise ValueError(f"capacity must be positive, got {capacity}")
+        self.capacity = int(capacity)
+        self._used = 0
+        self._peak = 0
+        self._queue: collections.deque[object] = collections.deque()
+        self._cond = threading.Condition()
+
+    @property
+    def in_use(self) -> int:
+        """Bytes reserved right now."""
+        with self._cond:
+            return self._used
+
+    @property
+    def peak(self) -> int:
+        """Largest number of bytes reserved at once since creation (or :meth:`reset_peak`)."""
+        with self._cond:
+            return self._peak
+
+    def reset_peak(self) -> None:
+        """Start measuring :attr:`peak` afresh (from what is reserved now)."""
+        with self._cond:
+            self._peak = self._used
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes: int, *, timeout: float | None = None) -> Iterator[None]:
+        """Hold ``nbytes`` of the budget for the duration of the ``with`` block (blocks until free).
+
+        Args:
+            nbytes: bytes to reserve, 0..capacity.
+            timeout: seconds to wait at most; None waits as long as needed.
+
+        Raises:
+            ValueError: ``nbytes`` is negative or over ``capacity``.
+            TimeoutError: not granted within ``timeout``.
+        """
+        nbytes = int(nbytes)
+        if not 0 <= nbytes <= self.capacity:
+            raise ValueError(f"cannot reserve {nbytes} bytes of a budget of {self.capacity}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ticket = object()
+        with self._cond:
+            self._queue.append(ticket)
+            try:
+                while self._queue[0] is not ticket or self._used + nbytes > self.capacity:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise TimeoutError(f"{nbytes} bytes of the decode budget not free in time")
+                    self._cond.wait(remaining)
+            except BaseException:
+                self._queue.remove(ticket)
+                self._cond.notify_all()
+                raise
+            self._queue.popleft()
+            self._used += nbytes
+            self._peak = max(self._peak, self._used)
+            self._cond.notify_all()  # the next in the queue may fit as well
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._used -= nbytes
+                self._cond.notify_all()
+
+
+#: The process-wide budget every :func:`decode_image` call reserves from by default.
+DECODE_BUDGET = DecodeBudget(DEFAULT_DECODE_BUDGET_BYTES)
 
 
 def _check_bytes(data: object) -> bytes:
@@ -155,6 +298,146 @@ def _bomb_guard() -> Iterator[None]:
         yield
 
 
+def _webp_frames(data: bytes) -> tuple[tuple[int, int] | None, list[tuple[int, int, int, int]]]:
+    """The canvas size (VP8X) and the frames (x, y, width, height) declared by ANMF chunks.
+
+    Only chunk headers are read (at most 4096 chunks); a malformed layout ends the walk (libwebp
+    then refuses the file when it is opened).
+    """
+    canvas = None
+    frames: list[tuple[int, int, int, int]] = []
+    pos, end = 12, min(len(data), 8 + int.from_bytes(data[4:8], "little"))
+    for _ in range(4096):
+        if pos + 8 > end:
+            break
+        tag, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
+        body = data[pos + 8 : pos + 8 + min(size, 16)]
+        if tag == b"VP8X" and len(body) >= 10:
+            canvas = (int.from_bytes(body[4:7], "little") + 1, int.from_bytes(body[7:10], "little") + 1)
+        elif tag == b"ANMF" and len(body) >= 12:
+            x, y, w, h = (int.from_bytes(body[i : i + 3], "little") for i in (0, 3, 6, 9))
+            frames.append((2 * x, 2 * y, w + 1, h + 1))
+        pos += 8 + size + (size & 1)
+    return canvas, frames
+
+
+def _bytes_per_pixel(im: Image.Image) -> int:
+    """Estimated peak bytes per decoded pixel of an opened image (by format and mode)."""
+    fmt = im.format or ""
+    if fmt in ("JPEG", "MPO"):
+        return _COST_JPEG
+    if fmt == "WEBP":
+        return _COST_WEBP
+    if im.mode in _WIDE_MODES or im.mode in _ALPHA_MODES or "transparency" in im.info:
+        return _COST_ALPHA_OR_WIDE
+    if fmt in ("HEIF", "AVIF"):  # the library's own buffer, then Pillow's copy
+        return _COST_ALPHA_OR_WIDE
+    return _COST_PLAIN
+
+
+def _format_name(fmt: str) -> str:
+    return _FORMAT_NAMES.get(fmt, fmt)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one opened image will be decoded: DCT scale (JPEG) and the estimated peak bytes."""
+
+    scale: int  # JPEG DCT scale denominator (1, 2, 4 or 8); 1 for other formats
+    decoded: tuple[int, int]  # (width, height) after DCT scaling
+    cost: int  # estimated peak bytes of the decode
+
+
+def _jpeg_coefficient_bytes(im: Image.Image) -> int:
+    """Bytes of libjpeg's whole-image coefficient buffer (progressive JPEGs keep one)."""
+    width, height = im.size
+    layers = getattr(im, "layer", None) or []
+    try:
+        hmax = max(int(layer[1]) for layer in layers)
+        vmax = max(int(layer[2]) for layer in layers)
+        blocks = sum(
+            math.ceil(math.ceil(width * int(layer[1]) / hmax) / 8) * math.ceil(math.ceil(height * int(layer[2]) / vmax) / 8)
+            for layer in layers
+        )
+    except (ValueError, TypeError, IndexError, ZeroDivisionError):
+        blocks = 4 * math.ceil(width / 8) * math.ceil(height / 8)  # up to 4 full-size components
+    return blocks * 64 * 2  # 64 int16 coefficients per 8x8 block
+
+
+def _dct_scale(width: int, height: int, target_pixels: int, max_side: int | None) -> int:
+    """The JPEG DCT scale denominator (1, 2, 4 or 8) to decode with.
+
+    The smallest scale whose result has at most ``target_pixels`` (8 if none does); with
+    ``max_side``, a larger scale if the result's longer side still stays at least ``max_side``.
+    """
+    by_pixels = next((s for s in (1, 2, 4, 8) if -(-width // s) * -(-height // s) <= target_pixels), 8)
+    if max_side is None:
+        return by_pixels
+    by_side = max((s for s in (1, 2, 4, 8) if -(-max(width, height) // s) >= max_side), default=1)
+    return max(by_pixels, by_side)
+
+
+def _plan(
+    im: Image.Image, data: bytes, max_pixels: int, budget: DecodeBudget, max_side: int | None = None
+) -> _Plan:
+    """Check an opened (not loaded) image against the limits and estimate what decoding it costs.
+
+    JPEGs are DCT-scaled here (``Image.draft``), so the returned plan describes the scaled decode.
+
+    Args:
+        im: from ``Image.open``, pixels not loaded yet.
+        data: the file's bytes (WebP frame headers are read from them).
+        max_pixels: largest number of pixels decoded (full-size formats: the image; JPEG: the
+            DCT-scaled image).
+        budget: its ``capacity`` is the largest estimate accepted.
+        max_side: if given, JPEGs are not DCT-scaled below this longer side.
+
+    Returns:
+        The plan (DCT scale, decoded size, estimated peak bytes).
+
+    Raises:
+        ImageDecodeError: over a limit ("too large", naming the dimensions and the limit), or a
+            frame outside its canvas (damaged).
+    """
+    width, height = im.size
+    fmt = im.format or ""
+    pixels = width * height
+    bpp = _bytes_per_pixel(im)
+    if fmt in ("JPEG", "MPO"):
+        progressive = bool(im.info.get("progressive") or im.info.get("progression"))
+        extra = _jpeg_coefficient_bytes(im) if progressive else 0
+        header_limit = MAX_JPEG_PIXELS if not progressive else max_pixels
+        if pixels > header_limit:
+            raise _too_large(header_limit, (width, height), "progressive JPEG" if progressive else "")
+        scale = _dct_scale(width, height, min(DRAFT_PIXELS, max_pixels), max_side)
+        if scale > 1:
+            im.draft(im.mode, (max(1, width // scale), max(1, height // scale)))
+        decoded = im.size
+        if decoded[0] * decoded[1] > max_pixels:
+            raise _too_large(min(MAX_JPEG_PIXELS, 64 * max_pixels), (width, height))
+        cost = decoded[0] * decoded[1] * bpp + extra
+        if cost > budget.capacity:
+            limit = max(1, (budget.capacity - extra) // bpp) if extra < budget.capacity else max_pixels
+            raise _too_large(min(limit, header_limit), (width, height), "progressive JPEG" if progressive else "JPEG")
+        return _Plan(scale, decoded, cost)
+
+    limit = min(max_pixels, budget.capacity // bpp)
+    what = _format_name(fmt) if limit < max_pixels else ""
+    if pixels > limit:
+        raise _too_large(limit, (width, height), what)
+    if fmt == "WEBP":
+        canvas, frames = _webp_frames(data)
+        cw, ch = canvas or (width, height)
+        if cw * ch > limit:
+            raise _too_large(limit, (cw, ch), what)
+        for x, y, w, h in frames:
+            if w * h > limit:
+                raise _too_large(limit, (w, h), what)
+            if x + w > cw or y + h > ch:
+                raise ImageDecodeError(_MSG_DAMAGED)
+    return _Plan(1, (width, height), pixels * bpp)
+
+
 def _wide_to_uint8(arr: np.ndarray) -> np.ndarray:
     """Scale a 16-bit / 32-bit integer / float single-channel array to uint8 (not clip)."""
     if arr.dtype.kind == "f":
@@ -172,8 +455,11 @@ def _wide_to_uint8(arr: np.ndarray) -> np.ndarray:
     lo, hi = int(arr.min()), int(arr.max())
     if lo >= 0 and hi <= 0xFFFF:
         # 16-bit samples (the normal case, also Pillow's "I" mode for 16-bit PNG/TIFF):
-        # round(v * 255 / 65535) == round(v / 257).
-        return ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
+        # round(v * 255 / 65535) == round(v / 257). In place: one temporary, not three.
+        wide = arr.astype(np.uint32)
+        wide += 128
+        wide //= 257
+        return wide.astype(np.uint8)
     # Genuine 32-bit data: stretch the used range linearly.
     if hi == lo:
         return np.zeros(arr.shape, dtype=np.uint8)
@@ -217,22 +503,53 @@ def _exif_transposed(im: Image.Image) -> Image.Image:
         return im
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode untrusted image bytes into an RGB array.
+_REDUCIBLE_MODES = frozenset({"L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "I", "F"})
+
+
+def _reduced(im: Image.Image, max_side: int | None) -> Image.Image:
+    """``im`` box-reduced by an integer factor so that its longer side stays >= ``max_side``."""
+    if max_side is None:
+        return im
+    factor = max(im.size) // max_side
+    if factor < 2:
+        return im
+    if im.mode not in _REDUCIBLE_MODES:
+        return im
+    return im.reduce(factor)
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_side: int | None = None,
+    budget: DecodeBudget | None = None,
+) -> np.ndarray:
+    """Decode untrusted image bytes into an RGB array, within a memory budget.
 
     Accepts JPEG (baseline, progressive, CMYK), PNG (any bit depth, palette, alpha, first frame
-    of APNG), WebP (first frame), GIF (first frame), BMP, TIFF (first page) and HEIC/HEIF. The
-    EXIF orientation is applied, alpha is composited onto white, palettes / grayscale / CMYK
+    of APNG), WebP (first frame), GIF (first frame), BMP, TIFF (first page), HEIC/HEIF and AVIF.
+    The EXIF orientation is applied, alpha is composited onto white, palettes / grayscale / CMYK
     are converted, and 16-bit or 32-bit samples are scaled (not clipped) to 8 bit.
 
-    The pixel count ``width * height`` is read from the header and compared with
-    ``max_pixels`` before any pixel buffer is allocated. Pillow's own decompression-bomb guard
-    (``PIL.Image.MAX_IMAGE_PIXELS``, about 89 Mpx by default) also applies: an image above it is
-    refused with the same "too large" error even if ``max_pixels`` is higher.
+    The header is read first; the limits are checked and the decode's peak memory is estimated
+    from it, and that estimate is reserved from ``budget`` before any pixel is decoded (so the
+    call may wait for other decodes to finish). Limits, all checked before decoding:
+
+    * baseline JPEG: header up to :data:`MAX_JPEG_PIXELS`; decoded DCT-scaled (1/2, 1/4, 1/8) to
+      at most :data:`DRAFT_PIXELS` where possible, and the scaled size at most ``max_pixels``.
+      The returned array then has the scaled size (e.g. 4080x3060 for a 16320x12240 photo);
+    * other formats (and progressive JPEG): ``width * height`` at most ``max_pixels``, and the
+      estimated peak bytes at most ``budget.capacity`` (for WebP this is the lower limit); for
+      animated WebP the canvas and every frame.
 
     Args:
         data: the complete file contents (``bytes``, ``bytearray`` or ``memoryview``).
-        max_pixels: largest accepted ``width * height``; must be positive.
+        max_pixels: largest number of pixels decoded; must be positive.
+        max_side: if given, the image is reduced (DCT scaling for JPEG, then an integer box
+            reduction) while its longer side stays at least ``max_side`` pixels: for callers
+            that only need a small image (classification), this bounds the conversions' cost.
+        budget: where the decode's memory is reserved; None uses :data:`DECODE_BUDGET`.
 
     Returns:
         A new, writable, C-contiguous ``np.ndarray`` of shape ``(H, W, 3)``, dtype ``uint8``,
@@ -240,14 +557,17 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
 
     Raises:
         ImageDecodeError: the data is empty, not an image in a supported format, truncated,
-            damaged, or larger than ``max_pixels``. ``.message`` is a short sentence that is
-            safe to show in chat (it never contains paths or Pillow's internal text).
+            damaged, or over a limit. ``.message`` is a short sentence that is safe to show in
+            chat (it never contains paths or Pillow's internal text).
         TypeError: ``data`` is not bytes-like (a programming error, not bad input).
-        ValueError: ``max_pixels`` is not positive (a programming error).
+        ValueError: ``max_pixels`` or ``max_side`` is not positive (a programming error).
     """
     data = _check_bytes(data)
     if max_pixels <= 0:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+    if max_side is not None and max_side <= 0:
+        raise ValueError(f"max_side must be positive, got {max_side}")
+    budget = DECODE_BUDGET if budget is None else budget
 
     with _bomb_guard():
         im = _open(data, max_pixels)
@@ -255,22 +575,25 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
             width, height = im.size
             if width <= 0 or height <= 0:
                 raise ImageDecodeError(_MSG_DAMAGED)
-            if width * height > max_pixels:
-                raise _too_large(max_pixels, (width, height))
-            try:
-                im.load()
-            except OSError as exc:
-                logger.debug("image data could not be decoded: %r", exc)
-                if "truncat" in str(exc).lower():
-                    raise ImageDecodeError(_MSG_INCOMPLETE) from exc
-                raise ImageDecodeError(_MSG_DAMAGED) from exc
-            im = _exif_transposed(im)
-            try:
-                rgb_image = _to_rgb(im)
-            except ValueError as exc:  # "conversion not supported" for exotic modes
-                logger.debug("image mode %s could not be converted: %r", im.mode, exc)
-                raise ImageDecodeError(_MSG_COLOURS) from exc
-            rgb = np.array(rgb_image, dtype=np.uint8)
+            plan = _plan(im, data, max_pixels, budget, max_side)
+            with budget.reserve(plan.cost):
+                try:
+                    im.load()
+                except OSError as exc:
+                    logger.debug("image data could not be decoded: %r", exc)
+                    if "truncat" in str(exc).lower():
+                        raise ImageDecodeError(_MSG_INCOMPLETE) from exc
+                    raise ImageDecodeError(_MSG_DAMAGED) from exc
+                im = _reduced(im, max_side)
+                im = _exif_transposed(im)
+                try:
+                    rgb_image = _to_rgb(im)
+                except ValueError as exc:  # "conversion not supported" for exotic modes
+                    logger.debug("image mode %s could not be converted: %r", im.mode, exc)
+                    raise ImageDecodeError(_MSG_COLOURS) from exc
+                rgb_image = _reduced(rgb_image, max_side)
+                rgb = np.array(rgb_image, dtype=np.uint8)
+                del rgb_image
         except ImageDecodeError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -300,7 +623,7 @@ def sniff_extension(data: bytes) -> str:
 
     Returns:
         The canonical extension without a dot: one of ``"jpg"``, ``"png"``, ``"webp"``,
-        ``"gif"``, ``"bmp"``, ``"tiff"``, ``"heic"``.
+        ``"gif"``, ``"bmp"``, ``"tiff"``, ``"heic"``, ``"avif"``.
 
     Raises:
         ImageDecodeError: empty data, not an image in a supported format, a header Pillow

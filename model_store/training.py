@@ -361,8 +361,81 @@ def evaluate(
     return Evaluation(acc, per_label, cm.tolist(), list(labels), mis, n)
 
 
+#: Largest number of labels drawn as a full confusion matrix; above it the plot shows the
+#: labels most involved in confusions and the full matrix goes to a CSV file next to the PNG.
+PLOT_MAX_LABELS = 30
+#: Tick labels longer than this are shortened with "…" (the layout stays readable).
+PLOT_LABEL_CHARS = 28
+
+
+def _short(label: str) -> str:
+    label = " ".join(label.split())  # newlines, tabs
+    return label if len(label) <= PLOT_LABEL_CHARS else label[: PLOT_LABEL_CHARS - 1] + "…"
+
+
+def most_confused(matrix: np.ndarray, k: int) -> list[int]:
+    """Indices of the ``k`` labels most involved in confusions, in label order.
+
+    A label's score is the number of its test images predicted as another label plus the number
+    of other labels' images predicted as it (the off-diagonal sums of its row and column); ties
+    keep the lower index.
+
+    Args:
+        matrix: ``(C, C)`` integer counts, ``matrix[true][predicted]``.
+        k: how many to keep (all if ``k >= C``).
+
+    Returns:
+        Sorted list of at most ``k`` indices.
+    """
+    off = matrix - np.diag(np.diag(matrix))
+    score = off.sum(axis=0) + off.sum(axis=1)
+    order = np.argsort(-score, kind="stable")[: max(0, k)]
+    return sorted(int(i) for i in order)
+
+
+def write_confusion_csv(evaluation: Evaluation, path: Path) -> Path:
+    """Write the full confusion matrix as CSV (first row and column: the labels; rows: true label).
+
+    Labels are written as they are (the csv module quotes commas, quotes and newlines); a label
+    starting with ``=``, ``+``, ``-`` or ``@`` gets a leading apostrophe so that spreadsheets do
+    not run it as a formula. Written temp-file-then-rename.
+
+    Returns:
+        ``path``.
+    """
+    import csv
+    import io
+    import os
+    import tempfile
+
+    def cell(label: str) -> str:
+        return "'" + label if label[:1] in ("=", "+", "-", "@") else label
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["true \\ predicted", *(cell(lb) for lb in evaluation.labels)])
+    for label, row in zip(evaluation.labels, evaluation.confusion_matrix, strict=True):
+        writer.writerow([cell(label), *row])
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
 def plot_confusion_matrix(evaluation: Evaluation, path: Path, *, title: str = "") -> Path:
-    """Write the confusion matrix (with per-label recall) as a PNG.
+    """Write the confusion matrix (row-normalised colours, counts in the cells) as a PNG.
+
+    Labels and the title are drawn as plain text (matplotlib's mathtext and TeX are off, so a
+    label such as ``price $5_$10`` is shown as typed, never parsed). The figure size is bounded
+    whatever the number of labels: up to :data:`PLOT_MAX_LABELS` labels the full matrix is drawn
+    (at most ~2000x1800 px); with more, only the :data:`PLOT_MAX_LABELS` labels most involved in
+    confusions (:func:`most_confused`) are drawn, and the full matrix is written next to the
+    PNG as ``<name>.csv`` (:func:`write_confusion_csv`). Long labels are shortened to
+    :data:`PLOT_LABEL_CHARS` characters.
 
     Args:
         evaluation: from :func:`evaluate`.
@@ -380,36 +453,52 @@ def plot_confusion_matrix(evaluation: Evaluation, path: Path, *, title: str = ""
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cm = np.array(evaluation.confusion_matrix)
-    labels = evaluation.labels
-    size = max(4.0, 0.55 * len(labels) + 2.5)
-    fig, ax = plt.subplots(figsize=(size, size * 0.9), dpi=100)
-    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("predicted label")
-    ax.set_ylabel("true label")
-    for i in range(len(labels)):
-        for j in range(len(labels)):
-            if cm[i, j]:
-                ax.text(
-                    j,
-                    i,
-                    str(cm[i, j]),
-                    ha="center",
-                    va="center",
-                    color="white" if norm[i, j] > 0.5 else "black",
-                    fontsize=8,
-                )
-    ax.set_title(title or f"test accuracy {evaluation.accuracy:.1%} on {evaluation.count} images")
-    fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+    cm = np.array(evaluation.confusion_matrix, dtype=np.int64).reshape(len(evaluation.labels), -1)
+    labels = list(evaluation.labels)
+    subset = len(labels) > PLOT_MAX_LABELS
+    if subset:
+        keep = most_confused(cm, PLOT_MAX_LABELS)
+        write_confusion_csv(evaluation, path.with_suffix(".csv"))
+    else:
+        keep = list(range(len(labels)))
+    norm_full = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    shown = cm[np.ix_(keep, keep)]
+    norm = norm_full[np.ix_(keep, keep)]
+    names = [_short(labels[i]) for i in keep]
+    n = len(keep)
+    heading = title or f"test accuracy {evaluation.accuracy:.1%} on {evaluation.count} images"
+    if subset:
+        heading += f"\n{n} of {len(labels)} labels (most confused); full matrix: {path.with_suffix('.csv').name}"
+    size = min(20.0, max(4.0, 0.55 * n + 3.5))
+    with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+        fig, ax = plt.subplots(figsize=(size, size * 0.9), dpi=100)
+        try:
+            ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+            ax.set_xticks(range(n), names, rotation=45, ha="right")
+            ax.set_yticks(range(n), names)
+            ax.set_xlabel("predicted label")
+            ax.set_ylabel("true label")
+            for i in range(n):
+                for j in range(n):
+                    if shown[i, j]:
+                        ax.text(
+                            j,
+                            i,
+                            str(shown[i, j]),
+                            ha="center",
+                            va="center",
+                            color="white" if norm[i, j] > 0.5 else "black",
+                            fontsize=8,
+                        )
+            ax.set_title(heading, fontsize=10)
+            fig.tight_layout()
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
+            os.close(fd)
+            try:
+                fig.savefig(tmp, format="png")
+                os.replace(tmp, path)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+        finally:
+            plt.close(fig)
     return path

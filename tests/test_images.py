@@ -310,13 +310,22 @@ def test_sniff_extension_accepts_bytearray_and_memoryview() -> None:
 
 
 def test_max_pixels_limit_is_checked_before_decoding(baseline: np.ndarray) -> None:
-    data = _read("baseline.jpg")
+    # a format decoded at full size (JPEGs are DCT-scaled to fit instead: see test_decode_budget.py)
+    data = _read("photo.bmp")
     h, w = baseline.shape[:2]
     assert decode_image(data, max_pixels=h * w).shape == baseline.shape
     with pytest.raises(ImageDecodeError) as info:
         decode_image(data, max_pixels=h * w - 1)
     assert f"{w}×{h} pixels" in info.value.message
     assert "megapixels" in info.value.message
+
+
+def test_a_jpeg_over_max_pixels_is_dct_scaled_to_fit(baseline: np.ndarray) -> None:
+    h, w = baseline.shape[:2]
+    rgb = decode_image(_read("baseline.jpg"), max_pixels=h * w - 1)
+    assert rgb.shape == ((h + 1) // 2, (w + 1) // 2, 3)
+    with pytest.raises(ImageDecodeError, match="too large"):
+        decode_image(_read("baseline.jpg"), max_pixels=(h // 8) * (w // 8) - 1)
 
 
 def test_default_max_pixels() -> None:
@@ -335,15 +344,33 @@ def test_header_dimensions_refused_without_decoding() -> None:
     assert time.perf_counter() - start < 0.5
 
 
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG claiming ``width`` x ``height`` (1-bit) with one byte of pixel data."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+
+
 def test_pillow_bomb_warning_becomes_our_error() -> None:
-    # Between Pillow's warning (~89 Mpx) and error (~179 Mpx) thresholds, with a caller limit
-    # above both: Pillow's guard wins, as a typed error, not a warning followed by decoding.
-    data = _encode(Image.new("1", (10_000, 9_500)), "PNG")
+    # Between Pillow's warning and error thresholds (raised to MAX_JPEG_PIXELS by the module),
+    # with a caller limit above both: Pillow's guard wins, as a typed error, not a warning
+    # followed by decoding.
+    data = _png_header_only(20_000, 20_000)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with pytest.raises(ImageDecodeError, match=r"too large; the limit is 89\.5 megapixels"):
+        with pytest.raises(ImageDecodeError, match=r"too large; the limit is 256 megapixels"):
             decode_image(data, max_pixels=500_000_000)
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_a_full_size_format_over_the_budget_is_refused_from_its_header() -> None:
+    with pytest.raises(ImageDecodeError, match=r"10000×9500 pixels\); the limit is [\d.]+ megapixels for PNG"):
+        decode_image(_png_header_only(10_000, 9_500), max_pixels=500_000_000)
 
 
 def test_non_bytes_is_a_programming_error() -> None:
@@ -524,7 +551,7 @@ def test_formats_outside_the_allow_list_are_refused(fmt: str) -> None:
 
 def test_image_extensions() -> None:
     assert IMAGE_EXTENSIONS == frozenset(
-        {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif"}
+        {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
     )
     assert all(ext == ext.lower() and ext.startswith(".") for ext in IMAGE_EXTENSIONS)
 

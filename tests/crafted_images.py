@@ -1,0 +1,82 @@
+"""Hostile and huge image files, made on the fly without holding their pixels in memory.
+
+* :func:`solid_jpeg`: a valid baseline JPEG of any size (multiples of 16) in one flat grey: the
+  headers come from Pillow, the scan is the 4-byte MCU of a flat 4:2:0 block repeated (DC
+  difference 0 + end-of-block in the standard Huffman tables), so a 200-megapixel phone-sized
+  photo is a 3 MB file made in milliseconds.
+* :func:`animated_webp`: the ~96-byte animated WebP of issue 8: a large canvas (VP8X + ANIM) and
+  one 1x1 lossless frame (ANMF) placed anywhere on it.
+* :func:`solid_png`: a PNG of any size in one colour, compressed row by row (a 40-megapixel RGB
+  one is ~120 kB).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+from PIL import Image
+
+__all__ = ["animated_webp", "solid_jpeg", "solid_png"]
+
+_FLAT_MCU = b"\x28\xa2\x8a\x00"  # 4 Y blocks + Cb + Cr of a flat mid-grey 4:2:0 MCU
+
+
+def solid_jpeg(width: int, height: int) -> bytes:
+    """A baseline 4:2:0 JPEG of ``width`` x ``height`` pixels (both multiples of 16), flat grey 128."""
+    if width % 16 or height % 16 or not 0 < width <= 65535 or not 0 < height <= 65535:
+        raise ValueError("width and height must be multiples of 16 in 16..65520")
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (128, 128, 128)).save(buf, "JPEG", quality=75, subsampling=2)
+    small = buf.getvalue()
+    sos = small.index(b"\xff\xda")
+    header = bytearray(small[: sos + 2 + int.from_bytes(small[sos + 2 : sos + 4], "big")])
+    assert small[len(header) :] == _FLAT_MCU + b"\xff\xd9", "Pillow's encoder changed its tables"
+    sof = header.index(b"\xff\xc0")
+    header[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(header) + _FLAT_MCU * ((width // 16) * (height // 16)) + b"\xff\xd9"
+
+
+def _chunk(tag: bytes, payload: bytes) -> bytes:
+    pad = b"\0" if len(payload) % 2 else b""
+    return tag + struct.pack("<I", len(payload)) + payload + pad
+
+
+def _u24(value: int) -> bytes:
+    return value.to_bytes(3, "little")
+
+
+def animated_webp(canvas: tuple[int, int], frame: tuple[int, int] = (1, 1), offset: tuple[int, int] = (0, 0)) -> bytes:
+    """An animated WebP with a ``canvas`` (w, h) and one lossless frame of size ``frame`` at ``offset``.
+
+    The frame's bitstream is a real 1x1 image; a larger ``frame`` only changes the ANMF header
+    (so the file claims a frame size its bitstream does not have, as a hostile file would).
+    """
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1), (10, 20, 30)).save(buf, "WEBP", lossless=True)
+    one = buf.getvalue()
+    vp8l = one[12:]  # the VP8L chunk of a simple file
+    cw, ch = canvas
+    fw, fh = frame
+    vp8x = _chunk(b"VP8X", bytes([0x02]) + b"\0\0\0" + _u24(cw - 1) + _u24(ch - 1))  # animation flag
+    anim = _chunk(b"ANIM", b"\xff\xff\xff\xff" + struct.pack("<H", 0))
+    anmf_header = _u24(offset[0] // 2) + _u24(offset[1] // 2) + _u24(fw - 1) + _u24(fh - 1) + _u24(100) + b"\0"
+    anmf = _chunk(b"ANMF", anmf_header + vp8l)
+    body = b"WEBP" + vp8x + anim + anmf
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def solid_png(width: int, height: int, colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    """An 8-bit RGB PNG of ``width`` x ``height`` pixels in one colour, made row by row."""
+    row = b"\0" + bytes(colour) * width
+    comp = zlib.compressobj(9)
+    parts = [comp.compress(row) for _ in range(height)]
+    parts.append(comp.flush())
+    idat = b"".join(parts)
+
+    def chunk(tag: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
