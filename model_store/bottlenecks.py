@@ -7,7 +7,8 @@ bottlenecks of images it has not seen. Augmentation is done with cached *views* 
 retrain.py's random distortions did.
 
 Layout: ``<root>/<backbone id>/<preprocessing>-<view>/<sha256[:2]>/<sha256>.npy``, each a float32 ``(D,)`` array,
-written temp-file-then-``os.replace``. An entry that cannot be read or has the wrong shape, dtype
+written temp-file-then-``os.replace``; ``<root>/<backbone id>/litert.tflite`` (+ ``.json``) is the
+backbone converted for the LiteRT engine (``model_store.engine``). An entry that cannot be read or has the wrong shape, dtype
 or non-finite values is treated as missing and recomputed.
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from model_store.backbones import Backbone
+from model_store.engine import EngineSettings
 from model_store.errors import LabelgramError
 from model_store.images import decode_image, to_model_input
 
@@ -89,15 +91,26 @@ class BottleneckCache:
         batch_size: images per backbone forward pass (default 32, the throughput sweet spot
             measured on 2 CPU cores).
         decode_threads: threads decoding and resizing images while the backbone runs.
+        engine: how the backbone runs (``engine.EngineSettings``; default LiteRT on all cores),
+            applied when the first bottleneck has to be computed unless the backbone already has
+            an engine (:meth:`Backbone.use_engine`). The converted backbone is cached in this
+            backbone's folder (``litert.tflite``), so it goes with its bottlenecks.
     """
 
     def __init__(
-        self, root: Path | str, backbone: Backbone, *, batch_size: int = 32, decode_threads: int = 2
+        self,
+        root: Path | str,
+        backbone: Backbone,
+        *,
+        batch_size: int = 32,
+        decode_threads: int = 2,
+        engine: EngineSettings | None = None,
     ):
         self.root = Path(root)
         self.backbone = backbone
         self.batch_size = batch_size
         self.decode_threads = decode_threads
+        self.engine = engine or EngineSettings()
         self.dir = self.root / backbone.id
         #: counters of the last :meth:`get` call: computed, loaded from cache, recomputed as corrupt.
         self.stats = {"computed": 0, "cached": 0, "corrupt": 0}
@@ -154,6 +167,9 @@ class BottleneckCache:
             return removed
         for view_dir in self.dir.iterdir():
             if not view_dir.is_dir():
+                if view_dir.name.startswith(".tmp-"):  # an interrupted engine-cache write
+                    view_dir.unlink(missing_ok=True)
+                    removed += 1
                 continue
             for shard in view_dir.iterdir():
                 if not shard.is_dir():
@@ -210,6 +226,8 @@ class BottleneckCache:
         if not todo:
             return out, failed
 
+        if self.backbone.engine is None:
+            self.backbone.use_engine(self.engine, cache_dir=self.dir)
         size = self.backbone.input_size
 
         def prepare(i: int):

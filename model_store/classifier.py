@@ -1,21 +1,27 @@
 """Serve the current model: top-k labels for images, reloading when a new version is promoted.
 
-The label_image.py successor. The model is loaded once and called through one compiled
-``tf.function`` with a fixed input signature (no ``model.predict()`` per image: that costs ~50 ms
-of fixed overhead on 2 CPU cores, see ``model_store/assets/BACKBONE_NOTICE.md``). Several images
-are classified in one forward pass.
+The label_image.py successor. A version's ``model.keras`` (backbone + head + softmax) runs on the
+engine of ``model_store.engine``: converted once to LiteRT (XNNPACK) and cached in the version
+folder as ``litert.tflite`` (+ ``litert.json``), written by the training run, or at the first load
+of a version trained before the engine existed; the compiled ``tf.function`` path (no
+``model.predict()`` per image: that costs ~50 ms of fixed overhead on 2 CPU cores) when the
+configuration asks for it or the conversion fails. Several images are classified in one forward
+pass.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from model_store.engine import EngineSettings, FrozenModel, open_frozen
 from model_store.errors import NoModelError
 from model_store.images import decode_image, to_model_input
 from model_store.registry import ModelRegistry, ModelVersion
@@ -23,28 +29,59 @@ from model_store.registry import ModelRegistry, ModelVersion
 log = logging.getLogger(__name__)
 
 
-class _Loaded:
-    def __init__(self, version: ModelVersion):
-        import keras
-        import tensorflow as tf
+#: file stem of a version's converted model (``<version>/litert.tflite`` and ``litert.json``).
+SERVING_CACHE_NAME = "litert"
 
+
+def open_serving_model(
+    version_dir: Path, settings: EngineSettings | None = None, *, model=None
+) -> FrozenModel:
+    """A version's full model (``model.keras``) on the configured engine.
+
+    The LiteRT conversion is cached in the version folder (:data:`SERVING_CACHE_NAME`), keyed by
+    the digest of ``model.keras``; the training run writes it before the version becomes visible,
+    a version trained earlier gets it at its first load (or keeps working in memory when the
+    folder is read-only).
+
+    Args:
+        version_dir: the version folder (or its temp folder while it is being written).
+        settings: engine and threads (default ``EngineSettings()``: LiteRT, all cores).
+        model: the already-loaded Keras model, if at hand (else loaded from ``model.keras`` only
+            when needed: for a conversion or the TensorFlow path).
+
+    Returns:
+        ``engine.FrozenModel``: float32 ``(N, h, w, 3)`` RGB 0..255 -> float32 ``(N, C)`` probabilities.
+    """
+    path = Path(version_dir) / "model.keras"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+    def load():
+        import keras
+
+        return keras.models.load_model(path, compile=False)
+
+    return open_frozen(
+        model if model is not None else load,
+        key=f"model.keras-{digest}",
+        cache_dir=version_dir,
+        name=SERVING_CACHE_NAME,
+        settings=settings,
+    )
+
+
+class _Loaded:
+    def __init__(self, version: ModelVersion, settings: EngineSettings | None):
         self.version = version
         self.labels = version.labels
-        self.model = keras.models.load_model(version.model_path, compile=False)
-        shape = self.model.input_shape
-        self.input_size = (int(shape[1]), int(shape[2]))
+        self.model = open_serving_model(version.path, settings)
+        self.input_size = self.model.input_size
         pre = version.metrics.get("preprocessing", {})
         self.mode = pre.get("mode", "center_crop")
         # Crops whose softmax outputs are averaged (multi-crop evaluation, as at test time).
         self.crops = [float(f) for f in pre.get("crop_fractions", [0.875])]
         self.spec = (self.input_size, self.mode, tuple(self.crops))
-        model = self.model
-        self.fn = tf.function(
-            lambda x: model(x, training=False),
-            input_signature=[tf.TensorSpec([None, *self.input_size, 3], tf.float32)],
-        )
-        # Trace once now, so the first request does not pay for it.
-        self.fn(np.zeros((1, *self.input_size, 3), np.float32))
+        # Run once now (TensorFlow traces, LiteRT allocates), so the first request does not pay for it.
+        self.model(np.zeros((len(self.crops), *self.input_size, 3), np.float32))
 
 
 @dataclass(frozen=True)
@@ -74,13 +111,16 @@ class Classifier:
             version's multi-crop evaluation; larger calls are split). Default 8: on 2 CPU cores
             8 images (16 inputs) per pass took 13.2 ms/image and 857 MiB RSS, 32 images
             23.6 ms/image and 1346 MiB (larger activations fall out of the caches).
+        engine: how the model runs (``engine.EngineSettings``; default LiteRT on all cores).
 
-    Thread-safe: calls may come from several threads; a reload swaps the model atomically.
+    Thread-safe: calls may come from several threads; a reload swaps the model atomically, and
+    forward passes are serialised (one LiteRT interpreter is used by one thread at a time).
     """
 
-    def __init__(self, registry: ModelRegistry, *, max_batch: int = 8):
+    def __init__(self, registry: ModelRegistry, *, max_batch: int = 8, engine: EngineSettings | None = None):
         self.registry = registry
         self.max_batch = max_batch
+        self.engine = engine or EngineSettings()
         self._loaded: _Loaded | None = None
         self._pointer_stat: tuple | None = None
         self._lock = threading.Lock()
@@ -90,6 +130,13 @@ class Classifier:
         """Name of the version being served (after :meth:`reload_if_changed`), or None."""
         self.reload_if_changed()
         return self._loaded.version.name if self._loaded else None
+
+    @property
+    def engine_description(self) -> str | None:
+        """The engine of the loaded version, e.g. ``"LiteRT/XNNPACK, 2 threads"`` (None before any
+        model is loaded). Does not load or reload anything."""
+        loaded = self._loaded
+        return loaded.model.description if loaded else None
 
     @property
     def labels(self) -> list[str]:
@@ -125,7 +172,7 @@ class Classifier:
             elif self._loaded is None or self._loaded.version.name != current.name:
                 log.info("loading model version %s", current.name)
                 try:
-                    self._loaded = _Loaded(current)
+                    self._loaded = _Loaded(current, self.engine)
                     changed = True
                 except Exception:  # a version that cannot load must not stop the serving one
                     keep = self._loaded.version.name if self._loaded else None
@@ -200,8 +247,7 @@ class Classifier:
                 inputs.append(_model_inputs(rgb, loaded))
         v = len(loaded.crops)
         batch = np.concatenate(inputs)  # (N * V, h, w, 3): the V crops of image 0, then of image 1, ...
-        step = self.max_batch * v
-        flat = np.concatenate([loaded.fn(batch[i : i + step]).numpy() for i in range(0, len(batch), step)])
+        flat = loaded.model(batch, batch_size=self.max_batch * v)
         probs = flat.reshape(len(inputs), v, -1).mean(axis=1)
         k = max(1, min(top_k, len(loaded.labels)))
         out = []
