@@ -1,27 +1,36 @@
 """Serve the current model: top-k labels for images, reloading when a new version is promoted.
 
-The label_image.py successor. A version's ``model.keras`` (backbone + head + softmax) runs on the
-engine of ``model_store.engine``: converted once to LiteRT (XNNPACK) and cached in the version
-folder as ``litert.tflite`` (+ ``litert.json``), written by the training run, or at the first load
-of a version trained before the engine existed; the compiled ``tf.function`` path (no
-``model.predict()`` per image: that costs ~50 ms of fixed overhead on 2 CPU cores) when the
-configuration asks for it or the conversion fails. Several images are classified in one forward
-pass.
+The label_image.py successor. A version's model (backbone + head + softmax) runs on the engine
+of ``model_store.engine``:
+
+* a version written by a training run on LiteRT holds its backbone's LiteRT conversion
+  (``litert-backbone.tflite`` + ``.json``, a copy of the backbone's cache, so no conversion is
+  spent per training): the backbone runs on LiteRT (XNNPACK) and the small head
+  (``head.keras``) plus the softmax on a compiled ``tf.function``;
+* otherwise (a version trained before the engine existed, or that copy unusable) the whole
+  ``model.keras`` is converted once and cached in the version folder (``litert.tflite``);
+* the compiled ``tf.function`` path over ``model.keras`` (no ``model.predict()`` per image: that
+  costs ~50 ms of fixed overhead on 2 CPU cores) when the configuration asks for it or the
+  conversion fails.
+
+Several images are classified in one forward pass.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import threading
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from model_store.engine import EngineSettings, FrozenModel, open_frozen
+from model_store.engine import EngineSettings, FrozenModel, open_cached, open_frozen
 from model_store.errors import NoModelError
 from model_store.images import decode_image, to_model_input
 from model_store.registry import ModelRegistry, ModelVersion
@@ -31,28 +40,90 @@ log = logging.getLogger(__name__)
 
 #: file stem of a version's converted model (``<version>/litert.tflite`` and ``litert.json``).
 SERVING_CACHE_NAME = "litert"
+#: file stem of the copy of the backbone's conversion in a version folder.
+BACKBONE_CACHE_NAME = "litert-backbone"
 
 
-def open_serving_model(
-    version_dir: Path, settings: EngineSettings | None = None, *, model=None
-) -> FrozenModel:
-    """A version's full model (``model.keras``) on the configured engine.
+class _BackbonePlusHead:
+    """The backbone on LiteRT, then the head and the softmax on a compiled ``tf.function``."""
 
-    The LiteRT conversion is cached in the version folder (:data:`SERVING_CACHE_NAME`), keyed by
-    the digest of ``model.keras``; the training run writes it before the version becomes visible,
-    a version trained earlier gets it at its first load (or keeps working in memory when the
-    folder is read-only).
+    def __init__(self, backbone: FrozenModel, head_path: Path):
+        import keras
+        import tensorflow as tf
+
+        head = keras.models.load_model(head_path, compile=False)
+        self.backbone = backbone
+        self.engine, self.input_size, self.description = (
+            backbone.engine,
+            backbone.input_size,
+            backbone.description,
+        )
+        self._head = tf.function(
+            lambda f: tf.nn.softmax(head(f, training=False), axis=-1),
+            input_signature=[tf.TensorSpec([None, int(head.input_shape[-1])], tf.float32)],
+        )
+
+    def __call__(self, batch: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
+        feats = self.backbone(batch, batch_size=batch_size)
+        return self._head(feats).numpy().astype(np.float32, copy=False)
+
+
+def _open_backbone_plus_head(version_dir: Path, settings: EngineSettings | None):
+    """The version's backbone copy on LiteRT + its head, or None when the version has no usable copy.
+
+    Raises:
+        ValueError: the version's ``model.keras`` is not a sound Keras archive (the version is
+            broken even if this path would not need it).
+    """
+    head = version_dir / "head.keras"
+    if not head.is_file() or not (version_dir / f"{BACKBONE_CACHE_NAME}.json").is_file():
+        return None
+    try:
+        with zipfile.ZipFile(version_dir / "model.keras") as archive:
+            bad = archive.testzip()  # reads every member, checking its CRC
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"model.keras of {version_dir.name} is not a Keras archive ({exc})") from exc
+    if bad is not None:
+        raise ValueError(f"model.keras of {version_dir.name} is damaged ({bad})")
+    try:
+        metrics = json.loads((version_dir / "metrics.json").read_text(encoding="utf-8"))
+        key = metrics["backbone"]["id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    backbone = open_cached(version_dir, key=key, name=BACKBONE_CACHE_NAME, settings=settings)
+    if backbone is None:
+        return None
+    try:
+        return _BackbonePlusHead(backbone, head)
+    except Exception as exc:  # an unreadable head.keras: the whole model.keras may still serve
+        log.warning("head of %s cannot be loaded (%s); using model.keras", version_dir.name, exc)
+        return None
+
+
+def open_serving_model(version_dir: Path, settings: EngineSettings | None = None, *, model=None):
+    """A version's model (backbone + head + softmax) on the configured engine.
+
+    On LiteRT: the version's copy of its backbone's conversion (:data:`BACKBONE_CACHE_NAME`) plus
+    its head, when it has one; else ``model.keras`` converted once and cached in the version folder
+    (:data:`SERVING_CACHE_NAME`, keyed by the digest of ``model.keras``; kept in memory only when
+    the folder is read-only).
 
     Args:
-        version_dir: the version folder (or its temp folder while it is being written).
+        version_dir: the version folder.
         settings: engine and threads (default ``EngineSettings()``: LiteRT, all cores).
-        model: the already-loaded Keras model, if at hand (else loaded from ``model.keras`` only
-            when needed: for a conversion or the TensorFlow path).
+        model: the already-loaded Keras ``model.keras``, if at hand (else loaded only when needed:
+            for a conversion or the TensorFlow path).
 
     Returns:
-        ``engine.FrozenModel``: float32 ``(N, h, w, 3)`` RGB 0..255 -> float32 ``(N, C)`` probabilities.
+        A callable ``(batch, *, batch_size) -> float32 (N, C)`` probabilities for float32
+        ``(N, h, w, 3)`` RGB 0..255, with ``.engine``, ``.description`` and ``.input_size``
+        (an ``engine.FrozenModel`` or the backbone + head pair).
     """
-    path = Path(version_dir) / "model.keras"
+    version_dir = Path(version_dir)
+    composed = _open_backbone_plus_head(version_dir, settings)
+    if composed is not None:
+        return composed
+    path = version_dir / "model.keras"
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
     def load():

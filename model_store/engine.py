@@ -96,6 +96,8 @@ class FrozenModel:
         threads: LiteRT threads (None for TensorFlow, which uses its own thread pools).
         fallback_reason: why TensorFlow is used although LiteRT was asked for, else None.
         input_size: ``(h, w)`` of the model input.
+        cache_record: the on-disk record (``<name>.json``) this model was loaded from or written
+            to, or None (converted in memory, or TensorFlow by configuration).
     """
 
     def __init__(
@@ -106,8 +108,10 @@ class FrozenModel:
         input_size: tuple[int, int],
         threads: int | None = None,
         fallback_reason: str | None = None,
+        cache_record: Path | None = None,
     ):
         self._run = run
+        self.cache_record = cache_record
         self._lock = threading.Lock()
         self.engine = engine
         self.threads = threads
@@ -314,26 +318,13 @@ def open_frozen(
     tflite_path = record_path = None
     if cache_dir is not None:
         tflite_path, record_path = cache_paths(Path(cache_dir), name)
-        record = _read_record(record_path)
-        if record and record.get("key") == key and record.get("format") == FORMAT:
-            if record.get("failed"):
-                if record.get("converter") == _converter_version():
-                    return fallback(str(record["failed"]))
-            else:
-                try:
-                    content = tflite_path.read_bytes()
-                    if hashlib.sha256(content).hexdigest() != record.get("sha256"):
-                        raise ValueError("checksum mismatch")
-                    runner = _LiteRTRunner(content, threads)
-                    return FrozenModel(runner, engine="litert", input_size=runner.input_size, threads=threads)
-                except Exception as exc:  # truncated / garbage / unreadable file: convert again
-                    _log_once(
-                        key,
-                        logging.WARNING,
-                        "LiteRT cache %s is unusable (%s); converting again",
-                        tflite_path,
-                        exc,
-                    )
+        cached, failed = _from_cache(Path(cache_dir), name, key, threads)
+        if cached is not None:
+            return cached
+        if failed is not None:
+            fm = fallback(failed)
+            fm.cache_record = record_path
+            return fm
 
     try:
         m = keras_model()
@@ -350,10 +341,15 @@ def open_frozen(
             )
     except Exception as exc:  # unsupported ops, export errors, a wrong conversion
         reason = f"conversion failed: {type(exc).__name__}: {_first_line(exc)}"
-        if record_path is not None:
+        # Remembered, so the next run does not spend the conversion again; a full disk or memory
+        # shortage may pass, so those are tried again next time.
+        if record_path is not None and not isinstance(exc, OSError | MemoryError):
             record = {"key": key, "format": FORMAT, "converter": _converter_version(), "failed": reason}
             with contextlib.suppress(OSError):
                 _write_atomic(record_path, json.dumps(record).encode())
+                fm = fallback(reason)
+                fm.cache_record = record_path
+                return fm
         return fallback(reason)
 
     if tflite_path is not None and record_path is not None:
@@ -369,8 +365,80 @@ def open_frozen(
             _write_atomic(record_path, json.dumps(record).encode())
         except OSError as exc:
             _log_once(key, logging.WARNING, "could not cache the LiteRT model at %s (%s)", tflite_path, exc)
+            record_path = None
     log.info("converted %s to LiteRT (probe cosine %.6f)", key, cos)
-    return FrozenModel(runner, engine="litert", input_size=runner.input_size, threads=threads)
+    return FrozenModel(
+        runner, engine="litert", input_size=runner.input_size, threads=threads, cache_record=record_path
+    )
+
+
+def _from_cache(cache_dir: Path, name: str, key: str, threads: int) -> tuple[FrozenModel | None, str | None]:
+    """``(model, None)`` from a valid cache, ``(None, reason)`` for a remembered failure, else ``(None, None)``.
+
+    A cache that cannot be used (wrong checksum, a file LiteRT refuses) is logged once and
+    reported as missing, so the caller converts again.
+    """
+    tflite_path, record_path = cache_paths(cache_dir, name)
+    record = _read_record(record_path)
+    if not record or record.get("key") != key or record.get("format") != FORMAT:
+        return None, None
+    if record.get("failed"):
+        if record.get("converter") == _converter_version():
+            return None, str(record["failed"])
+        return None, None  # another TensorFlow: try again
+    try:
+        content = tflite_path.read_bytes()
+        if hashlib.sha256(content).hexdigest() != record.get("sha256"):
+            raise ValueError("checksum mismatch")
+        runner = _LiteRTRunner(content, threads)
+    except Exception as exc:  # truncated / garbage / unreadable file: convert again
+        _log_once(
+            key, logging.WARNING, "LiteRT cache %s is unusable (%s); converting again", tflite_path, exc
+        )
+        return None, None
+    return (
+        FrozenModel(
+            runner, engine="litert", input_size=runner.input_size, threads=threads, cache_record=record_path
+        ),
+        None,
+    )
+
+
+def open_cached(
+    cache_dir: Path | str, *, key: str, name: str = "litert", settings: EngineSettings | None = None
+) -> FrozenModel | None:
+    """A LiteRT model from a valid cache written by :func:`open_frozen`, without any conversion.
+
+    Returns:
+        The :class:`FrozenModel`, or None when the cache is missing, written for another key,
+        unusable, records a failed conversion, or the settings ask for TensorFlow.
+    """
+    settings = settings or EngineSettings()
+    if settings.engine != "litert":
+        return None
+    try:
+        import ai_edge_litert.interpreter  # noqa: F401
+    except ImportError:
+        return None
+    model, _ = _from_cache(Path(cache_dir), name, key, settings.num_threads)
+    return model
+
+
+def copy_cache(record: Path, dst_dir: Path | str, name: str) -> None:
+    """Copy a cache entry (its ``.tflite`` if any, then its ``.json`` record) to ``<dst_dir>/<name>.*``.
+
+    Each file is written temp-file-then-``os.replace``; the record goes last, so a reader never
+    sees a record without its model.
+
+    Raises:
+        OSError: a file cannot be read or written.
+    """
+    data = record.read_bytes()
+    tflite, dst_record = cache_paths(Path(dst_dir), name)
+    source = record.with_suffix(".tflite")
+    if source.exists():
+        _write_atomic(tflite, source.read_bytes())
+    _write_atomic(dst_record, data)
 
 
 def _first_line(exc: BaseException, limit: int = 300) -> str:

@@ -26,8 +26,8 @@ import numpy as np
 
 from model_store.backbones import Backbone, load_backbone
 from model_store.bottlenecks import PREPROCESSING_MODE, BottleneckCache
-from model_store.classifier import open_serving_model
-from model_store.engine import EngineSettings
+from model_store.classifier import BACKBONE_CACHE_NAME
+from model_store.engine import EngineSettings, copy_cache
 from model_store.errors import LabelgramError, TrainingError
 from model_store.images import decode_image, to_model_input
 from model_store.labels import label_key
@@ -405,12 +405,8 @@ def _retrain(
             "timings": timings,
         }
         head.save(tmp / "head.keras")
-        inference_model = build_inference_model(backbone, head)
-        inference_model.save(tmp / "model.keras")
-        t_conv = time.perf_counter()
-        serving = open_serving_model(tmp, engine, model=inference_model)
-        timings["engine_convert_s"] = time.perf_counter() - t_conv
-        metrics["engine"]["serving"] = serving.description
+        build_inference_model(backbone, head).save(tmp / "model.keras")
+        metrics["engine"]["serving"] = _serving_engine(backbone, cache, engine, tmp)
         (tmp / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
         plot_confusion_matrix(
             ev,
@@ -464,6 +460,30 @@ def _prune_bottlenecks(ws: Workspace, cache: BottleneckCache, records: list) -> 
         cache.prune(keep)
     except OSError as exc:
         log.warning("could not prune the bottleneck cache: %s", exc)
+
+
+def _serving_engine(backbone: Backbone, cache: BottleneckCache, engine: EngineSettings, version_dir: Path) -> str:
+    """Give the new version its backbone's LiteRT conversion (a copy, ``classifier.BACKBONE_CACHE_NAME``).
+
+    No conversion is spent here when the backbone's is cached (the bottleneck step converted it
+    once per backbone); the serving path runs it with the version's head. Without a copy (the
+    TensorFlow engine, a backbone LiteRT cannot run, an unwritable cache) the bot falls back to
+    converting ``model.keras`` itself, once.
+
+    Returns:
+        The engine's description for the metrics and the report.
+    """
+    if engine.engine != "litert":
+        return "TensorFlow"
+    if backbone.engine is None:
+        backbone.use_engine(engine, cache_dir=cache.dir)
+    record = getattr(backbone.engine, "cache_record", None)
+    if record is not None:
+        try:
+            copy_cache(record, version_dir, BACKBONE_CACHE_NAME)
+        except OSError as exc:
+            log.warning("could not copy the backbone's LiteRT model into the version: %s", exc)
+    return backbone.engine.description
 
 
 def _prune_other_backbones(ws: Workspace, backbone: Backbone) -> list[str]:

@@ -15,7 +15,7 @@ import tensorflow as tf
 from model_store import engine as engine_module
 from model_store.backbones import Backbone, load_backbone
 from model_store.bottlenecks import BottleneckCache, make_views
-from model_store.classifier import SERVING_CACHE_NAME, Classifier
+from model_store.classifier import BACKBONE_CACHE_NAME, SERVING_CACHE_NAME, Classifier
 from model_store.engine import EngineSettings, open_frozen
 from model_store.images import decode_image
 from model_store.pipeline import retrain
@@ -213,7 +213,9 @@ def test_settings_validate_and_default_to_every_available_core() -> None:
 def test_serving_on_litert_gives_the_tensorflow_top_k(clothing_store: TrainedStore, tmp_path: Path) -> None:
     ws = copy_store(clothing_store.root, tmp_path / "store")
     current = ws.registry.current()
-    assert (current.path / f"{SERVING_CACHE_NAME}.tflite").is_file(), "the training run converts the version"
+    # the training run copied its backbone's conversion into the version: no conversion per training
+    assert (current.path / f"{BACKBONE_CACHE_NAME}.tflite").is_file()
+    assert not (current.path / f"{SERVING_CACHE_NAME}.tflite").exists()
     assert current.metrics["engine"]["serving"].startswith("LiteRT/XNNPACK")
     lite = Classifier(ws.registry, engine=TWO)
     tf_path = Classifier(ws.registry, engine=EngineSettings("tensorflow"))
@@ -227,13 +229,17 @@ def test_serving_on_litert_gives_the_tensorflow_top_k(clothing_store: TrainedSto
         np.testing.assert_allclose([p for _, p in x], [p for _, p in y], atol=1e-3)
 
 
-def test_a_version_trained_before_the_engine_is_converted_at_load_and_keeps_serving(
-    clothing_store: TrainedStore, tmp_path: Path
+@pytest.mark.parametrize("state", ["trained_before_the_engine", "backbone_copy_corrupt"])
+def test_a_version_without_a_usable_conversion_is_converted_at_load_and_keeps_serving(
+    clothing_store: TrainedStore, tmp_path: Path, state: str
 ) -> None:
     ws = copy_store(clothing_store.root, tmp_path / "store")
     vdir = ws.registry.current().path
-    for suffix in (".tflite", ".json"):
-        (vdir / f"{SERVING_CACHE_NAME}{suffix}").unlink()
+    if state == "trained_before_the_engine":
+        for suffix in (".tflite", ".json"):
+            (vdir / f"{BACKBONE_CACHE_NAME}{suffix}").unlink()
+    else:
+        (vdir / f"{BACKBONE_CACHE_NAME}.tflite").write_bytes(b"\0" * 1000)
     photo = decode_image(_photos(1)[0].read_bytes())
     expected = Classifier(ws.registry, engine=EngineSettings("tensorflow")).classify([photo])
     clf = Classifier(ws.registry, engine=TWO)
