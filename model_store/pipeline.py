@@ -185,8 +185,9 @@ def retrain(
         backbone: a loaded :class:`Backbone`, a spec for ``load_backbone`` or None for the default.
         weights: weights for a keras.applications backbone spec (see ``load_backbone``).
         progress: ``progress(stage, done, total)`` callback.
-        engine: how the frozen backbone runs for the bottlenecks, and for which engine the new
-            version's model is converted (``engine.EngineSettings``; default LiteRT, all cores).
+        engine: how the frozen backbone runs for the bottlenecks; on LiteRT the new version also
+            gets a copy of the backbone's conversion for serving (``engine.EngineSettings``;
+            default LiteRT, all cores).
 
     Returns:
         :class:`RetrainReport`. Expected failures (too few labels or images, a backbone that cannot be
