@@ -269,3 +269,17 @@ def test_retraining_prunes_the_caches_of_backbones_no_longer_in_use(
     assert not old.exists(), "the unused backbone's bottlenecks and converted model are gone"
     assert len(list(mine.rglob("*.npy"))) == n_entries, "the backbone in use keeps its cache"
     assert report.metrics["engine"]["serving"] == "LiteRT/XNNPACK, 2 threads"
+
+
+def test_one_model_called_from_several_threads_gives_each_caller_its_own_answer(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = _tiny(seed=5)
+    fm = open_frozen(model, key="tiny-threads", cache_dir=tmp_path, settings=TWO)
+    assert fm.engine == "litert"
+    inputs = [_inputs(n=1 + i % 4) * (1 + i / 10) for i in range(24)]  # different batch sizes: resizes
+    expected = [np.asarray(model(x)) for x in inputs]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda x: fm(x, batch_size=3), inputs))
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
