@@ -97,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
         "--backbone",
         dest="architecture",
         default=None,
-        help="backbone: efficientnet_lite0 (default, shipped), mobilenet_v2, mobilenet_v3_small, "
+        help="backbone: efficientnet_lite1 (default, shipped), efficientnet_lite0 (shipped, faster), "
+        "mobilenet_v2, mobilenet_v3_small, "
         "mobilenet_v3_large, efficientnet_b0, inception_v3, xception, mobilenet_<alpha>_<size>, "
         "or a path to a .keras / SavedModel feature extractor",
     )
@@ -206,7 +207,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         The exit code: 0 promoted or refused by the gate, 1 failed (``--json`` still ends with a
         ``{"event": "result", ...}`` line).
     """
-    from model_store.pipeline import retrain
+    from model_store.pipeline import DISK_FULL_MESSAGE, is_disk_full, retrain
     from model_store.workspace import Workspace
 
     ws = Workspace(_store_dir(args))
@@ -262,15 +263,22 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             progress=progress,
             engine=_engine_settings(args),
         )
-    except Exception:
+    except Exception as exc:
         # Unexpected: log the traceback on stderr, and still give a JSON reader its result line.
-        logging.getLogger("bot.retrain").exception("retrain crashed")
-        if emit:
+        # A full disk is no crash: say so (the operator's fix is to free space, not to read code).
+        disk_full = is_disk_full(exc)
+        if disk_full:
+            logging.getLogger("bot.retrain").error("retrain stopped: the disk is full (%s)", exc)
+        else:
+            logging.getLogger("bot.retrain").exception("retrain crashed")
+        if not emit:
+            print(DISK_FULL_MESSAGE if disk_full else "The training crashed.", file=sys.stderr)
+        else:
             emit(
                 {
                     "event": "result",
                     "status": "failed",
-                    "message": "The training crashed; see the bot's log.",
+                    "message": DISK_FULL_MESSAGE if disk_full else "The training crashed; see the bot's log.",
                     "version": None,
                     "metrics": {},
                     "confusion_png": None,
@@ -384,13 +392,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    """``rollback``: serve the previous version. Returns 0, or 1 when there is none to go back to."""
-    from model_store.errors import NoModelError
-    from model_store.registry import ModelRegistry
+    """``rollback``: serve the previous version. Returns 0, or 1 when there is none to go back to or
+    a training holds the store's training lock (it may be about to promote)."""
+    from model_store.errors import NoModelError, TrainingError
+    from model_store.pipeline import training_lock
+    from model_store.workspace import Workspace
 
+    ws = Workspace(_store_dir(args))
     try:
-        v = ModelRegistry(_store_dir(args) / "models").rollback()
-    except NoModelError as exc:
+        # CURRENT is rewritten only under the store's training lock (a running retrain holds it)
+        with training_lock(ws):
+            v = ws.registry.rollback()
+    except (NoModelError, TrainingError) as exc:
         print(exc.message, file=sys.stderr)
         return 1
     print(f"now serving {v.name}")

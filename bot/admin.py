@@ -32,7 +32,7 @@ from telegram.ext import ContextTypes
 from bot.handlers import ImageRef, classify_message, download_image, image_ref, reply
 from bot.reports import ProgressMessage, send_report
 from bot.services import Services, services
-from model_store.errors import LabelError, LabelgramError, NoModelError, StoreFullError
+from model_store.errors import LabelError, LabelgramError, NoModelError, StoreFullError, TrainingError
 from model_store.labels import label_key, normalize_label
 
 __all__ = [
@@ -591,6 +591,14 @@ async def on_status(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     await reply(message, await asyncio.to_thread(status_text, services(context)))
 
 
+def _rollback_under_training_lock(svc: Services) -> Any:
+    """``registry.rollback()`` holding the store's training lock (raises TrainingError if it is held)."""
+    from model_store.pipeline import training_lock
+
+    with training_lock(svc.workspace):
+        return svc.workspace.registry.rollback()
+
+
 @admin_only("rollback")
 async def on_rollback(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     """``/rollback``: serve the previous model version (not while a training runs)."""
@@ -603,9 +611,17 @@ async def on_rollback(update: Update, context: ContextTypes.DEFAULT_TYPE) -> Non
         return
     async with svc.trainer.lock:
         try:
-            version = await asyncio.to_thread(svc.workspace.registry.rollback)
+            # the store's training lock too: a command-line retrain rewrites CURRENT under it
+            version = await asyncio.to_thread(_rollback_under_training_lock, svc)
         except NoModelError as exc:
             await reply(message, exc.message)
+            return
+        except TrainingError:
+            await reply(
+                message,
+                "A training is running on this store (started outside the bot, e.g. from the command "
+                "line); try /rollback again when it has finished.",
+            )
             return
         await svc.batcher.run_in_worker(svc.classifier.reload_if_changed)
     log.info("admin %s rolled the model back to %s", _user_id(update), version.name)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from filelock import FileLock, Timeout
 from telegram import BotCommand, BotCommandScopeChat, Update
 from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import (
@@ -44,7 +45,15 @@ from model_store.classifier import Classifier
 from model_store.errors import LabelgramError
 from model_store.workspace import Workspace
 
-__all__ = ["ADMIN_COMMANDS", "PUBLIC_COMMANDS", "LabelgramApplication", "build_application", "run"]
+__all__ = [
+    "ADMIN_COMMANDS",
+    "EXIT_STORE_IN_USE",
+    "PUBLIC_COMMANDS",
+    "LabelgramApplication",
+    "acquire_store_lock",
+    "build_application",
+    "run",
+]
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +145,36 @@ async def set_commands(application: Application[Any, Any, Any, Any, Any, Any], c
             log.warning("admin command menu not set for admin %d: %s", admin_id, exc)
 
 
+def _webhook_secret(config: Config) -> str | None:
+    secret = config.telegram.webhook_secret_token
+    return secret.get_secret_value() if secret else None
+
+
+#: exit code of ``run`` when another bot already serves the same store
+EXIT_STORE_IN_USE = 3
+BOT_LOCK_FILE = ".bot.lock"
+
+
+def acquire_store_lock(store_dir: Path) -> FileLock:
+    """Take the store's bot lock (``<store_dir>/.bot.lock``) for the life of this process.
+
+    One bot per store: two would overwrite each other's ``state.json`` and fight over trainings.
+    The lock is ``filelock.FileLock`` (``fcntl.flock`` on Unix), released by the kernel when the
+    process ends, however it ends; the file itself stays (it holds nothing).
+
+    Returns:
+        The held lock (keep a reference; release it to give the store up earlier).
+
+    Raises:
+        filelock.Timeout: another process holds it.
+        OSError: the store folder cannot be created or written.
+    """
+    store_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(store_dir / BOT_LOCK_FILE, thread_local=False)
+    lock.acquire(timeout=0)
+    return lock
+
+
 def build_application(
     config: Config,
     *,
@@ -157,7 +196,7 @@ def build_application(
     token = config.token
     if not token:
         raise ConfigError("config error: telegram.token: not set (or set TELEGRAM_BOT_TOKEN)")
-    install_token_filter(token)
+    install_token_filter(token, _webhook_secret(config))
     logging.getLogger("httpx").setLevel(max(logging.getLogger("httpx").getEffectiveLevel(), logging.WARNING))
 
     ws = workspace or Workspace(
@@ -268,7 +307,9 @@ def run(config_path: str | None) -> int:
 
     Returns:
         The process exit code: 0 after a normal stop, 2 for configuration problems (including a
-        missing or rejected token), 1 when the bot cannot start otherwise.
+        missing or rejected token), 3 when another bot already runs on the same store
+        (:data:`EXIT_STORE_IN_USE`, see :func:`acquire_store_lock`), 1 when the bot cannot start
+        otherwise.
     """
     if config_path is None and not os.environ.get(CONFIG_PATH_ENV) and Path("config.toml").is_file():
         config_path = "config.toml"
@@ -281,7 +322,7 @@ def run(config_path: str | None) -> int:
     if not token:
         print(NO_TOKEN_HELP, file=sys.stderr, end="")
         return 2
-    configure_logging(config.logging.level, token)
+    configure_logging(config.logging.level, token, _webhook_secret(config))
     tg = config.telegram
     if tg.mode == "webhook" and importlib.util.find_spec("tornado") is None:
         print(
@@ -290,6 +331,28 @@ def run(config_path: str | None) -> int:
             file=sys.stderr,
         )
         return 2
+    try:
+        store_lock = acquire_store_lock(Path(config.store_dir))
+    except Timeout:
+        print(
+            f"labelgram: another bot is already running on the store {config.store_dir} "
+            f"(it holds {Path(config.store_dir) / BOT_LOCK_FILE}). One bot per store: stop the other "
+            "one first, or give this one its own store_dir.",
+            file=sys.stderr,
+        )
+        return EXIT_STORE_IN_USE
+    except OSError as exc:
+        log.error("cannot open the store %s: %s", config.store_dir, exc)
+        return 1
+    try:
+        return _run_application(config, token)
+    finally:
+        store_lock.release()
+
+
+def _run_application(config: Config, token: str) -> int:
+    """Build and run the Application (the caller holds the store's bot lock); returns the exit code."""
+    tg = config.telegram
     try:
         application = build_application(config)
     except (OSError, sqlite3.Error, LabelgramError) as exc:
@@ -303,7 +366,7 @@ def run(config_path: str | None) -> int:
                 port=tg.webhook_port,
                 url_path=urlparse(tg.webhook_url).path.lstrip("/"),
                 webhook_url=tg.webhook_url,
-                secret_token=tg.webhook_secret_token.get_secret_value() if tg.webhook_secret_token else None,
+                secret_token=_webhook_secret(config),
                 allowed_updates=ALLOWED_UPDATES,
             )
         else:

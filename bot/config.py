@@ -17,6 +17,7 @@ naming the key and what is wrong, e.g.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
@@ -36,6 +37,9 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from telegram.constants import ChatID
+
+from bot.logsafe import redact
 
 __all__ = [
     "BOT_API_DOWNLOAD_LIMIT",
@@ -58,6 +62,16 @@ BOT_API_DOWNLOAD_LIMIT = 20 * 1024 * 1024
 """The public Bot API server lets bots download files of up to 20 MB (``getFile``)."""
 
 _TOKEN_RE = re.compile(r"^[0-9]+:[A-Za-z0-9_-]+$")
+# anything shaped like a bot token (also with a percent-encoded colon), for scrubbing error messages
+_TOKEN_LIKE = re.compile(r"[0-9]{3,}(?::|%(?:25)?3[aA])[A-Za-z0-9_-]{8,}")
+
+PSEUDO_USER_IDS = {
+    int(ChatID.ANONYMOUS_ADMIN): "GroupAnonymousBot, the sender Telegram shows for every anonymous group admin",
+    int(ChatID.FAKE_CHANNEL): "Channel_Bot, the sender Telegram shows for messages posted on behalf of a channel",
+    int(ChatID.SERVICE_CHAT): "Telegram's service notifications account (777000)",
+}
+"""User ids that are not people (1087968824, 136817688, 777000; PTB's ``telegram.constants.ChatID``):
+as an admin, each would make strangers (e.g. every anonymous group admin anywhere) admins of the bot."""
 
 
 class ConfigError(Exception):
@@ -116,13 +130,21 @@ class TelegramConfig(_Section):
         if not value:
             return None
         if not re.match(r"^https?://[^\s/]+", value):
-            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+            # never echo the value: a webhook URL often carries the bot token as its path
+            raise ValueError("must be an http:// or https:// URL (the value is not shown: it may hold a secret)")
         return value
 
     @model_validator(mode="after")
-    def _webhook_needs_url(self) -> TelegramConfig:
+    def _webhook_needs_url_and_secret(self) -> TelegramConfig:
         if self.mode == "webhook" and not self.webhook_url:
             raise ValueError("webhook_url: is required when mode = \"webhook\"")
+        if self.mode == "webhook" and self.webhook_secret_token is None:
+            # Without it, anyone who learns the URL can post forged updates (e.g. an admin's /delete).
+            raise ValueError(
+                "webhook_secret_token: is required when mode = \"webhook\" (without it anyone who "
+                "finds the URL can post forged updates); make one with: "
+                "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
         return self
 
 
@@ -144,7 +166,7 @@ class TrainingConfig(_Section):
     schedule: str = "0 3 * * *"
     timezone: str = "UTC"
     interval_seconds: float = Field(0, ge=0)
-    backbone: str = "efficientnet_lite0"
+    backbone: str = "efficientnet_lite1"
     backbone_weights: str = "imagenet"
     epochs: int = Field(60, ge=1, le=100_000)
     learning_rate: float = Field(0.004, gt=0, le=10)
@@ -268,6 +290,11 @@ class Config(BaseSettings):
         for uid in value:
             if uid <= 0:
                 raise ValueError(f"{uid} is not a user id (user ids are positive numbers)")
+            if uid in PSEUDO_USER_IDS:
+                raise ValueError(
+                    f"{uid} is not a person but {PSEUDO_USER_IDS[uid]}; as an admin it would make "
+                    "strangers admins of this bot. List the admins' own numeric user ids instead."
+                )
         return list(dict.fromkeys(value))
 
     @classmethod
@@ -330,6 +357,27 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config error: {path}: not UTF-8 text") from None
 
 
+def _given_secrets(data: Mapping[str, Any]) -> list[str]:
+    """The token and webhook secret as given (file, ``TELEGRAM_BOT_TOKEN``, ``LABELGRAM_TELEGRAM*``),
+    valid or not, so that an error message can be scrubbed of them."""
+    found: list[Any] = []
+    telegram = data.get("telegram")
+    if isinstance(telegram, Mapping):
+        found += [telegram.get("token"), telegram.get("webhook_secret_token")]
+    for name, value in os.environ.items():
+        upper = name.upper()
+        if upper == TOKEN_ENV or upper.startswith(f"{ENV_PREFIX}TELEGRAM__") and upper.endswith("TOKEN"):
+            found.append(value)
+        elif upper == f"{ENV_PREFIX}TELEGRAM":
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                continue
+            if isinstance(parsed, dict):
+                found += [parsed.get("token"), parsed.get("webhook_secret_token")]
+    return [s.strip() for s in found if isinstance(s, str) and len(s.strip()) >= 4]
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Load and validate the configuration.
 
@@ -357,7 +405,8 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         return Config(**data)
     except ValidationError as exc:
         errors = exc.errors(include_input=False, include_url=False)
-        raise ConfigError(_format_error(errors[0])) from None
+        message = redact(_format_error(errors[0]), _given_secrets(data))
+        raise ConfigError(_TOKEN_LIKE.sub("<token>", message)) from None
     except ValueError as exc:  # pydantic-settings' SettingsError: an env var that is not valid JSON
         m = re.search(r'field "([^"]+)"', str(exc))
         where = m.group(1) if m else "environment"

@@ -1,39 +1,69 @@
-"""Keep the bot token out of every log line.
+"""Keep the bot token and the webhook secret token out of every log line.
 
 The token is part of every Bot API URL (``https://api.telegram.org/bot<token>/getUpdates``), and
 httpx logs request URLs at INFO; exceptions raised while talking to the server may carry the URL
 too. :class:`TokenRedactingFilter` rewrites each record that passes a handler: the message, its
-arguments, the formatted traceback and stack info, replacing the token (also URL-encoded) by
-``<token>``. :func:`install_token_filter` puts it on every handler of the root logger (and the
+arguments, the formatted traceback and stack info, replacing each secret by ``<token>``: in any
+mix of literal and percent-encoded characters, and a bot token's secret part (after the colon) also
+on its own. PTB logs ``setWebhook``'s parameters (the webhook secret among them) at DEBUG, so the
+webhook secret is registered here too. :func:`install_token_filter` puts it on every handler of the root logger (and the
 handlers of ``extra_loggers``), and :func:`configure_logging` sets up plain stderr logging for the
 ``run`` command with httpx turned down to WARNING.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 import sys
 import traceback
 from collections.abc import Iterable
-from urllib.parse import quote
 
 __all__ = ["REDACTED", "TokenRedactingFilter", "configure_logging", "install_token_filter", "redact"]
 
 REDACTED = "<token>"
 
 
-def _variants(secret: str) -> list[str]:
-    forms = {secret, quote(secret, safe=""), quote(secret, safe=":")}
-    return sorted((f for f in forms if f), key=len, reverse=True)
+#: the part of a bot token after the colon is the secret itself; shorter "halves" are not redacted
+#: on their own (too likely to match ordinary text)
+_MIN_PART = 8
+
+
+def _char_pattern(ch: str) -> str:
+    """One character, literal or percent-encoded (any hex case, also double-encoded ``%25XX``)."""
+    encoded = "".join(f"%(?:25)?(?i:{b:02x})" for b in ch.encode("utf-8"))
+    return f"(?:{re.escape(ch)}|{encoded})"
+
+
+@functools.lru_cache(maxsize=64)
+def _pattern(secrets: tuple[str, ...]) -> re.Pattern[str] | None:
+    """One regex matching every secret, and for ``id:secret`` tokens the part after the colon alone."""
+    forms: set[str] = set()
+    for secret in secrets:
+        if not secret:
+            continue
+        forms.add(secret)
+        _, colon, rest = secret.partition(":")
+        if colon and len(rest) >= _MIN_PART:
+            forms.add(rest)
+    if not forms:
+        return None
+    # longest first, so a whole token wins over its secret half at the same position
+    ordered = sorted(forms, key=len, reverse=True)
+    return re.compile("|".join("".join(_char_pattern(c) for c in form) for form in ordered))
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
-    """Return ``text`` with every secret (and its URL-encoded forms) replaced by ``<token>``."""
-    for secret in secrets:
-        for form in _variants(secret):
-            if form in text:
-                text = text.replace(form, REDACTED)
-    return text
+    """Return ``text`` with every secret replaced by ``<token>``.
+
+    Matched in any mix of literal and percent-encoded characters (``%3A``, ``%3a``, ``%253A``), and
+    for a bot token (``<bot id>:<secret>``) also the secret part after the colon on its own.
+    """
+    pattern = _pattern(tuple(s for s in secrets if s))
+    if pattern is None:
+        return text
+    return pattern.sub(REDACTED, text)
 
 
 class TokenRedactingFilter(logging.Filter):
@@ -75,16 +105,22 @@ class TokenRedactingFilter(logging.Filter):
 
 
 def install_token_filter(
-    token: str | None, *, extra_loggers: Iterable[str] = ()
+    token: str | None, *secrets: str | None, extra_loggers: Iterable[str] = ()
 ) -> TokenRedactingFilter | None:
     """Attach one shared redacting filter to the root logger's handlers (and ``extra_loggers``').
 
-    Idempotent: a handler that already has a labelgram filter gets the token added to it.
+    Args:
+        token: the bot token.
+        secrets: more secrets to redact the same way (the webhook secret token).
+        extra_loggers: names of loggers with their own handlers to protect too.
+
+    Idempotent: a handler that already has a labelgram filter gets the secrets added to it.
 
     Returns:
-        The filter used, or None when there is no token.
+        The filter used, or None when there is no secret at all.
     """
-    if not token:
+    wanted = [s for s in (token, *secrets) if s]
+    if not wanted:
         return None
     shared: TokenRedactingFilter | None = None
     loggers = [logging.getLogger(), *(logging.getLogger(n) for n in extra_loggers)]
@@ -92,9 +128,10 @@ def install_token_filter(
     for handler in handlers:
         for existing in handler.filters:
             if isinstance(existing, TokenRedactingFilter):
-                existing.add(token)
+                for secret in wanted:
+                    existing.add(secret)
                 shared = shared or existing
-    shared = shared or TokenRedactingFilter(token)
+    shared = shared or TokenRedactingFilter(*wanted)
     for handler in handlers:
         if not any(isinstance(f, TokenRedactingFilter) for f in handler.filters):
             handler.addFilter(shared)
@@ -118,9 +155,10 @@ class NetworkRetryTracebackFilter(logging.Filter):
         return True
 
 
-def configure_logging(level: str = "INFO", token: str | None = None) -> None:
-    """Log to stderr at ``level`` with the token redacted; httpx/httpcore only from WARNING;
-    PTB's start-up network retry errors on one line (:class:`NetworkRetryTracebackFilter`)."""
+def configure_logging(level: str = "INFO", token: str | None = None, *secrets: str | None) -> None:
+    """Log to stderr at ``level`` with the token (and ``secrets``, e.g. the webhook secret token)
+    redacted at every level; httpx/httpcore only from WARNING; PTB's start-up network retry errors
+    on one line (:class:`NetworkRetryTracebackFilter`)."""
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -132,4 +170,4 @@ def configure_logging(level: str = "INFO", token: str | None = None) -> None:
     for handler in root.handlers:
         if not any(isinstance(f, NetworkRetryTracebackFilter) for f in handler.filters):
             handler.addFilter(NetworkRetryTracebackFilter())
-    install_token_filter(token)
+    install_token_filter(token, *secrets)

@@ -4,7 +4,8 @@
   in ``training.timezone``; or every ``training.interval_seconds`` when that is above 0 (tests).
 * Skipped when the labelled image set is unchanged since the last completed training (its store
   fingerprint is kept in ``state.json``), when the store is empty, and when a training is already
-  running (``/retrain`` and the schedule share :attr:`Trainer.lock`, so there are never two).
+  running (``/retrain`` and the schedule share :attr:`Trainer.lock`, so there are never two; a
+  command-line retrain holding the store's training lock is skipped too, not reported as a failure).
 * A fire time missed while the bot was down (the time of the last scheduled check is persisted) is
   caught up once, shortly after start-up.
 * The training runs in a subprocess; photos keep being answered. After a promotion the classifier
@@ -97,6 +98,11 @@ async def run_scheduled_training(context: ContextTypes.DEFAULT_TYPE) -> None:
         await asyncio.to_thread(svc.state.update, last_scheduled_check=fired)
         return
     async with trainer.lock:
+        if not await asyncio.to_thread(_training_lock_free, svc):
+            # a command-line retrain holds the store: not a failure to report, just not now
+            log.info("%s retraining skipped: another process (e.g. a command-line retrain) is training this store", trigger)
+            await asyncio.to_thread(svc.state.update, last_scheduled_check=fired)
+            return
         store = svc.workspace.store
         fingerprint = await asyncio.to_thread(store.fingerprint)
         if fingerprint == await asyncio.to_thread(_last_trained_fingerprint, svc):
@@ -114,6 +120,18 @@ async def run_scheduled_training(context: ContextTypes.DEFAULT_TYPE) -> None:
         return
     await asyncio.to_thread(svc.state.update, last_scheduled_check=fired)
     await _tell_admins(context, svc, outcome, fingerprint)
+
+
+def _training_lock_free(svc: Services) -> bool:
+    """Whether the store's cross-process training lock is free (taken and released at once)."""
+    from model_store.errors import TrainingError
+    from model_store.pipeline import training_lock
+
+    try:
+        with training_lock(svc.workspace):
+            return True
+    except TrainingError:
+        return False
 
 
 def _last_trained_fingerprint(svc: Services) -> str | None:

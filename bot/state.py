@@ -55,8 +55,16 @@ class BotState:
             return self._data.get(key, default)
 
     def update(self, **values: Any) -> None:
-        """Set keys and write the file atomically (temp file, fsync, ``os.replace``)."""
+        """Set keys: write the file atomically (temp file, fsync, ``os.replace``), and only once that
+        succeeded change the values in memory, so memory and disk never differ.
+
+        Raises:
+            OSError: the file could not be written (e.g. ENOSPC); nothing changed, on disk or in memory.
+            TypeError / ValueError: a value is not JSON-serialisable; nothing changed.
+        """
         with self._lock:
-            self._data.update(values)
+            new = {**self._data, **values}
+            payload = json.dumps(new, indent=1, sort_keys=True).encode("utf-8")
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.path, json.dumps(self._data, indent=1, sort_keys=True).encode("utf-8"))
+            write_atomic(self.path, payload)
+            self._data = new

@@ -23,12 +23,13 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bot.config import Config, TrainingConfig
+from bot.logsafe import redact
 from bot.state import BotState
 
 __all__ = ["TrainingOutcome", "Trainer", "retrain_command", "training_flags"]
@@ -38,7 +39,10 @@ log = logging.getLogger(__name__)
 #: ``await on_progress(stage, done, total)``
 ProgressCallback = Callable[[str, int, int], Awaitable[None]]
 
-_SECRET_ENV = ("TELEGRAM_BOT_TOKEN", "LABELGRAM_TELEGRAM__TOKEN", "LABELGRAM_TELEGRAM__WEBHOOK_SECRET_TOKEN")
+_SECRET_ENV = ("TELEGRAM_BOT_TOKEN",)
+#: every ``[telegram]`` override (``LABELGRAM_TELEGRAM='{"token": ...}'``, ``LABELGRAM_TELEGRAM__TOKEN``,
+#: the webhook secret, ...): the training needs none of them
+_SECRET_ENV_PREFIX = "LABELGRAM_TELEGRAM"
 _STDOUT_LINE_LIMIT = 64 * 1024 * 1024  # the result line carries all metrics (confusion matrix, ...)
 
 
@@ -133,8 +137,25 @@ def retrain_command(config: Config, *, store_dir: Path | str | None = None) -> l
     ]  # fmt: skip
 
 
-def _child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k.upper() not in _SECRET_ENV}
+def _child_env(secrets: Iterable[str | None] = ()) -> dict[str, str]:
+    """The training subprocess's environment: the bot's, without any variable holding a secret.
+
+    Dropped: ``TELEGRAM_BOT_TOKEN``, every ``LABELGRAM_TELEGRAM*`` variable, and any other variable
+    whose value contains one of ``secrets`` (the token, its part after the colon, the webhook
+    secret; also percent-encoded, see :func:`bot.logsafe.redact`).
+    """
+    known = [s for s in secrets if s]
+
+    def holds_secret(value: str) -> bool:
+        return bool(known) and redact(value, known) != value
+
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.upper() not in _SECRET_ENV
+        and not k.upper().startswith(_SECRET_ENV_PREFIX)
+        and not holds_secret(v)
+    }
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -174,6 +195,10 @@ class Trainer:
         self.last_outcome: TrainingOutcome | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self.closing = False
+
+    def _secrets(self) -> list[str | None]:
+        tg = self.config.telegram
+        return [self.config.token, tg.webhook_secret_token.get_secret_value() if tg.webhook_secret_token else None]
 
     @property
     def busy(self) -> bool:
@@ -233,7 +258,7 @@ class Trainer:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                env=_child_env(),
+                env=_child_env(self._secrets()),
                 limit=_STDOUT_LINE_LIMIT,
                 start_new_session=True,  # Ctrl-C on the bot's terminal does not kill a training midway
             )

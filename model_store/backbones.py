@@ -7,9 +7,10 @@ disagree on preprocessing.
 
 Three kinds of backbone, all reached through :func:`load_backbone`:
 
-* the shipped default, ``efficientnet_lite0``: an EfficientNet-Lite0 ImageNet feature extractor
-  stored in ``model_store/assets/`` (licence notice in ``assets/BACKBONE_NOTICE.md``); needs no
-  download;
+* the shipped ones, stored in ``model_store/assets/`` (licence notice in
+  ``assets/BACKBONE_NOTICE.md``), needing no download: the default ``efficientnet_lite1``
+  (EfficientNet-Lite1, 240x240 input, the more accurate) and ``efficientnet_lite0``
+  (EfficientNet-Lite0, 224x224, the fast choice); docs/accuracy.md has the measurements;
 * a ``keras.applications`` network by name (``mobilenet_v2``, ``mobilenet_v3_small``,
   ``mobilenet_v3_large``, ``efficientnet_b0``, ``inception_v3``, ``xception``, and retrain.py's own
   ``--architecture`` spellings such as ``mobilenet_0.50_224``), with ``weights="imagenet"``
@@ -36,8 +37,14 @@ from model_store.errors import BackboneUnavailableError
 log = logging.getLogger(__name__)
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
-DEFAULT_BACKBONE = "efficientnet_lite0"
-SHIPPED_BACKBONE_FILE = ASSETS_DIR / "efficientnet_lite0_imagenet_features.keras"
+#: Feature extractors shipped in ``assets/`` (converted by tools/convert_backbone.py; licence notice,
+#: sources and parity figures in ``assets/BACKBONE_NOTICE.md``), by backbone spec name.
+SHIPPED_BACKBONES: dict[str, Path] = {
+    "efficientnet_lite0": ASSETS_DIR / "efficientnet_lite0_imagenet_features.keras",
+    "efficientnet_lite1": ASSETS_DIR / "efficientnet_lite1_imagenet_features.keras",
+}
+DEFAULT_BACKBONE = "efficientnet_lite1"
+SHIPPED_BACKBONE_FILE = SHIPPED_BACKBONES[DEFAULT_BACKBONE]
 
 
 @dataclass
@@ -129,7 +136,8 @@ _RETRAIN_MOBILENET = re.compile(r"^mobilenet_(1\.0|0\.75|0\.50?|0\.25)_(224|192|
 
 def available_backbones() -> list[str]:
     """Names accepted by :func:`load_backbone` besides a file path (for help texts)."""
-    return [DEFAULT_BACKBONE, *KERAS_APPLICATIONS, "mobilenet_<1.0|0.75|0.50|0.25>_<224|192|160|128>"]
+    others = [n for n in SHIPPED_BACKBONES if n != DEFAULT_BACKBONE]
+    return [DEFAULT_BACKBONE, *others, *KERAS_APPLICATIONS, "mobilenet_<1.0|0.75|0.50|0.25>_<224|192|160|128>"]
 
 
 def _file_digest(path: Path) -> str:
@@ -214,7 +222,8 @@ def load_backbone(spec: str | None = None, *, weights: str | None = "imagenet") 
     """Load a frozen feature extractor.
 
     Args:
-        spec: ``None`` or ``"efficientnet_lite0"`` for the shipped default; a name from
+        spec: ``None`` for the shipped default (:data:`DEFAULT_BACKBONE`), a name from
+            :data:`SHIPPED_BACKBONES` (``"efficientnet_lite1"``, ``"efficientnet_lite0"``); a name from
             :data:`KERAS_APPLICATIONS` or a retrain.py architecture such as ``"mobilenet_0.50_224"``
             (keras.applications MobileNet, alpha 0.5, 224x224) or ``"inception_v3"``; or a path
             to a ``.keras`` file / SavedModel directory mapping float32 RGB 0..255 to ``(N, D)``.
@@ -231,12 +240,13 @@ def load_backbone(spec: str | None = None, *, weights: str | None = "imagenet") 
             downloaded (the message says how to pass a local weights file instead).
     """
     spec = spec or DEFAULT_BACKBONE
-    if spec == DEFAULT_BACKBONE:
+    if spec in SHIPPED_BACKBONES:
         import keras
 
-        model = keras.models.load_model(SHIPPED_BACKBONE_FILE, compile=False)
-        digest = _file_digest(SHIPPED_BACKBONE_FILE)[:8]
-        return _from_model(model, id_=f"{DEFAULT_BACKBONE}-imagenet-{digest}", name=DEFAULT_BACKBONE)
+        shipped = SHIPPED_BACKBONES[spec]
+        model = keras.models.load_model(shipped, compile=False)
+        digest = _file_digest(shipped)[:8]
+        return _from_model(model, id_=f"{spec}-imagenet-{digest}", name=spec)
 
     path = Path(spec).expanduser()
     if path.exists():

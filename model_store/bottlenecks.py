@@ -7,17 +7,17 @@ bottlenecks of images it has not seen. Augmentation is done with cached *views* 
 retrain.py's random distortions did.
 
 Layout: ``<root>/<backbone id>/<preprocessing>-<view>/<sha256[:2]>/<sha256>.npy``, each a float32 ``(D,)`` array,
-written temp-file-then-``os.replace``; ``<root>/<backbone id>/litert.tflite`` (+ ``.json``) is the
-backbone converted for the LiteRT engine (``model_store.engine``). An entry that cannot be read or has the wrong shape, dtype
+written with ``registry.write_atomic`` (fsync file, ``os.replace``, fsync folder);
+``<root>/<backbone id>/litert.tflite`` (+ ``.json``) is the backbone converted for the LiteRT engine
+(``model_store.engine``). An entry that cannot be read or has the wrong shape, dtype
 or non-finite values is treated as missing and recomputed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
-import os
-import tempfile
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,8 +29,12 @@ from model_store.backbones import Backbone
 from model_store.engine import EngineSettings
 from model_store.errors import LabelgramError
 from model_store.images import decode_image, to_model_input
+from model_store.registry import write_atomic
 
 log = logging.getLogger(__name__)
+
+#: concurrent cache writers per computed batch (see ``BottleneckCache._store_many``)
+_WRITERS = 8
 
 #: The eval transform of every backbone input (``images.to_model_input`` mode): scale so the shorter
 #: side covers size / crop_fraction and centre-crop (the transform the shipped backbone was checked
@@ -141,14 +145,27 @@ class BottleneckCache:
     def _store(self, sha256: str, view: str, vec: np.ndarray) -> None:
         p = self.path(sha256, view)
         p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=p.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, vec.astype(np.float32), allow_pickle=False)
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buf = io.BytesIO()
+        np.save(buf, vec.astype(np.float32), allow_pickle=False)
+        write_atomic(p, buf.getvalue())  # fsync file, os.replace, fsync folder
+
+    def _store_many(self, entries: Sequence[tuple[str, str, np.ndarray]]) -> None:
+        """:meth:`_store` each ``(sha256, view, vector)``, several at once.
+
+        Each write is durable (fsync file, rename, fsync folder); run concurrently, the file
+        system's journal commits the fsyncs together, so durability does not slow the bottleneck
+        stage down (figures: ``benchmarks/bench_durable_writes.py``).
+
+        Raises:
+            OSError: a write failed (the first error; the other entries may have been written).
+        """
+        if len(entries) <= 1:
+            for sha, view, vec in entries:
+                self._store(sha, view, vec)
+            return
+        with ThreadPoolExecutor(min(_WRITERS, len(entries))) as pool:
+            for _ in pool.map(lambda e: self._store(*e), entries):
+                pass
 
     def prune(self, keep: set[str]) -> int:
         """Delete the entries of images not in ``keep`` and leftovers of interrupted writes.
@@ -262,7 +279,7 @@ class BottleneckCache:
                     feats = self.backbone.features(np.stack(batch), batch_size=self.batch_size)
                     for (i, j), vec in zip(where, feats, strict=True):
                         out[i, j] = vec
-                        self._store(items[i][0], views[j], vec)
+                    self._store_many([(items[i][0], views[j], out[i, j]) for i, j in where])
                 done += len(prepared)
                 self.stats["computed"] += len(prepared)
                 if progress:

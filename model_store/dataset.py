@@ -10,7 +10,9 @@ The folders are the source of truth (they are what ``retrain.py``-style tools re
 operator may edit by hand); the catalog only adds provenance. Opening an :class:`ImageStore`
 reconciles the two: catalog rows whose file is gone are dropped, files without a row get one
 (``added_by`` NULL, ``added_at`` = the file's mtime), and leftovers of interrupted writes
-(``.tmp-*`` files, ``root/.trash-*`` folders) are removed.
+(``.tmp-*`` files, ``root/.trash-*`` folders) are removed. A catalog that is missing, not a
+database or damaged (``PRAGMA quick_check``) is rebuilt from the folders, the damaged file kept as
+``catalog.sqlite.corrupt-<UTC time>``, and the log says so (ERROR / WARNING).
 
 A label folder is named with the label's normalised display form as first typed
 (:func:`model_store.labels.normalize_label`). Labels that differ only in letter case or Unicode
@@ -44,6 +46,7 @@ from pathlib import Path
 from model_store.errors import DuplicateImageError, ImageDecodeError, LabelError, StoreFullError
 from model_store.images import IMAGE_EXTENSIONS, decode_image, sniff_extension
 from model_store.labels import label_key, normalize_label
+from model_store.registry import fsync_dir
 
 __all__ = [
     "MAX_IMPORT_FILE_BYTES",
@@ -151,12 +154,14 @@ class _File:
     path: Path
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
+    """Whether an SQLite error means a damaged or foreign file (not a lock or permission problem)."""
+    if isinstance(exc, sqlite3.OperationalError):  # locked, read-only, cannot open, ...
+        return False
+    name = getattr(exc, "sqlite_errorname", None)
+    if name is not None:
+        return name in ("SQLITE_NOTADB", "SQLITE_CORRUPT")
+    return True  # raised by our own quick_check
 
 
 def _is_disk_full(exc: OSError) -> bool:
@@ -191,13 +196,82 @@ class ImageStore:
         self._lock_file: int | None = None
         self.images_dir.mkdir(parents=True, exist_ok=True)
         with self._locked():
-            with contextlib.closing(sqlite3.connect(self.catalog_path, timeout=60)) as conn:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.executescript(_SCHEMA)
-                conn.commit()
-            self._reconcile()
+            self._open_catalog()
 
     # ------------------------------------------------------------------ locking and catalog
+
+    def _init_catalog(self) -> None:
+        """Create or open the catalog (WAL, schema) and check it (``PRAGMA quick_check``).
+
+        Raises:
+            sqlite3.DatabaseError: the file is not a database or is damaged (``quick_check`` failed).
+        """
+        with contextlib.closing(sqlite3.connect(self.catalog_path, timeout=60)) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(_SCHEMA)
+            conn.commit()
+            problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError(f"quick_check: {'; '.join(map(str, problems[:3]))}")
+
+    def _open_catalog(self) -> None:
+        """Open the catalog and reconcile it with the folders; rebuild it if it is missing or corrupt.
+
+        The folders are the source of truth, so a catalog that is not a database or is damaged is
+        moved aside as ``catalog.sqlite.corrupt-<UTC time>`` (with its ``-wal`` / ``-shm`` files)
+        and rebuilt from them, with an ERROR in the log; a catalog missing from a store that holds
+        images is rebuilt with a WARNING. Rebuilt rows have no ``added_by`` / ``chat_id`` (who added
+        an image is not in the folders), so ``/undo`` cannot take those images back.
+
+        Raises:
+            sqlite3.Error: the catalog cannot be opened for another reason (locked, read-only...).
+            OSError: the damaged catalog cannot be moved aside.
+        """
+        missing = not self.catalog_path.exists()
+        if missing:
+            self._set_catalog_aside(self._catalog_sidecars(), "stale")
+        try:
+            self._init_catalog()
+            reason = "missing" if missing else None
+        except sqlite3.DatabaseError as exc:
+            if not _is_corrupt(exc):
+                raise
+            aside = self._set_catalog_aside([self.catalog_path, *self._catalog_sidecars()], "corrupt")
+            logger.error(
+                "the image catalog %s is damaged (%s): moved it aside to %s and rebuilding it from "
+                "the image folders, which are the source of truth",
+                self.catalog_path,
+                exc,
+                aside,
+            )
+            self._init_catalog()
+            reason = "corrupt"
+        added = self._reconcile()
+        if reason == "corrupt" or (reason == "missing" and added):
+            logger.warning(
+                "the image catalog %s was %s: rebuilt it from the image folders (%d images); who "
+                "added those images is no longer known, so /undo cannot take them back",
+                self.catalog_path,
+                reason,
+                added,
+            )
+
+    def _catalog_sidecars(self) -> list[Path]:
+        return [self.catalog_path.with_name(self.catalog_path.name + s) for s in ("-wal", "-shm", "-journal")]
+
+    def _set_catalog_aside(self, paths: list[Path], why: str) -> Path:
+        """Rename each existing path to ``<name>.<why>-<UTC time>``; returns the first new name."""
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        first: Path | None = None
+        for path in paths:
+            target = path.with_name(f"{path.name}.{why}-{stamp}")
+            try:
+                os.replace(path, target)
+            except FileNotFoundError:
+                continue
+            first = first or target
+        fsync_dir(self.root)
+        return first or self.catalog_path.with_name(f"{self.catalog_path.name}.{why}-{stamp}")
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -299,8 +373,12 @@ class ImageStore:
 
     # ------------------------------------------------------------------ reconcile
 
-    def _reconcile(self) -> None:
-        """Make the catalog match the folders and remove leftovers of interrupted operations."""
+    def _reconcile(self) -> int:
+        """Make the catalog match the folders and remove leftovers of interrupted operations.
+
+        Returns:
+            The number of catalog rows added for files that had none.
+        """
         for entry in os.scandir(self.root):
             if entry.name.startswith(_TRASH_PREFIX):
                 logger.info("removing leftover %s", entry.path)
@@ -357,6 +435,7 @@ class ImageStore:
                 added += 1
         if gone or added:
             logger.info("catalog reconciled: %d rows dropped, %d rows added", len(gone), added)
+        return added
 
     # ------------------------------------------------------------------ writing
 
@@ -386,7 +465,7 @@ class ImageStore:
             if isinstance(exc, OSError) and _is_disk_full(exc):
                 raise StoreFullError(_STORE_FULL_MESSAGE) from exc
             raise
-        _fsync_dir(directory)
+        fsync_dir(directory)
         return final
 
     def _check_free_space(self, needed: int) -> None:
@@ -476,7 +555,7 @@ class ImageStore:
                         raise StoreFullError(_STORE_FULL_MESSAGE) from exc
                     raise
                 created_dir = True
-                _fsync_dir(self.images_dir)
+                fsync_dir(self.images_dir)
             else:
                 folder_name, stored_label = target.name, target.label
                 directory = self.images_dir / folder_name
@@ -586,7 +665,7 @@ class ImageStore:
             for extra in group:
                 if extra is not keep:
                     self._merge_folder(self.images_dir / extra.name, target)
-            _fsync_dir(self.images_dir)
+            fsync_dir(self.images_dir)
             with self._db() as conn:
                 for folder in group:
                     conn.execute(
@@ -599,7 +678,7 @@ class ImageStore:
         for entry in os.scandir(source):
             if _IMAGE_NAME.match(entry.name) and entry.is_file():
                 os.replace(entry.path, target / entry.name)
-        _fsync_dir(target)
+        fsync_dir(target)
         trash = self.root / f"{_TRASH_PREFIX}{secrets.token_hex(8)}"
         os.rename(source, trash)
         shutil.rmtree(trash, ignore_errors=True)
@@ -627,7 +706,7 @@ class ImageStore:
                 trash = self.root / f"{_TRASH_PREFIX}{secrets.token_hex(8)}"
                 os.rename(self.images_dir / folder.name, trash)
                 trashes.append(trash)
-            _fsync_dir(self.images_dir)
+            fsync_dir(self.images_dir)
             with self._db() as conn:
                 conn.executemany("DELETE FROM images WHERE label = ?", [(f.name,) for f in group])
             for trash in trashes:
@@ -661,7 +740,7 @@ class ImageStore:
                             with contextlib.suppress(FileNotFoundError):
                                 os.unlink(file.path)
                                 removed = True
-                            _fsync_dir(file.path.parent)
+                            fsync_dir(file.path.parent)
             with self._db() as conn:
                 conn.execute("DELETE FROM images WHERE sha256 = ?", (sha,))
         if removed:

@@ -12,6 +12,7 @@ either the old or the new pointer (see ``registry``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -125,8 +126,12 @@ def _gate_against_current(
     head on the cached bottlenecks ``test_feats`` (N, V, D), averaged over the V eval crops, when the
     backbone is the same; else its full model on the 0.875 centre crop.
 
+    Test images that can no longer be read (deleted by ``/delete`` while the training ran) are
+    left out of the comparison; ``missing_images`` says how many.
+
     Returns:
-        ``{"version", "images", "current_accuracy", "new_accuracy"}`` or None without a serving model.
+        ``{"version", "images", "missing_images", "current_accuracy", "new_accuracy"}`` or None
+        without a serving model.
     """
     current = ws.registry.current()
     if current is None:
@@ -138,6 +143,7 @@ def _gate_against_current(
     keep = [i for i, r in enumerate(test_records) if label_key(r.label) in cur_keys]
     if not keep:
         return {"version": current.name, "images": 0, "current_accuracy": None, "new_accuracy": None}
+    missing = 0
     same_backbone = current.metrics.get("backbone", {}).get("id") == backbone.id
     if same_backbone and (current.path / "head.keras").exists():
         head = keras.models.load_model(current.path / "head.keras", compile=False)
@@ -145,12 +151,33 @@ def _gate_against_current(
     else:
         model = keras.models.load_model(current.model_path, compile=False)
         size = (int(model.input_shape[1]), int(model.input_shape[2]))
-        x = np.stack(
-            [
-                to_model_input(decode_image(test_records[i].path.read_bytes()), size, mode=PREPROCESSING_MODE)
-                for i in keep
-            ]
-        )
+        inputs, readable = [], []
+        for i in keep:
+            try:  # a /delete or /rename during the training removes test images under our feet
+                data = test_records[i].path.read_bytes()
+                inputs.append(to_model_input(decode_image(data), size, mode=PREPROCESSING_MODE))
+                readable.append(i)
+            except (OSError, LabelgramError) as exc:
+                log.debug("gate: test image %s skipped: %s", test_records[i].path.name, exc)
+        missing = len(keep) - len(readable)
+        if missing:
+            log.warning(
+                "gate: %d of %d test images could not be read (deleted during the training?); "
+                "comparing on the other %d",
+                missing,
+                len(keep),
+                len(readable),
+            )
+        keep = readable
+        if not keep:
+            return {
+                "version": current.name,
+                "images": 0,
+                "missing_images": missing,
+                "current_accuracy": None,
+                "new_accuracy": None,
+            }
+        x = np.stack(inputs)
         cur_pred = np.concatenate(
             [np.asarray(model(x[j : j + 32], training=False)) for j in range(0, len(x), 32)]
         ).argmax(1)
@@ -163,6 +190,7 @@ def _gate_against_current(
     return {
         "version": current.name,
         "images": len(keep),
+        "missing_images": missing,
         "current_accuracy": cur_acc,
         "new_accuracy": new_acc,
     }
@@ -201,6 +229,59 @@ def retrain(
     except LabelgramError as exc:
         log.warning("retrain failed: %s", exc.message)
         return RetrainReport("failed", exc.message)
+    except Exception as exc:  # ENOSPC, also wrapped (h5py, TensorFlow): not a crash
+        if not is_disk_full(exc):
+            raise
+        log.error("retrain failed: the disk is full (%s)", exc)
+        return RetrainReport("failed", DISK_FULL_MESSAGE)
+
+
+DISK_FULL_MESSAGE = (
+    "The training stopped because the disk is full (no space left to write its files). Free some "
+    "space on the store's disk and train again; the current model keeps serving."
+)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is ENOSPC / EDQUOT."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+#: extra room kept free beyond the estimated size of the files a training writes
+_OUTPUT_SLACK_BYTES = 16 * 1024 * 1024
+
+
+def _check_output_space(ws: Workspace, backbone: Backbone, config: TrainConfig) -> None:
+    """Refuse to start writing a version when the disk cannot hold it.
+
+    The estimate: the model file holds the backbone's float32 weights (4 bytes per parameter) plus
+    the head, once more for a SavedModel and once more for a TFLite export, plus 16 MB of slack and
+    the store's free-space floor (``ImageStore.min_free_bytes``).
+
+    Raises:
+        TrainingError: not enough free space (the message gives the figures).
+    """
+    try:
+        params = int(backbone.model.count_params())
+    except Exception:  # a backbone without a Keras model: fall back to the current version's size
+        params = 0
+    copies = 1 + int(bool(config.export_savedmodel)) + int(bool(config.export_tflite))
+    need = copies * params * 4 + _OUTPUT_SLACK_BYTES + int(getattr(ws.store, "min_free_bytes", 0))
+    free = shutil.disk_usage(ws.registry.root).free
+    if free < need:
+        log.error("not enough disk space to write a model version: %d bytes free, %d needed", free, need)
+        raise TrainingError(
+            f"Not enough free disk space to save the new model: {free / 1e6:.0f} MB free, about "
+            f"{need / 1e6:.0f} MB needed. Free some space on the store's disk and train again; the "
+            "current model keeps serving."
+        )
 
 
 def _check_config(config: TrainConfig) -> None:
@@ -263,6 +344,7 @@ def _retrain(
 
     if not isinstance(backbone, Backbone):
         backbone = load_backbone(backbone, weights=weights)
+    _check_output_space(ws, backbone, config)  # before hours of work, and again before writing
     records = ws.store.snapshot()
     fingerprint = ws.store.fingerprint_of(records)
     splits, excluded = assign_split(
@@ -366,6 +448,7 @@ def _retrain(
     # 5. write the version (temp dir, renamed when complete)
     t = time.perf_counter()
     step("saving", 0, 1)
+    _check_output_space(ws, backbone, config)
     name, tmp = ws.registry.new_version_dir()
     try:
         counts = {x: int((y[tr | va | te] == n).sum()) for n, x in enumerate(labels)}

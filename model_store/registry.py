@@ -38,8 +38,30 @@ TMP_PREFIX = ".tmp-"
 POINTER = "CURRENT"
 
 
+def fsync_dir(path: Path | str) -> None:
+    """fsync a directory, so the names created, renamed or removed in it survive a power cut.
+
+    The one helper for this in the project (``write_atomic``, ``ModelRegistry.commit``, the image
+    store and the bottleneck cache use it). Linux ``fsync(2)``: syncing a file does not sync the
+    directory entry that names it.
+
+    Raises:
+        OSError: the directory cannot be opened or synced.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder, fsync and ``os.replace``."""
+    """Write ``data`` to ``path`` via a temp file in the same folder: write, fsync the file,
+    ``os.replace`` it into place, fsync the folder. A crash leaves the old or the new content.
+
+    Raises:
+        OSError: the write failed (e.g. ENOSPC); the temp file is removed and ``path`` is unchanged.
+    """
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -50,11 +72,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)
@@ -150,18 +168,24 @@ class ModelRegistry:
         return name, tmp
 
     def commit(self, name: str, temp_dir: Path) -> ModelVersion:
-        """Make a fully written temp version visible under its final name (atomic rename)."""
+        """Make a fully written temp version visible under its final name (atomic rename).
+
+        Durable before visible: every file, then every folder inside the version (deepest first,
+        the version folder itself last) is fsynced, then the folder is renamed and its parent
+        (``root``) fsynced, so after a power cut the version is either absent or complete.
+        """
+        folders = [temp_dir]
         for p in temp_dir.rglob("*"):
-            if p.is_file():
+            if p.is_dir() and not p.is_symlink():
+                folders.append(p)
+            elif p.is_file():
                 with open(p, "rb") as fh:
                     os.fsync(fh.fileno())
+        for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
+            fsync_dir(folder)
         final = self.root / name
         os.rename(temp_dir, final)
-        dir_fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(self.root)
         return ModelVersion(name, final)
 
     def promote(self, version: ModelVersion) -> None:

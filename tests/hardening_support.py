@@ -249,6 +249,7 @@ _STORE_TOP_LEVEL = {
     "bottlenecks",
     "models",
     ".train.lock",
+    ".bot.lock",  # held by a running bot (bot.app.acquire_store_lock)
 }
 
 

@@ -72,9 +72,13 @@ _CACHE: dict[str, object] = {}
 
 
 def shared_backbone() -> Backbone:
-    """The shipped default backbone, loaded once per session."""
+    """The shipped EfficientNet-Lite0 (the fast choice), loaded once per session.
+
+    The pipeline tests use it rather than the default Lite1 to keep CI fast; the default is
+    trained and served end to end in tests/test_default_backbone.py.
+    """
     if "backbone" not in _CACHE:
-        _CACHE["backbone"] = load_backbone()
+        _CACHE["backbone"] = load_backbone("efficientnet_lite0")
     return _CACHE["backbone"]  # type: ignore[return-value]
 
 

@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 
 from model_store import backbones as backbones_module
-from model_store.backbones import DEFAULT_BACKBONE, SHIPPED_BACKBONE_FILE, Backbone, load_backbone
+from model_store.backbones import (
+    DEFAULT_BACKBONE,
+    SHIPPED_BACKBONE_FILE,
+    SHIPPED_BACKBONES,
+    Backbone,
+    load_backbone,
+)
 from model_store.errors import BackboneUnavailableError
 from model_store.images import decode_image, to_model_input
 from tests import modelstore_fixtures as fx
@@ -34,23 +40,34 @@ def _tiny_extractor(size: int = 32, filters: int = 4, seed: int = 0) -> keras.Mo
     return keras.Model(inp, out)
 
 
-# ------------------------------------------------------------------------------ shipped default
-def test_shipped_default_loads_with_the_documented_shape(backbone: Backbone) -> None:
+# ------------------------------------------------------------------------------ shipped backbones
+def test_shipped_lite0_loads_with_the_documented_shape(backbone: Backbone) -> None:
     assert isinstance(backbone, Backbone)
-    assert backbone.name == DEFAULT_BACKBONE
+    assert backbone.name == "efficientnet_lite0"
     assert backbone.input_size == (224, 224)
     assert backbone.feature_dim == 1280
-    assert backbone.id.startswith(f"{DEFAULT_BACKBONE}-imagenet-")
+    assert backbone.id.startswith("efficientnet_lite0-imagenet-")
     assert backbone.model.trainable is False
     assert tuple(backbone.model.input_shape) == (None, 224, 224, 3)
     assert tuple(backbone.model.output_shape) == (None, 1280)
 
 
-def test_shipped_default_id_is_stable_across_loads(backbone: Backbone) -> None:
-    again = load_backbone()
+def test_shipped_default_is_lite1_at_its_own_input_size_with_a_stable_id() -> None:
+    default = load_backbone()
     by_name = load_backbone(DEFAULT_BACKBONE)
-    assert again.id == backbone.id == by_name.id
+    assert DEFAULT_BACKBONE == "efficientnet_lite1" and default.name == DEFAULT_BACKBONE
+    assert default.input_size == (240, 240) and default.feature_dim == 1280
+    assert tuple(default.model.input_shape) == (None, 240, 240, 3)
+    assert default.model.trainable is False
+    assert default.id.startswith("efficientnet_lite1-imagenet-")
+    assert default.id == by_name.id and default is not by_name  # really loaded twice
+
+
+def test_shipped_lite0_id_is_stable_across_loads(backbone: Backbone) -> None:
+    again = load_backbone("efficientnet_lite0")
+    assert again.id == backbone.id
     assert again is not backbone  # really loaded twice
+    assert again.id != load_backbone().id  # a different backbone keys a different cache
 
 
 def test_shipped_default_features_of_real_photos(backbone: Backbone) -> None:
@@ -257,5 +274,7 @@ def test_model_with_variable_input_size_is_refused(tmp_path) -> None:
 
 def test_shipped_file_is_present_and_listed() -> None:
     assert SHIPPED_BACKBONE_FILE.is_file()
+    assert all(p.is_file() for p in SHIPPED_BACKBONES.values())
     names = backbones_module.available_backbones()
     assert names[0] == DEFAULT_BACKBONE and "mobilenet_v3_small" in names
+    assert set(SHIPPED_BACKBONES) <= set(names)

@@ -396,6 +396,7 @@ def _start_cli_retrain(store: Path, stderr_path: Path, *extra: str) -> subproces
     cmd = [PYTHON, "-m", "bot", "retrain", "--store_dir", str(store), "--json"]
     cmd += ["--min_images_per_label", "5", "--validation_percentage", "15", "--testing_percentage", "15"]
     cmd += ["--accuracy_floor", "0", "--max_accuracy_drop", "1", *extra]
+    cmd += ["--architecture", fx.shared_backbone().name]  # the stores' backbone, so caches are shared
     with open(stderr_path, "w") as err:
         return subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=err, text=True)
 
