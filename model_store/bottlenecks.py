@@ -16,6 +16,7 @@ or non-finite values is treated as missing and recomputed.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 from collections import deque
@@ -43,6 +44,30 @@ _WRITERS = 8
 PREPROCESSING_MODE = "center_crop"
 
 Progress = Callable[[int, int], None]
+
+#: Longer side, in pixels, down to which an image may be reduced while decoding for the backbone
+#: (4x a 224 crop's source size: every crop is then resampled from at least that much detail).
+DECODE_SIDE = 1024
+_DECODE_HAS_MAX_SIDE = "max_side" in inspect.signature(decode_image).parameters
+
+
+def decode_for_model(data: bytes) -> np.ndarray:
+    """Decode image bytes for the backbone: ``images.decode_image``, reduced while decoding when it can.
+
+    When ``decode_image`` takes ``max_side`` (JPEG DCT scaling + integer box reduction), the image
+    is decoded no larger than needed while its longer side stays at least :data:`DECODE_SIDE`; a
+    ``decode_image`` without it decodes at full size. Training (bottlenecks) and serving
+    (``Classifier``) both decode through here, so they see the same pixels.
+
+    Returns:
+        uint8 ``(H, W, 3)`` RGB array.
+
+    Raises:
+        ImageDecodeError: bytes that are not a readable image.
+    """
+    if _DECODE_HAS_MAX_SIDE:
+        return decode_image(data, max_side=DECODE_SIDE)
+    return decode_image(data)
 
 
 def view_name(crop_fraction: float, flip: bool = False) -> str:
@@ -251,7 +276,7 @@ class BottleneckCache:
             _, src = items[i]
             try:
                 data = src if isinstance(src, bytes | bytearray) else Path(src).read_bytes()
-                rgb = decode_image(bytes(data))
+                rgb = decode_for_model(bytes(data))
             except (OSError, LabelgramError) as exc:
                 log.warning("cannot read image %s for bottlenecks: %s", items[i][0][:12], exc)
                 return i, None
