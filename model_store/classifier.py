@@ -6,7 +6,9 @@ of ``model_store.engine``:
 * a version written by a training run on LiteRT holds its backbone's LiteRT conversion
   (``litert-backbone.tflite`` + ``.json``, a copy of the backbone's cache, so no conversion is
   spent per training): the backbone runs on LiteRT (XNNPACK) and the small head
-  (``head.keras``) plus the softmax on a compiled ``tf.function``;
+  (``head.keras``) plus the softmax in NumPy from the head's weights (:class:`NumpyHead`; a head
+  with layers other than Dense / Dropout on a compiled ``tf.function``), so no TensorFlow call is
+  on the serving path;
 * otherwise (a version trained before the engine existed, or that copy unusable) the whole
   ``model.keras`` is converted once and cached in the version folder (``litert.tflite``);
 * the compiled ``tf.function`` path over ``model.keras`` (no ``model.predict()`` per image: that
@@ -30,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
+from model_store.bottlenecks import decode_for_model
 from model_store.engine import EngineSettings, FrozenModel, open_cached, open_frozen
 from model_store.errors import NoModelError
-from model_store.images import decode_image, to_model_input
+from model_store.images import to_model_input
 from model_store.registry import ModelRegistry, ModelVersion
 
 log = logging.getLogger(__name__)
@@ -44,12 +47,90 @@ SERVING_CACHE_NAME = "litert"
 BACKBONE_CACHE_NAME = "litert-backbone"
 
 
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of float32 ``(N, C)`` logits (max subtracted first, so no overflow)."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+    return z
+
+
+class NumpyHead:
+    """A head made only of Dense layers (linear or ReLU) and Dropout, run in NumPy from its weights.
+
+    ``train_head`` builds exactly such heads (an optional hidden ReLU layer, dropout, the logits
+    layer). Inference is ``x @ W + b`` per Dense layer (ReLU where the layer has it; Dropout is the
+    identity at inference), then the softmax: the same arithmetic as Keras in float32, without a
+    ``tf.function`` dispatch per request and without TensorFlow on the serving path.
+
+    Args:
+        dense: ``(kernel float32 (D_in, D_out), bias float32 (D_out,) or None, relu)`` per Dense
+            layer, in order.
+    """
+
+    def __init__(self, dense: list[tuple[np.ndarray, np.ndarray | None, bool]]):
+        self.dense = [
+            (np.ascontiguousarray(k, np.float32), None if b is None else np.asarray(b, np.float32), relu)
+            for k, b, relu in dense
+        ]
+
+    @classmethod
+    def from_keras(cls, head) -> NumpyHead | None:
+        """The NumPy version of a Keras head, or None when it has other layers or activations.
+
+        Only a plain chain is accepted: the layers in order, each Dense layer's input width equal to
+        the previous one's output width (the caller also compares outputs with Keras on a probe).
+        """
+        import keras
+
+        dense = []
+        width = int(head.input_shape[-1])
+        for layer in head.layers:
+            if isinstance(layer, keras.layers.InputLayer | keras.layers.Dropout):
+                continue
+            if not isinstance(layer, keras.layers.Dense):
+                return None
+            act = keras.activations.serialize(layer.activation)
+            act = act if isinstance(act, str) else (act or {}).get("config", {}).get("name", act)
+            if act not in ("linear", "relu"):
+                return None
+            kernel = np.asarray(layer.kernel.numpy(), np.float32)
+            bias = np.asarray(layer.bias.numpy(), np.float32) if layer.use_bias else None
+            if kernel.ndim != 2 or kernel.shape[0] != width:
+                return None
+            width = kernel.shape[1]
+            dense.append((kernel, bias, act == "relu"))
+        if not dense or width != int(head.output_shape[-1]):
+            return None
+        return cls(dense)
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        """float32 ``(N, C)`` logits for float32 ``(N, D)`` bottlenecks."""
+        x = np.asarray(features, np.float32)
+        for kernel, bias, relu in self.dense:
+            x = x @ kernel
+            if bias is not None:
+                x += bias
+            if relu:
+                np.maximum(x, 0, out=x)
+        return x
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        """float32 ``(N, C)`` softmax probabilities for float32 ``(N, D)`` bottlenecks."""
+        return _softmax(self.logits(features))
+
+
+#: largest difference of probabilities between the NumPy head and Keras on the probe for the
+#: NumPy head to be used (float32 rounding is ~1e-7).
+NUMPY_HEAD_TOLERANCE = 1e-5
+
+
 class _BackbonePlusHead:
-    """The backbone on LiteRT, then the head and the softmax on a compiled ``tf.function``."""
+    """The backbone on LiteRT, then the head and the softmax in NumPy (:class:`NumpyHead`) or, for
+    a head with other layers, on a compiled ``tf.function``."""
 
     def __init__(self, backbone: FrozenModel, head_path: Path):
         import keras
-        import tensorflow as tf
 
         head = keras.models.load_model(head_path, compile=False)
         self.backbone = backbone
@@ -58,14 +139,41 @@ class _BackbonePlusHead:
             backbone.input_size,
             backbone.description,
         )
-        self._head = tf.function(
+        self._head = self._numpy_head(head) or self._tf_head(head)
+
+    @staticmethod
+    def _numpy_head(head):
+        """A :class:`NumpyHead` checked against Keras on a fixed probe, or None."""
+        numpy_head = NumpyHead.from_keras(head)
+        if numpy_head is None:
+            return None
+        probe = np.random.default_rng(0).uniform(0, 4, (4, int(head.input_shape[-1]))).astype(np.float32)
+        ref = np.asarray(head(probe, training=False), np.float32)
+        ref = _softmax(ref.astype(np.float64)).astype(np.float32)
+        got = numpy_head(probe)
+        if got.shape != ref.shape or not np.abs(got - ref).max() <= NUMPY_HEAD_TOLERANCE:
+            log.warning("the head's NumPy form disagrees with Keras; using TensorFlow for it")
+            return None
+        return numpy_head
+
+    @staticmethod
+    def _tf_head(head):
+        import tensorflow as tf
+
+        fn = tf.function(
             lambda f: tf.nn.softmax(head(f, training=False), axis=-1),
             input_signature=[tf.TensorSpec([None, int(head.input_shape[-1])], tf.float32)],
         )
+        return lambda feats: fn(feats).numpy()
+
+    @property
+    def head_engine(self) -> str:
+        """``"numpy"`` or ``"tensorflow"``: what runs the head."""
+        return "numpy" if isinstance(self._head, NumpyHead) else "tensorflow"
 
     def __call__(self, batch: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
         feats = self.backbone(batch, batch_size=batch_size)
-        return self._head(feats).numpy().astype(np.float32, copy=False)
+        return np.asarray(self._head(feats), np.float32)
 
 
 def _open_backbone_plus_head(version_dir: Path, settings: EngineSettings | None):
@@ -271,7 +379,7 @@ class Classifier:
         Raises:
             ImageDecodeError: bytes that are not a readable image.
         """
-        rgb = decode_image(image) if isinstance(image, bytes | bytearray) else image
+        rgb = decode_for_model(image) if isinstance(image, bytes | bytearray) else image
         self.reload_if_changed()
         loaded = self._loaded
         if loaded is None:
@@ -311,7 +419,7 @@ class Classifier:
                 rgb = (
                     im.rgb
                     if isinstance(im, Prepared)
-                    else decode_image(im)
+                    else decode_for_model(im)
                     if isinstance(im, bytes | bytearray)
                     else im
                 )

@@ -15,7 +15,13 @@ import tensorflow as tf
 from model_store import engine as engine_module
 from model_store.backbones import Backbone, load_backbone
 from model_store.bottlenecks import BottleneckCache, make_views
-from model_store.classifier import BACKBONE_CACHE_NAME, SERVING_CACHE_NAME, Classifier
+from model_store.classifier import (
+    BACKBONE_CACHE_NAME,
+    SERVING_CACHE_NAME,
+    Classifier,
+    NumpyHead,
+    open_serving_model,
+)
 from model_store.engine import EngineSettings, open_frozen
 from model_store.images import decode_image
 from model_store.pipeline import retrain
@@ -83,7 +89,7 @@ def test_litert_features_match_keras_on_real_photos(backbone: Backbone, lite0_li
 def test_bottleneck_cache_runs_the_backbone_on_litert_and_caches_it_by_backbone_id(
     tmp_path: Path, backbone: Backbone
 ) -> None:
-    bb = load_backbone()  # its own copy: the engine is set on it
+    bb = load_backbone("efficientnet_lite0")  # its own copy of the fixture's backbone: the engine is set on it
     items = [(f"{i:064x}", p) for i, p in enumerate(_photos(1)[:4])]
     cache = BottleneckCache(tmp_path, bb, engine=TWO)
     feats, failed = cache.get(items, views=("crop875",))
@@ -283,3 +289,70 @@ def test_one_model_called_from_several_threads_gives_each_caller_its_own_answer(
         got = list(pool.map(lambda x: fm(x, batch_size=3), inputs))
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------- the serving head in NumPy
+def _keras_probabilities(head: keras.Model, feats: np.ndarray) -> np.ndarray:
+    return np.asarray(tf.nn.softmax(head(feats, training=False), axis=-1), np.float32)
+
+
+def test_the_serving_head_runs_in_numpy_and_equals_the_keras_head_on_real_bottlenecks(
+    clothing_store: TrainedStore, tmp_path: Path
+) -> None:
+    ws = copy_store(clothing_store.root, tmp_path / "store")
+    version = ws.registry.current()
+    model = open_serving_model(version.path, TWO)
+    assert model.head_engine == "numpy"  # no tf.function on the serving path
+    inputs = np.concatenate(
+        [np.stack(make_views(decode_image(p.read_bytes()), model.input_size, ["crop875", "crop1000"])) for p in _photos(2)]
+    )
+    feats = model.backbone(inputs)
+    head = keras.models.load_model(version.path / "head.keras", compile=False)
+    got, want = model(inputs), _keras_probabilities(head, feats)
+    assert got.shape == want.shape == (len(inputs), len(version.labels)) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
+    assert (got.argmax(1) == want.argmax(1)).all()
+
+
+def test_a_head_with_other_layers_keeps_the_tensorflow_path(clothing_store: TrainedStore, tmp_path: Path) -> None:
+    ws = copy_store(clothing_store.root, tmp_path / "store")
+    version = ws.registry.current()
+    trained = keras.models.load_model(version.path / "head.keras", compile=False)
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((int(trained.input_shape[-1]),))
+    x = keras.layers.LayerNormalization()(inp)  # not a Dense / Dropout layer: NumPy cannot run it
+    odd = keras.Model(inp, keras.layers.Dense(int(trained.output_shape[-1]), activation="tanh")(x))
+    odd.save(version.path / "head.keras")
+    model = open_serving_model(version.path, TWO)
+    assert model.head_engine == "tensorflow"
+    inputs = np.stack(make_views(decode_image(_photos(1)[0].read_bytes()), model.input_size, ["crop875", "crop1000"]))
+    np.testing.assert_allclose(model(inputs), _keras_probabilities(odd, model.backbone(inputs)), atol=1e-5)
+
+
+def test_numpy_head_runs_a_hidden_relu_layer_like_keras() -> None:
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((16,))
+    x = keras.layers.Dropout(0.5)(inp)
+    x = keras.layers.Dense(12, activation="relu")(x)
+    x = keras.layers.Dropout(0.5)(x)
+    head = keras.Model(inp, keras.layers.Dense(5)(x))
+    numpy_head = NumpyHead.from_keras(head)
+    feats = np.random.default_rng(2).normal(0, 2, (7, 16)).astype(np.float32)
+    np.testing.assert_allclose(numpy_head(feats), _keras_probabilities(head, feats), atol=1e-6)
+    sigmoid = keras.Model(inp, keras.layers.Dense(5, activation="sigmoid")(inp))
+    assert NumpyHead.from_keras(sigmoid) is None
+
+
+# --------------------------------------------------------------------------- LiteRT batch cap
+def test_litert_splits_large_batches_into_small_passes_with_the_same_features(tmp_path: Path, monkeypatch) -> None:
+    fm = open_frozen(_tiny(), key="tiny-batches", cache_dir=tmp_path, settings=TWO)
+    assert fm.engine == "litert"
+    passes: list[int] = []
+    runner = fm._run
+    monkeypatch.setattr(fm, "_run", lambda x: passes.append(len(x)) or runner(x))
+    x = _inputs(20)
+    big = fm(x, batch_size=32)
+    assert passes == [8, 8, 4] and max(passes) <= engine_module.LITERT_MAX_BATCH
+    one_by_one = np.concatenate([fm(x[i : i + 1]) for i in range(len(x))])
+    np.testing.assert_allclose(big, one_by_one, atol=1e-5)
