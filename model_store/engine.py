@@ -46,6 +46,9 @@ ENGINES = ("litert", "tensorflow")
 FORMAT = 1
 #: smallest cosine similarity between LiteRT and Keras outputs on the probe input for a conversion to be used.
 MIN_PROBE_COSINE = 0.999
+#: most inputs per LiteRT forward pass (larger calls are split). XNNPACK is as efficient per image at
+#: batch 1-8 as at 32, and larger batches' activations fall out of the caches: see docs/engine.md.
+LITERT_MAX_BATCH = 8
 
 _logged: set[tuple[str, str]] = set()
 _logged_lock = threading.Lock()
@@ -98,6 +101,9 @@ class FrozenModel:
         input_size: ``(h, w)`` of the model input.
         cache_record: the on-disk record (``<name>.json``) this model was loaded from or written
             to, or None (converted in memory, or TensorFlow by configuration).
+        max_pass: most inputs per forward pass whatever ``batch_size`` a caller asks for
+            (:data:`LITERT_MAX_BATCH` on LiteRT, None = no cap on TensorFlow, which gains from
+            large batches).
     """
 
     def __init__(
@@ -117,6 +123,7 @@ class FrozenModel:
         self.threads = threads
         self.fallback_reason = fallback_reason
         self.input_size = input_size
+        self.max_pass = LITERT_MAX_BATCH if engine == "litert" else None
 
     @property
     def description(self) -> str:
@@ -132,16 +139,20 @@ class FrozenModel:
 
         Args:
             batch: float32 ``(N, h, w, 3)`` (other dtypes are converted).
-            batch_size: inputs per forward pass (bounds memory); larger batches are split.
+            batch_size: inputs per forward pass (bounds memory); larger batches are split (on
+                LiteRT also at :attr:`max_pass`).
 
         Returns:
             float32 array ``(N, ...)``; ``(0, ...)`` inputs are not run.
         """
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         step = max(1, int(batch_size))
+        if self.max_pass:
+            step = min(step, self.max_pass)
         with self._lock:
             outs = [self._run(batch[i : i + step]) for i in range(0, len(batch), step)]
-        return np.concatenate(outs).astype(np.float32, copy=False)
+        out = outs[0] if len(outs) == 1 else np.concatenate(outs)
+        return out.astype(np.float32, copy=False)
 
 
 def _tensorflow_runner(model) -> Callable[[np.ndarray], np.ndarray]:
