@@ -50,6 +50,38 @@ def _add_store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="config.toml (default: $LABELGRAM_CONFIG)")
 
 
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--engine",
+        choices=("litert", "tensorflow"),
+        default=None,
+        help="how the frozen model runs: litert (LiteRT/XNNPACK, default; falls back to tensorflow "
+        "for a model it cannot convert) or tensorflow (config: engine.engine)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for LiteRT; 0 = all cores (config: engine.threads)"
+    )
+
+
+def _engine_settings(args: argparse.Namespace):
+    """EngineSettings from --engine / --threads, else the config's [engine] section, else the defaults."""
+    from model_store.engine import EngineSettings
+
+    engine, threads = args.engine, args.threads
+    config_path = getattr(args, "config", None) or os.environ.get("LABELGRAM_CONFIG")
+    if (engine is None or threads is None) and (config_path or any(k.startswith("LABELGRAM_") for k in os.environ)):
+        from bot.config import load_config
+
+        section = load_config(config_path).engine
+        engine = section.engine if engine is None else engine
+        threads = section.threads if threads is None else threads
+    if threads is not None and threads < 0:
+        from model_store.errors import LabelgramError
+
+        raise LabelgramError("--threads must be 0 (all cores) or more.")
+    return EngineSettings(engine or "litert", threads or 0)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bot", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--export_tflite", action="store_true", help="also write model.tflite")
     p.add_argument("--print_misclassified_test_images", action="store_true")
+    _add_engine_args(p)
     p.add_argument(
         "--json", action="store_true", help="JSON lines on stdout: progress events, then the result"
     )
@@ -117,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_store_args(p)
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--top_k", type=int, default=5)
+    _add_engine_args(p)
     p.add_argument("--json", action="store_true", help="one JSON object per image")
 
     p = sub.add_parser("status", help="serving model version, accuracy, images per label")
@@ -222,7 +256,12 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
     try:
         report = retrain(
-            ws, _train_config(args), backbone=args.architecture, weights=args.weights, progress=progress
+            ws,
+            _train_config(args),
+            backbone=args.architecture,
+            weights=args.weights,
+            progress=progress,
+            engine=_engine_settings(args),
         )
     except Exception as exc:
         # Unexpected: log the traceback on stderr, and still give a JSON reader its result line.
@@ -265,6 +304,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             )
             for label, s in m["per_label"].items():
                 print(f"  {label:20s} {s['precision']:.3f} / {s['recall']:.3f}  (n={s['support']})")
+            print(f"backbone: {m['backbone']['name']}; engine: {(m.get('engine') or {}).get('serving')}")
             print(f"version folder: {ws.registry.root / report.version}")
     return 1 if report.status == "failed" else 0
 
@@ -281,7 +321,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from model_store.images import decode_image
     from model_store.registry import ModelRegistry
 
-    clf = Classifier(ModelRegistry(_store_dir(args) / "models"))
+    clf = Classifier(ModelRegistry(_store_dir(args) / "models"), engine=_engine_settings(args))
     failures = 0
     try:
         clf.reload_if_changed()
@@ -330,6 +370,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     info = {
         "version": cur.name if cur else None,
         "accuracy": cur.metrics.get("accuracy") if cur else None,
+        "backbone": (cur.metrics.get("backbone") or {}).get("name") if cur else None,
+        "engine": (cur.metrics.get("engine") or {}).get("serving") if cur else None,
         "labels": {li.name: li.count for li in ws.store.labels()},
         "images_added_since_training": ws.store.count_added_since(cur.created_at)
         if cur
@@ -341,6 +383,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"serving version: {info['version'] or 'none (not trained yet)'}")
     if info["accuracy"] is not None:
         print(f"test accuracy: {info['accuracy']:.4f}")
+    if info["backbone"]:
+        print(f"backbone: {info['backbone']}; engine when trained: {info['engine'] or 'TensorFlow'}")
     for label, n in info["labels"].items():
         print(f"  {label}: {n} images")
     print(f"images added since the last training: {info['images_added_since_training']}")

@@ -535,6 +535,7 @@ def status_text(svc: Services) -> str:
         acc = metrics.get("accuracy")
         acc_text = f"test accuracy {acc * 100:.1f}%" if isinstance(acc, int | float) else "accuracy unknown"
         lines.append(f"Model: {current.name} ({acc_text}, trained {_fmt_time(current.created_at, tz)})")
+        lines.append(engine_line(metrics, svc.classifier.engine_description))
     infos = svc.workspace.store.labels()
     total = sum(i.count for i in infos)
     lines.append(f"Labels: {len(infos)}, {_photos(total)}")
@@ -553,6 +554,17 @@ def status_text(svc: Services) -> str:
             f"Training now: yes ({svc.trainer.current_trigger}, running for {time.time() - svc.trainer.started_at:.0f} s)"
         )
     return "\n".join(lines)
+
+
+def engine_line(metrics: dict, serving: str | None = None) -> str:
+    """"Backbone: efficientnet_lite0, engine: LiteRT/XNNPACK, 2 threads" for a version's metrics.
+
+    ``serving`` is the engine the bot runs the model on now (``Classifier.engine_description``);
+    without it, the one the training run used (``metrics["engine"]["serving"]``).
+    """
+    backbone = (metrics.get("backbone") or {}).get("name") or "unknown"
+    engine = serving or (metrics.get("engine") or {}).get("serving") or "TensorFlow"
+    return f"Backbone: {backbone}, engine: {engine}"
 
 
 def next_run_text(svc: Services, tz: ZoneInfo) -> str:

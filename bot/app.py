@@ -204,7 +204,7 @@ def build_application(
         min_free_bytes=config.limits.min_free_disk_mb * 1024 * 1024,
         max_pixels=config.classify.max_pixels,
     )
-    classifier = Classifier(ws.registry, max_batch=config.classify.max_batch)
+    classifier = Classifier(ws.registry, max_batch=config.classify.max_batch, engine=config.engine.settings())
     top_k = config.classify.top_k
     batcher: MicroBatcher[Any, list[tuple[str, float]]] = MicroBatcher(
         lambda images: classifier.classify(images, top_k=top_k),

@@ -46,6 +46,7 @@ __all__ = [
     "ClassifyConfig",
     "Config",
     "ConfigError",
+    "EngineConfig",
     "LimitsConfig",
     "LoggingConfig",
     "TelegramConfig",
@@ -209,6 +210,19 @@ class TrainingConfig(_Section):
         return CronTrigger.from_crontab(self.schedule, timezone=ZoneInfo(self.timezone))
 
 
+class EngineConfig(_Section):
+    """``[engine]``: how the frozen model runs (bottlenecks in training, and serving)."""
+
+    engine: Literal["litert", "tensorflow"] = "litert"
+    threads: int = Field(0, ge=0, le=1024)
+
+    def settings(self):
+        """The ``model_store.engine.EngineSettings`` of this section."""
+        from model_store.engine import EngineSettings
+
+        return EngineSettings(self.engine, self.threads)
+
+
 class LimitsConfig(_Section):
     """``[limits]``: protection against floods and full disks."""
 
@@ -244,6 +258,7 @@ class Config(BaseSettings):
     store_dir: Path = Path("store")
     classify: ClassifyConfig = ClassifyConfig()
     training: TrainingConfig = TrainingConfig()
+    engine: EngineConfig = EngineConfig()
     limits: LimitsConfig = LimitsConfig()
     logging: LoggingConfig = LoggingConfig()
 

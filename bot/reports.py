@@ -72,6 +72,11 @@ def format_report(outcome: TrainingOutcome) -> str:
         test_images = m.get("test_images")
         lines.append("")
         lines.append(f"Test accuracy: {_pct(m.get('accuracy'))}" + (f" on {test_images} images" if test_images else ""))
+        if m.get("backbone"):
+            lines.append(
+                f"Backbone: {(m.get('backbone') or {}).get('name')}, "
+                f"engine: {(m.get('engine') or {}).get('serving') or 'TensorFlow'}"
+            )
         comparison = (m.get("gate") or {}).get("comparison") or {}
         if comparison.get("current_accuracy") is not None:
             lines.append(

@@ -132,7 +132,9 @@ def retrain_command(config: Config, *, store_dir: Path | str | None = None) -> l
         store,
         "--json",
         *training_flags(config.training),
-    ]
+        "--engine", config.engine.engine,
+        "--threads", str(config.engine.threads),
+    ]  # fmt: skip
 
 
 def _child_env(secrets: Iterable[str | None] = ()) -> dict[str, str]:

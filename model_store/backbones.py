@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +58,8 @@ class Backbone:
         input_size: ``(height, width)`` in pixels the model expects.
         feature_dim: length D of the bottleneck vector.
         model: a ``keras.Model`` mapping float32 ``(N, h, w, 3)`` RGB 0..255 to float32 ``(N, D)``.
+        engine: the ``engine.FrozenModel`` :meth:`features` runs on (set by :meth:`use_engine`),
+            or None for the TensorFlow path.
     """
 
     id: str
@@ -66,10 +67,29 @@ class Backbone:
     input_size: tuple[int, int]
     feature_dim: int
     model: object
-    _fn: Callable | None = field(default=None, repr=False)
+    engine: object | None = field(default=None, repr=False)
+    _tf: object | None = field(default=None, repr=False)
+
+    def use_engine(self, settings=None, *, cache_dir: Path | str | None = None) -> str:
+        """Run :meth:`features` on the configured engine from now on (see ``model_store.engine``).
+
+        Args:
+            settings: an ``engine.EngineSettings`` (default: LiteRT, all cores).
+            cache_dir: folder of the converted model's cache, keyed by :attr:`id`
+                (None: convert in memory).
+
+        Returns:
+            The engine's description, e.g. ``"LiteRT/XNNPACK, 2 threads"``.
+        """
+        from model_store.engine import open_frozen
+
+        self.engine = open_frozen(self.model, key=self.id, cache_dir=cache_dir, settings=settings)
+        return self.engine.description
 
     def features(self, batch: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
         """Bottlenecks for a batch of model inputs.
+
+        Runs on the engine chosen with :meth:`use_engine`; without one, on the TensorFlow path.
 
         Args:
             batch: float32 array ``(N, h, w, 3)``, RGB 0..255, ``(h, w) == input_size``.
@@ -78,20 +98,17 @@ class Backbone:
         Returns:
             float32 array ``(N, feature_dim)``.
         """
-        import tensorflow as tf
+        engine = self.engine
+        if engine is None:
+            if self._tf is None:
+                from model_store.engine import EngineSettings, open_frozen
 
-        if self._fn is None:
-            h, w = self.input_size
-            model = self.model
-            self._fn = tf.function(
-                lambda x: model(x, training=False),
-                input_signature=[tf.TensorSpec([None, h, w, 3], tf.float32)],
-            )
+                self._tf = open_frozen(self.model, key=self.id, settings=EngineSettings("tensorflow"))
+            engine = self._tf
         batch = np.asarray(batch, dtype=np.float32)
         if len(batch) == 0:
             return np.zeros((0, self.feature_dim), np.float32)
-        outs = [self._fn(batch[i : i + batch_size]).numpy() for i in range(0, len(batch), batch_size)]
-        return np.concatenate(outs).astype(np.float32, copy=False)
+        return engine(batch, batch_size=batch_size)
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,16 @@ bottlenecks of images it has not seen. Augmentation is done with cached *views* 
 retrain.py's random distortions did.
 
 Layout: ``<root>/<backbone id>/<preprocessing>-<view>/<sha256[:2]>/<sha256>.npy``, each a float32 ``(D,)`` array,
-written with ``registry.write_atomic`` (fsync file, ``os.replace``, fsync folder). An entry that cannot be read or has the wrong shape, dtype
+written with ``registry.write_atomic`` (fsync file, ``os.replace``, fsync folder);
+``<root>/<backbone id>/litert.tflite`` (+ ``.json``) is the backbone converted for the LiteRT engine
+(``model_store.engine``). An entry that cannot be read or has the wrong shape, dtype
 or non-finite values is treated as missing and recomputed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 from collections import deque
@@ -24,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from model_store.backbones import Backbone
+from model_store.engine import EngineSettings
 from model_store.errors import LabelgramError
 from model_store.images import decode_image, to_model_input
 from model_store.registry import write_atomic
@@ -40,6 +44,30 @@ _WRITERS = 8
 PREPROCESSING_MODE = "center_crop"
 
 Progress = Callable[[int, int], None]
+
+#: Longer side, in pixels, down to which an image may be reduced while decoding for the backbone
+#: (4x a 224 crop's source size: every crop is then resampled from at least that much detail).
+DECODE_SIDE = 1024
+_DECODE_HAS_MAX_SIDE = "max_side" in inspect.signature(decode_image).parameters
+
+
+def decode_for_model(data: bytes) -> np.ndarray:
+    """Decode image bytes for the backbone: ``images.decode_image``, reduced while decoding when it can.
+
+    When ``decode_image`` takes ``max_side`` (JPEG DCT scaling + integer box reduction), the image
+    is decoded no larger than needed while its longer side stays at least :data:`DECODE_SIDE`; a
+    ``decode_image`` without it decodes at full size. Training (bottlenecks) and serving
+    (``Classifier``) both decode through here, so they see the same pixels.
+
+    Returns:
+        uint8 ``(H, W, 3)`` RGB array.
+
+    Raises:
+        ImageDecodeError: bytes that are not a readable image.
+    """
+    if _DECODE_HAS_MAX_SIDE:
+        return decode_image(data, max_side=DECODE_SIDE)
+    return decode_image(data)
 
 
 def view_name(crop_fraction: float, flip: bool = False) -> str:
@@ -92,15 +120,26 @@ class BottleneckCache:
         batch_size: images per backbone forward pass (default 32, the throughput sweet spot
             measured on 2 CPU cores).
         decode_threads: threads decoding and resizing images while the backbone runs.
+        engine: how the backbone runs (``engine.EngineSettings``; default LiteRT on all cores),
+            applied when the first bottleneck has to be computed unless the backbone already has
+            an engine (:meth:`Backbone.use_engine`). The converted backbone is cached in this
+            backbone's folder (``litert.tflite``), so it goes with its bottlenecks.
     """
 
     def __init__(
-        self, root: Path | str, backbone: Backbone, *, batch_size: int = 32, decode_threads: int = 2
+        self,
+        root: Path | str,
+        backbone: Backbone,
+        *,
+        batch_size: int = 32,
+        decode_threads: int = 2,
+        engine: EngineSettings | None = None,
     ):
         self.root = Path(root)
         self.backbone = backbone
         self.batch_size = batch_size
         self.decode_threads = decode_threads
+        self.engine = engine or EngineSettings()
         self.dir = self.root / backbone.id
         #: counters of the last :meth:`get` call: computed, loaded from cache, recomputed as corrupt.
         self.stats = {"computed": 0, "cached": 0, "corrupt": 0}
@@ -170,6 +209,9 @@ class BottleneckCache:
             return removed
         for view_dir in self.dir.iterdir():
             if not view_dir.is_dir():
+                if view_dir.name.startswith(".tmp-"):  # an interrupted engine-cache write
+                    view_dir.unlink(missing_ok=True)
+                    removed += 1
                 continue
             for shard in view_dir.iterdir():
                 if not shard.is_dir():
@@ -226,13 +268,15 @@ class BottleneckCache:
         if not todo:
             return out, failed
 
+        if self.backbone.engine is None:
+            self.backbone.use_engine(self.engine, cache_dir=self.dir)
         size = self.backbone.input_size
 
         def prepare(i: int):
             _, src = items[i]
             try:
                 data = src if isinstance(src, bytes | bytearray) else Path(src).read_bytes()
-                rgb = decode_image(bytes(data))
+                rgb = decode_for_model(bytes(data))
             except (OSError, LabelgramError) as exc:
                 log.warning("cannot read image %s for bottlenecks: %s", items[i][0][:12], exc)
                 return i, None

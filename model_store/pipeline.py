@@ -27,6 +27,8 @@ import numpy as np
 
 from model_store.backbones import Backbone, load_backbone
 from model_store.bottlenecks import PREPROCESSING_MODE, BottleneckCache
+from model_store.classifier import BACKBONE_CACHE_NAME
+from model_store.engine import EngineSettings, copy_cache
 from model_store.errors import LabelgramError, TrainingError
 from model_store.images import decode_image, to_model_input
 from model_store.labels import label_key
@@ -201,6 +203,7 @@ def retrain(
     backbone: Backbone | str | None = None,
     weights: str | None = "imagenet",
     progress: Progress | None = None,
+    engine: EngineSettings | None = None,
 ) -> RetrainReport:
     """Retrain the final layer on the workspace's labelled images and promote it if it is good enough.
 
@@ -210,6 +213,9 @@ def retrain(
         backbone: a loaded :class:`Backbone`, a spec for ``load_backbone`` or None for the default.
         weights: weights for a keras.applications backbone spec (see ``load_backbone``).
         progress: ``progress(stage, done, total)`` callback.
+        engine: how the frozen backbone runs for the bottlenecks; on LiteRT the new version also
+            gets a copy of the backbone's conversion for serving (``engine.EngineSettings``;
+            default LiteRT, all cores).
 
     Returns:
         :class:`RetrainReport`. Expected failures (too few labels or images, a backbone that cannot be
@@ -219,7 +225,7 @@ def retrain(
     try:
         _check_config(config)
         with training_lock(ws):
-            return _retrain(ws, config, backbone, weights, progress)
+            return _retrain(ws, config, backbone, weights, progress, engine or EngineSettings())
     except LabelgramError as exc:
         log.warning("retrain failed: %s", exc.message)
         return RetrainReport("failed", exc.message)
@@ -326,6 +332,7 @@ def _retrain(
     backbone: Backbone | str | None,
     weights: str | None,
     progress: Progress | None,
+    engine: EngineSettings,
 ) -> RetrainReport:
     """The body of :func:`retrain`, run under the training lock with a checked config."""
     timings: dict[str, float] = {}
@@ -357,7 +364,7 @@ def _retrain(
 
     # 1. bottlenecks (only the missing ones are computed)
     t = time.perf_counter()
-    cache = BottleneckCache(ws.bottleneck_dir, backbone)
+    cache = BottleneckCache(ws.bottleneck_dir, backbone, engine=engine)
     views = config.train_views()
     eval_idx = [views.index(v) for v in config.eval_views()]
     feats, failed = cache.get(
@@ -467,6 +474,7 @@ def _retrain(
                 "input_size": list(backbone.input_size),
                 "feature_dim": backbone.feature_dim,
             },
+            "engine": {"bottlenecks": backbone.engine.description if backbone.engine else None},
             "preprocessing": {
                 "mode": PREPROCESSING_MODE,
                 "crop_fractions": list(config.crop_fractions),
@@ -482,6 +490,7 @@ def _retrain(
         }
         head.save(tmp / "head.keras")
         build_inference_model(backbone, head).save(tmp / "model.keras")
+        metrics["engine"]["serving"] = _serving_engine(backbone, cache, engine, tmp)
         (tmp / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
         plot_confusion_matrix(
             ev,
@@ -497,8 +506,6 @@ def _retrain(
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False), encoding="utf-8")
         version = ws.registry.commit(name, tmp)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     step("saving", 1, 1)
@@ -517,6 +524,7 @@ def _retrain(
         )
     ws.registry.prune(config.keep_versions)
     _prune_bottlenecks(ws, cache, records)
+    _prune_other_backbones(ws, backbone)
     log.info("retrain finished: %s (%s)", status, message)
     return RetrainReport(
         status, message, name, metrics, version.path / "confusion_matrix.png", excluded, skipped
@@ -536,6 +544,61 @@ def _prune_bottlenecks(ws: Workspace, cache: BottleneckCache, records: list) -> 
         cache.prune(keep)
     except OSError as exc:
         log.warning("could not prune the bottleneck cache: %s", exc)
+
+
+def _serving_engine(backbone: Backbone, cache: BottleneckCache, engine: EngineSettings, version_dir: Path) -> str:
+    """Give the new version its backbone's LiteRT conversion (a copy, ``classifier.BACKBONE_CACHE_NAME``).
+
+    No conversion is spent here when the backbone's is cached (the bottleneck step converted it
+    once per backbone); the serving path runs it with the version's head. Without a copy (the
+    TensorFlow engine, a backbone LiteRT cannot run, an unwritable cache) the bot falls back to
+    converting ``model.keras`` itself, once.
+
+    Returns:
+        The engine's description for the metrics and the report.
+    """
+    if engine.engine != "litert":
+        return "TensorFlow"
+    if backbone.engine is None:
+        backbone.use_engine(engine, cache_dir=cache.dir)
+    record = getattr(backbone.engine, "cache_record", None)
+    if record is not None:
+        try:
+            copy_cache(record, version_dir, BACKBONE_CACHE_NAME)
+        except OSError as exc:
+            log.warning("could not copy the backbone's LiteRT model into the version: %s", exc)
+    return backbone.engine.description
+
+
+def _prune_other_backbones(ws: Workspace, backbone: Backbone) -> list[str]:
+    """Delete the caches of backbones no longer in use: every ``<store>/bottlenecks/<id>`` folder
+    (bottlenecks and the converted LiteRT backbone) but the one of ``backbone``.
+
+    Only the store's own cache is pruned (a ``--bottleneck_dir`` may be shared with other stores).
+    Model versions keep their own converted model and go with their folder (``registry.prune``).
+    A failure is logged, never fatal.
+
+    Returns:
+        The names of the deleted folders.
+    """
+    root = ws.bottleneck_dir
+    if root.resolve() != (ws.root / "bottlenecks").resolve() or not root.is_dir():
+        return []
+    removed = []
+    for p in root.iterdir():
+        if p.name == backbone.id:
+            continue
+        try:
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p.name)
+        except OSError as exc:
+            log.warning("could not remove the cache of an unused backbone %s: %s", p.name, exc)
+    if removed:
+        log.info("removed the caches of backbones no longer in use: %s", ", ".join(sorted(removed)))
+    return removed
 
 
 def _export_tflite(backbone: Backbone, head, path: Path) -> None:

@@ -9,6 +9,7 @@ Layout under ``root`` (normally ``<store>/models``)::
     <version>/confusion_matrix.png
     <version>/saved_model/         optional, for TensorFlow Serving
     <version>/model.tflite         optional
+    <version>/litert.tflite, .json the model converted for the LiteRT engine (model_store.engine)
     CURRENT                        JSON {"version": name, "history": [previous, ...]}
     .tmp-<version>/                a version being written (never read; removed by prune)
 

@@ -259,3 +259,41 @@ def test_many_images_in_several_batches(tmp_path: Path, backbone: Backbone) -> N
     big = BottleneckCache(tmp_path / "c2", backbone, batch_size=32)
     feats_big, _ = big.get(items, views=("crop875",))
     np.testing.assert_allclose(feats, feats_big, rtol=1e-4, atol=1e-4)
+
+
+def test_training_and_serving_decode_through_decode_for_model_with_max_side_when_offered(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import inspect
+    import io
+
+    from PIL import Image
+
+    from model_store import bottlenecks
+    from model_store.classifier import Classifier
+    from model_store.workspace import Workspace
+
+    rgb = np.random.default_rng(0).integers(0, 255, (1800, 2400, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=90)
+    jpeg = buf.getvalue()
+    real = bottlenecks.decode_image
+    if "max_side" in inspect.signature(real).parameters:  # images.py with DCT-scaled decoding
+        small = bottlenecks.decode_for_model(jpeg)
+        assert bottlenecks.DECODE_SIDE <= max(small.shape[:2]) < 2400
+    else:
+        np.testing.assert_array_equal(bottlenecks.decode_for_model(jpeg), real(jpeg))
+
+    calls: list[dict] = []
+
+    def recording(data, **kwargs):
+        calls.append(kwargs)
+        return real(data)
+
+    monkeypatch.setattr(bottlenecks, "decode_image", recording)
+    monkeypatch.setattr(bottlenecks, "_DECODE_HAS_MAX_SIDE", True)
+    Classifier(Workspace(tmp_path / "store").registry).prepare(jpeg)  # serving
+    assert calls == [{"max_side": bottlenecks.DECODE_SIDE}]
+    monkeypatch.setattr(bottlenecks, "_DECODE_HAS_MAX_SIDE", False)
+    assert bottlenecks.decode_for_model(jpeg).shape == (1800, 2400, 3)
+    assert calls[-1] == {}

@@ -208,6 +208,8 @@ def test_status_json(cli_trained: dict) -> None:
     assert info["accuracy"] == pytest.approx(result["metrics"]["accuracy"])
     assert info["labels"] == {label: 8 for label in clothing_labels()}
     assert info["images_added_since_training"] == 0
+    assert info["backbone"] == "efficientnet_lite0"
+    assert info["engine"] == result["metrics"]["engine"]["serving"] and info["engine"].startswith("LiteRT/XNNPACK")
 
 
 def test_status_text_and_before_training(cli_trained: dict, tmp_path: Path) -> None:
@@ -215,10 +217,18 @@ def test_status_text_and_before_training(cli_trained: dict, tmp_path: Path) -> N
     assert proc.returncode == 0
     assert f"serving version: {_result(cli_trained)['version']}" in proc.stdout
     assert "  shoes: 8 images" in proc.stdout
+    assert "backbone: efficientnet_lite0; engine when trained: LiteRT/XNNPACK" in proc.stdout
     empty = run_cli("status", "--store_dir", tmp_path / "new", "--json")
     assert empty.returncode == 0
     (info,) = json_lines(empty.stdout)
-    assert info == {"version": None, "accuracy": None, "labels": {}, "images_added_since_training": 0}
+    assert info == {
+        "version": None,
+        "accuracy": None,
+        "backbone": None,
+        "engine": None,
+        "labels": {},
+        "images_added_since_training": 0,
+    }
 
 
 # ------------------------------------------------------------------------------------ rollback
