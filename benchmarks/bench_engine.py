@@ -17,7 +17,9 @@ Prints one JSON object per line (figure, value, unit, plus the context and, for 
   the ratio LiteRT / TensorFlow of the p50 (target <= 1/3);
 * ``cold_retrain`` / ``warm_retrain`` / ``incremental_retrain_50`` for ``--retrain_backbone`` on
   all photos of ``--image_dir`` (the 50 with the highest content hash held back for the
-  incremental run) on LiteRT, and ``cold_retrain`` of the same backbone on the TensorFlow path.
+  incremental run) on LiteRT, ``cold_retrain`` of ``--baseline_backbone`` (today's Lite0) on the
+  TensorFlow path (the path before issue 7), and ``cold_retrain_ratio``: the new default's cold
+  retrain time over that baseline's (target <= 1).
 
 The machine is usually shared: compare the ratios, which are measured side by side.
 """
@@ -182,8 +184,8 @@ def classify_latency(spec: str, items: list, files: list, bn_root: Path, threads
          backbone=spec)
 
 
-def retrain_times(spec: str, files: list, threads: int, work: Path) -> None:
-    """Cold / warm / incremental retrain on LiteRT, and a cold retrain on the TensorFlow path."""
+def retrain_times(spec: str, baseline: str, files: list, threads: int, work: Path) -> None:
+    """A cold retrain of ``baseline`` on the TensorFlow path, then cold / warm / incremental of ``spec`` on LiteRT."""
     from model_store.pipeline import retrain
     from model_store.training import TrainConfig
     from model_store.workspace import Workspace
@@ -191,20 +193,24 @@ def retrain_times(spec: str, files: list, threads: int, work: Path) -> None:
     digests = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
     held = set(sorted(files, key=lambda p: digests[p])[-50:])
     config = TrainConfig()
-    for engine in ("tensorflow", "litert"):
-        ws = Workspace(work / f"retrain-{spec}-{engine}")
+    cold_seconds = {}
+    for engine, backbone in (("tensorflow", baseline), ("litert", spec)):
+        ws = Workspace(work / f"retrain-{backbone}-{engine}")
         for p in files:
             if p not in held:
                 ws.store.add(p.read_bytes(), p.parent.name)
         settings = _settings(engine, threads)
         t = time.perf_counter()
-        cold = retrain(ws, config, backbone=spec, engine=settings)
+        cold = retrain(ws, config, backbone=backbone, engine=settings)
+        cold_seconds[engine] = time.perf_counter() - t
         m = cold.metrics
-        emit("cold_retrain", round(time.perf_counter() - t, 2), "s", backbone=spec,
+        emit("cold_retrain", round(cold_seconds[engine], 2), "s", backbone=backbone,
              engine=(m.get("engine") or {}).get("bottlenecks"), status=cold.status, accuracy=round(m["accuracy"], 4),
              images=len(files) - len(held), timings={k: round(v, 2) for k, v in m["timings"].items()})
         if engine == "tensorflow":
             continue
+        emit("cold_retrain_ratio", round(cold_seconds["litert"] / cold_seconds["tensorflow"], 3), "x",
+             new=f"{spec} on LiteRT", old=f"{baseline} on TensorFlow", target="<= 1")
         t = time.perf_counter()
         warm = retrain(ws, config, backbone=spec, engine=settings)
         emit("warm_retrain", round(time.perf_counter() - t, 2), "s", backbone=spec, status=warm.status,
@@ -228,6 +234,8 @@ def main() -> int:
     ap.add_argument("--backbones", default=None,
                     help=f"comma-separated backbone specs (default: efficientnet_lite0 and {DEFAULT_BACKBONE})")
     ap.add_argument("--retrain_backbone", default=DEFAULT_BACKBONE, help="backbone of the retrain timings")
+    ap.add_argument("--baseline_backbone", default="efficientnet_lite0",
+                    help="backbone of the cold retrain on the TensorFlow path (the path before the engine)")
     ap.add_argument("--images", type=int, default=300, help="photos for the throughput and latency runs")
     ap.add_argument("--repeats", type=int, default=2, help="throughput runs per engine (best is reported)")
     ap.add_argument("--latency_runs", type=int, default=100)
@@ -251,7 +259,7 @@ def main() -> int:
         bn_root = bottleneck_throughput(spec, items, args.threads, args.repeats, work)
         classify_latency(spec, items, subset, bn_root, args.threads, args.latency_runs, work)
     if not args.skip_retrain:
-        retrain_times(args.retrain_backbone, files, args.threads, work)
+        retrain_times(args.retrain_backbone, args.baseline_backbone, files, args.threads, work)
     emit("machine_after", available_cores(), "cores", load_average=[round(x, 2) for x in os.getloadavg()])
     return 0
 
