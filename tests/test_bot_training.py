@@ -14,6 +14,7 @@ from PIL import Image
 from bot.config import Config
 from bot.schedule import missed_run
 from bot.state import BotState
+from model_store.backbones import DEFAULT_BACKBONE
 from model_store.dataset import ImageStore
 from model_store.registry import ModelRegistry
 from tests.botapi_standin import BotApiStandIn, Call
@@ -64,7 +65,7 @@ async def test_admin_teaches_three_labels_retrains_and_a_new_photo_is_answered(
     assert report.reply_to == retrain_mid
     assert "is now serving" in text and "Test accuracy:" in text
     assert "Per label: precision / recall" in text
-    assert "Backbone: efficientnet_lite0, engine: LiteRT/XNNPACK" in text
+    assert f"Backbone: {DEFAULT_BACKBONE}, engine: LiteRT/XNNPACK" in text
     for label in ("shoes", "pants", "t-shirt"):
         assert f"\n{label}: " in text
     assert Image.open(io.BytesIO(picture.params["photo"])).format == "PNG"
@@ -72,7 +73,7 @@ async def test_admin_teaches_three_labels_retrains_and_a_new_photo_is_answered(
     current = ModelRegistry(store / "models").current()
     assert current is not None and current.name in status_text
     assert "Images added since the last training: 0" in status_text
-    assert "Backbone: efficientnet_lite0, engine: LiteRT/XNNPACK" in status_text, status_text
+    assert f"Backbone: {DEFAULT_BACKBONE}, engine: LiteRT/XNNPACK" in status_text, status_text
     assert "There is no earlier model version" in rollback
     state = json.loads((store / "state.json").read_text())
     assert state["last_run"]["fingerprint"] == ImageStore(store).fingerprint()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from model_store.backbones import DEFAULT_BACKBONE
 from model_store.registry import ModelRegistry
 from tests import modelstore_fixtures as fx
 from tests.modelstore_fixtures import (
@@ -208,7 +209,7 @@ def test_status_json(cli_trained: dict) -> None:
     assert info["accuracy"] == pytest.approx(result["metrics"]["accuracy"])
     assert info["labels"] == {label: 8 for label in clothing_labels()}
     assert info["images_added_since_training"] == 0
-    assert info["backbone"] == "efficientnet_lite0"
+    assert info["backbone"] == DEFAULT_BACKBONE
     assert info["engine"] == result["metrics"]["engine"]["serving"] and info["engine"].startswith("LiteRT/XNNPACK")
 
 
@@ -217,7 +218,7 @@ def test_status_text_and_before_training(cli_trained: dict, tmp_path: Path) -> N
     assert proc.returncode == 0
     assert f"serving version: {_result(cli_trained)['version']}" in proc.stdout
     assert "  shoes: 8 images" in proc.stdout
-    assert "backbone: efficientnet_lite0; engine when trained: LiteRT/XNNPACK" in proc.stdout
+    assert f"backbone: {DEFAULT_BACKBONE}; engine when trained: LiteRT/XNNPACK" in proc.stdout
     empty = run_cli("status", "--store_dir", tmp_path / "new", "--json")
     assert empty.returncode == 0
     (info,) = json_lines(empty.stdout)

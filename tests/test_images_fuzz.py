@@ -104,6 +104,14 @@ _PROCESS = psutil.Process()
 _RSS_START = _PROCESS.memory_info().rss
 
 
+@pytest.fixture(autouse=True)
+def _rss_baseline() -> None:
+    """Measure growth from this test's start: what earlier tests in the session left resident
+    (models, interpreters) is not the decoder's doing."""
+    global _RSS_START
+    _RSS_START = _PROCESS.memory_info().rss
+
+
 def _check(data: bytes) -> None:
     try:
         rgb = decode_image(data)
