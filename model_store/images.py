@@ -335,6 +335,53 @@ def _bytes_per_pixel(im: Image.Image) -> int:
     return _COST_PLAIN
 
 
+#: Largest TIFF tile side accepted when the tile is larger than the image (rounded up to a
+#: multiple of 16, as the TIFF spec requires for tile sides): writers use 128-1024.
+_TIFF_MAX_OVERSIZED_TILE_SIDE = 1024
+
+
+def _tiff_buffer_bytes(im: Image.Image) -> int:
+    """Bytes of libtiff's tile or strip buffer for the first page of an opened TIFF, 0 otherwise.
+
+    libtiff allocates one whole decoded tile (TileWidth x TileLength, tags 322/323) or strip
+    (ImageWidth x min(RowsPerStrip, ImageLength), tag 278) at a time, in samples per pixel (277)
+    times bytes per sample (258), and at least 4 bytes per pixel when it reads RGBA. A tile is not
+    bounded by the image: a 158-byte file with a 64x64 image and 32768x32768 tiles made it allocate
+    1 GiB. Tiles far larger than their image are refused as damaged.
+
+    Raises:
+        ImageDecodeError: a tile side larger than the image's side rounded up to 16 and larger
+            than 1024 (damaged).
+    """
+    if (im.format or "") != "TIFF":
+        return 0
+    tags = getattr(im, "tag_v2", None)
+    if tags is None:
+        return 0
+    width, height = im.size
+
+    def _int(tag: int, default: int) -> int:
+        value = tags.get(tag, default)
+        if isinstance(value, tuple):
+            value = max(value) if value else default
+        try:
+            return max(1, int(value))
+        except (TypeError, ValueError):
+            return default
+
+    samples = _int(277, 1)
+    bytes_per_sample = -(-_int(258, 1) // 8)
+    pixel_bytes = max(samples * bytes_per_sample, 4)
+    if 322 in tags or 323 in tags:
+        tile_w, tile_h = _int(322, width), _int(323, height)
+        for side, image_side in ((tile_w, width), (tile_h, height)):
+            if side > max(-(-image_side // 16) * 16, _TIFF_MAX_OVERSIZED_TILE_SIDE):
+                raise ImageDecodeError(_MSG_DAMAGED)
+        return tile_w * tile_h * pixel_bytes
+    rows = min(_int(278, height), height)
+    return width * rows * pixel_bytes
+
+
 def _format_name(fmt: str) -> str:
     return _FORMAT_NAMES.get(fmt, fmt)
 
@@ -425,6 +472,11 @@ def _plan(
     what = _format_name(fmt) if limit < max_pixels else ""
     if pixels > limit:
         raise _too_large(limit, (width, height), what)
+    extra = _tiff_buffer_bytes(im)
+    if pixels * bpp + extra > budget.capacity:
+        if extra >= budget.capacity:
+            raise ImageDecodeError(_MSG_NO_MEMORY)
+        raise _too_large((budget.capacity - extra) // bpp, (width, height), _format_name(fmt))
     if fmt == "WEBP":
         canvas, frames = _webp_frames(data)
         cw, ch = canvas or (width, height)
@@ -435,7 +487,7 @@ def _plan(
                 raise _too_large(limit, (w, h), what)
             if x + w > cw or y + h > ch:
                 raise ImageDecodeError(_MSG_DAMAGED)
-    return _Plan(1, (width, height), pixels * bpp)
+    return _Plan(1, (width, height), pixels * bpp + extra)
 
 
 def _wide_to_uint8(arr: np.ndarray) -> np.ndarray:

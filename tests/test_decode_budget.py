@@ -32,7 +32,7 @@ from model_store.images import (
     decode_image,
     sniff_extension,
 )
-from tests.crafted_images import animated_webp, solid_jpeg, solid_png
+from tests.crafted_images import animated_webp, solid_jpeg, solid_png, tiled_tiff
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024
@@ -189,7 +189,7 @@ def test_avif_decodes_like_heic() -> None:
 _PEAK_SCRIPT = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
-from tests.crafted_images import animated_webp, solid_jpeg, solid_png
+from tests.crafted_images import animated_webp, solid_jpeg, solid_png, tiled_tiff
 from model_store.images import DECODE_BUDGET, decode_image
 from model_store.errors import ImageDecodeError
 makers = {
@@ -197,6 +197,7 @@ makers = {
     "jpeg_200mp": lambda: solid_jpeg(16320, 12240),
     "jpeg_12mp": lambda: solid_jpeg(4000, 3008),
     "png_40mp_solid": lambda: solid_png(6400, 6250),
+    "tiff_64_tile_32768": lambda: tiled_tiff((64, 64), (32768, 32768), real_tile=False),
 }
 data = makers[sys.argv[2]]()
 kwargs = json.loads(sys.argv[3])
@@ -245,6 +246,26 @@ def test_peak_memory_of_one_decode_is_bounded_by_what_is_decoded() -> None:
     full = _peak("png_40mp_solid")
     assert full["result"] == [6250, 6400, 3]
     assert full["peak_mb"] <= full["estimate_mb"], "the budget reserves less than the decode takes"
+
+
+def test_a_tiny_tiff_declaring_huge_tiles_is_refused_before_libtiff_allocates_them() -> None:
+    # 166 bytes: a 64x64 image with 32768x32768 tiles; libtiff allocated 1 GiB on the old code.
+    report = _peak("tiff_64_tile_32768", max_side=1024)
+    assert report["bytes"] < 200
+    assert report["result"] == "That image file is damaged and I can't read it."
+    assert report["peak_mb"] < 50 and report["estimate_mb"] == 0
+
+
+def test_tiff_tiles_are_counted_in_the_estimate_and_normal_tiles_decode() -> None:
+    budget = DecodeBudget(576 * MB)
+    assert decode_image(tiled_tiff((300, 200), (256, 256)), budget=budget).shape == (200, 300, 3)
+    # a tile larger than its image (allowed up to 1024 a side) costs its whole buffer
+    budget = DecodeBudget(576 * MB)
+    assert decode_image(tiled_tiff((64, 64), (1024, 1024)), budget=budget).shape == (64, 64, 3)
+    assert budget.peak >= 1024 * 1024 * 4
+    for tile in ((16384, 16384), (2048, 64), (64, 45984)):
+        with pytest.raises(ImageDecodeError, match="damaged"):
+            decode_image(tiled_tiff((64, 64), tile, real_tile=False), budget=budget)
 
 
 # --- the bot's download budget (asyncio) ----------------------------------------------------------
