@@ -53,6 +53,7 @@ import numpy as np
 import pillow_heif
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
+from model_store.avif_header import AvifHeaderError, av1_frame_sizes
 from model_store.errors import ImageDecodeError
 
 __all__ = [
@@ -382,6 +383,26 @@ def _tiff_buffer_bytes(im: Image.Image) -> int:
     return width * rows * pixel_bytes
 
 
+def _check_avif_frames(data: bytes, width: int, height: int) -> None:
+    """Refuse an AVIF whose AV1 frames may be larger than the size its ``ispe`` box declares.
+
+    Pillow reports (and the estimate uses) the ``ispe`` size, but the AV1 decoder decodes the
+    size of the stream's sequence header: a 2 kB file declaring 64x64 with a 12000x12000 frame
+    peaked at 299 MB. Every AV1 item and track may decode at most ``width`` x ``height``.
+
+    Raises:
+        ImageDecodeError: a larger frame, or no readable AV1 sequence header (damaged).
+    """
+    try:
+        sizes = av1_frame_sizes(data)
+    except AvifHeaderError as exc:
+        logger.debug("AVIF container or AV1 sequence header unreadable: %s", exc)
+        raise ImageDecodeError(_MSG_DAMAGED) from exc
+    if not sizes or any(w > width or h > height for w, h in sizes):
+        logger.debug("AVIF frames %s do not fit its declared size %dx%d", sizes, width, height)
+        raise ImageDecodeError(_MSG_DAMAGED)
+
+
 def _format_name(fmt: str) -> str:
     return _FORMAT_NAMES.get(fmt, fmt)
 
@@ -472,6 +493,8 @@ def _plan(
     what = _format_name(fmt) if limit < max_pixels else ""
     if pixels > limit:
         raise _too_large(limit, (width, height), what)
+    if fmt == "AVIF":
+        _check_avif_frames(data, width, height)
     extra = _tiff_buffer_bytes(im)
     if pixels * bpp + extra > budget.capacity:
         if extra >= budget.capacity:

@@ -184,6 +184,35 @@ def test_avif_decodes_like_heic() -> None:
     assert sniff_extension(data) == "avif"
 
 
+def _avif(im: Image.Image, **kwargs: object) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "AVIF", speed=10, quality=30, **kwargs)
+    return buf.getvalue()
+
+
+def test_an_avif_whose_ispe_box_understates_its_av1_frame_is_refused_before_decoding() -> None:
+    # The review's file: ispe 64x64 over a 12000x12000 AV1 frame peaked at 299 MB (61 kB
+    # estimated) and decoded as a 64x64 image. Here 1600x1200 (what the stream holds) under 64x64.
+    data = bytearray(_avif(Image.new("RGB", (1600, 1200), (120, 30, 200))))
+    ispe = data.index(b"ispe")
+    data[ispe + 8 : ispe + 16] = (64).to_bytes(4, "big") * 2
+    assert Image.open(io.BytesIO(bytes(data))).size == (64, 64)
+    budget = DecodeBudget(576 * MB)
+    with pytest.raises(ImageDecodeError, match="damaged"):
+        decode_image(bytes(data), budget=budget)
+    assert budget.peak == 0  # refused from the header: nothing reserved, nothing decoded
+
+
+def test_avifs_with_alpha_and_image_sequences_still_decode() -> None:
+    assert decode_image(_avif(Image.new("RGBA", (300, 200), (10, 20, 30, 128)))).shape == (200, 300, 3)
+    frames = [Image.new("RGB", (100, 80), (200, 0, 0)), Image.new("RGB", (100, 80), (0, 0, 200))]
+    data = _avif(frames[0], save_all=True, append_images=frames[1:])
+    rgb = decode_image(data)
+    assert rgb.shape == (80, 100, 3) and rgb[40, 50, 0] > 150  # the first frame
+    with pytest.raises(ImageDecodeError):  # a cut-off container
+        decode_image(data[: len(data) // 2])
+
+
 # --- peak memory of one decode, in a fresh interpreter -------------------------------------------
 
 _PEAK_SCRIPT = r"""
