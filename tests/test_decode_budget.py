@@ -32,7 +32,7 @@ from model_store.images import (
     decode_image,
     sniff_extension,
 )
-from tests.crafted_images import animated_webp, solid_jpeg, solid_png, tiled_tiff
+from tests.crafted_images import animated_webp, solid_jpeg, solid_png, striped_tiff, tiled_tiff
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024
@@ -218,7 +218,7 @@ def test_avifs_with_alpha_and_image_sequences_still_decode() -> None:
 _PEAK_SCRIPT = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
-from tests.crafted_images import animated_webp, solid_jpeg, solid_png, tiled_tiff
+from tests.crafted_images import animated_webp, solid_jpeg, solid_png, striped_tiff, tiled_tiff
 from model_store.images import DECODE_BUDGET, decode_image
 from model_store.errors import ImageDecodeError
 makers = {
@@ -227,6 +227,9 @@ makers = {
     "jpeg_12mp": lambda: solid_jpeg(4000, 3008),
     "png_40mp_solid": lambda: solid_png(6400, 6250),
     "tiff_64_tile_32768": lambda: tiled_tiff((64, 64), (32768, 32768), real_tile=False),
+    "tiff_float_33mp": lambda: striped_tiff(5760, 5760, "F"),
+    "tiff_int32_33mp": lambda: striped_tiff(5760, 5760, "I"),
+    "tiff_cmyk_40mp": lambda: striped_tiff(6300, 6300, "CMYK"),
 }
 data = makers[sys.argv[2]]()
 kwargs = json.loads(sys.argv[3])
@@ -295,6 +298,23 @@ def test_tiff_tiles_are_counted_in_the_estimate_and_normal_tiles_decode() -> Non
     for tile in ((16384, 16384), (2048, 64), (64, 45984)):
         with pytest.raises(ImageDecodeError, match="damaged"):
             decode_image(tiled_tiff((64, 64), tile, real_tile=False), budget=budget)
+
+
+@pytest.mark.parametrize(
+    ("case", "size"),
+    [("tiff_float_33mp", 5760), ("tiff_int32_33mp", 5760), ("tiff_cmyk_40mp", 6300)],
+)
+def test_the_estimate_covers_the_peak_of_32_bit_and_cmyk_tiffs_at_full_size(case: str, size: int) -> None:
+    # Review figures at 39.7 Mpx, max_side None (admin uploads, training, the CLI): estimate
+    # 568 MiB, peak 1216 MiB (float), 951 MiB (int32); CMYK 454 MiB estimated, 534 MiB peak.
+    report = _peak(case)
+    assert report["result"] == [size, size, 3]
+    assert report["peak_mb"] <= report["estimate_mb"], "the budget reserves less than the decode takes"
+
+
+def test_32_bit_tiffs_over_their_lower_limit_are_refused_from_the_header() -> None:
+    with pytest.raises(ImageDecodeError, match=r"6300×6300 pixels\); the limit is 33.6 megapixels"):
+        decode_image(striped_tiff(6300, 6300, "F"))
 
 
 # --- the bot's download budget (asyncio) ----------------------------------------------------------
