@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -148,6 +149,52 @@ def test_a_missing_catalog_is_rebuilt_loudly(tmp_path: Path, caplog: pytest.LogC
     with caplog.at_level(logging.WARNING, logger="model_store.dataset"):
         ImageStore(tmp_path / "fresh")  # a new, empty store is no news
     assert not caplog.records
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        "CREATE TABLE images (id INTEGER PRIMARY KEY, path TEXT)",  # an older schema
+        "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)",  # a foreign SQLite file
+    ],
+)
+def test_a_catalog_with_another_schema_is_set_aside_and_rebuilt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, schema: str
+) -> None:
+    # An older schema stopped start-up: "OperationalError: no such column: added_by".
+    root = tmp_path / "store"
+    _store_with_images(root)
+    for p in root.glob("catalog.sqlite*"):
+        p.unlink()
+    with contextlib.closing(sqlite3.connect(root / "catalog.sqlite")) as conn:
+        conn.execute(schema)
+        conn.commit()
+    foreign = (root / "catalog.sqlite").read_bytes()
+    with caplog.at_level(logging.WARNING, logger="model_store.dataset"):
+        store = ImageStore(root)
+    assert sum(x.count for x in store.labels()) == 6
+    assert [p.read_bytes() for p in root.glob("catalog.sqlite.corrupt-*") if not p.name.endswith(("-wal", "-shm"))] == [foreign]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("older schema" in m and "corrupt-" in m for m in errors), caplog.text
+    assert store.add(photos("pants")[0].read_bytes(), "pants", added_by=5, chat_id=5).created
+    ImageStore(root)  # and our own catalog opens again without being set aside
+    assert len(list(root.glob("catalog.sqlite.corrupt-*"))) == 1
+
+
+def test_an_empty_catalog_file_warns_like_a_missing_one(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "store"
+    _store_with_images(root)
+    for p in root.glob("catalog.sqlite*"):
+        p.unlink()
+    (root / "catalog.sqlite").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="model_store.dataset"):
+        store = ImageStore(root)
+    assert sum(x.count for x in store.labels()) == 6
+    assert any(
+        r.levelno == logging.WARNING and "was empty: rebuilt it from the image folders (6 images)" in r.getMessage()
+        and "who added those images is no longer known" in r.getMessage()
+        for r in caplog.records
+    ), caplog.text
 
 
 # ------------------------------------------------------------------------------ point 5: one bot per store
