@@ -328,6 +328,26 @@ def test_a_full_disk_during_training_is_reported_as_disk_full(
     assert "disk is full" in result["message"] and "crashed" not in result["message"]
 
 
+def test_tensorflow_s_disk_full_error_is_recognised_as_disk_full() -> None:
+    # Model.export writes the SavedModel through TensorFlow's file system, which raises
+    # ResourceExhaustedError("<path>; No space left on device") with no errno: it was "crashed".
+    import tensorflow as tf
+
+    with pytest.raises(tf.errors.ResourceExhaustedError) as info:
+        with tf.io.gfile.GFile("/dev/full", "wb") as f:  # every write there fails with ENOSPC
+            f.write(b"x" * 100_000)
+    assert "No space left on device" in str(info.value)
+    assert pipeline.is_disk_full(info.value)
+    try:
+        raise RuntimeError("export failed") from info.value
+    except RuntimeError as wrapped:
+        assert pipeline.is_disk_full(wrapped)
+    assert pipeline.is_disk_full(tf.errors.ResourceExhaustedError(None, None, "/x/variables.data; Disk quota exceeded"))
+    # an out-of-memory ResourceExhaustedError is not a full disk, nor is another OSError
+    assert not pipeline.is_disk_full(tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor"))
+    assert not pipeline.is_disk_full(OSError(errno.EACCES, "Permission denied"))
+
+
 def test_training_outputs_get_a_free_space_check_before_writing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
