@@ -157,10 +157,43 @@ _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _WIDE_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 
 
-def _bomb_limit(max_pixels: int) -> int:
-    """The limit in force when Pillow's own bomb guard refused an image."""
+def _sniff_format(data: bytes) -> str:
+    """The Pillow format id a file's magic bytes announce ("" if none of ours): for messages only."""
+    head = data[:32]
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG"):
+        return "PNG"
+    if head.startswith(b"GIF8"):
+        return "GIF"
+    if head.startswith(b"BM"):
+        return "BMP"
+    if head.startswith((b"II*\0", b"MM\0*")):
+        return "TIFF"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[4:8] == b"ftyp":
+        return "AVIF" if b"avif" in head[8:32] or b"avis" in head[8:32] else "HEIF"
+    return ""
+
+
+def _format_limit(fmt: str, max_pixels: int, capacity: int) -> tuple[int, str]:
+    """The header pixel limit of a format in its cheapest mode, and the format named when the
+    budget (not ``max_pixels``) sets it: what a "too large" message gives when the exact mode is
+    not known (Pillow's own bomb guard refused the file while opening it)."""
+    if fmt in ("JPEG", "MPO"):
+        limit, what = MAX_JPEG_PIXELS, ""
+    else:
+        bpp = _COST_WEBP if fmt == "WEBP" else _COST_PLAIN
+        limit = min(max_pixels, capacity // bpp)
+        what = _format_name(fmt) if limit < max_pixels else ""
     pillow_limit = Image.MAX_IMAGE_PIXELS
-    return min(max(max_pixels, MAX_JPEG_PIXELS), pillow_limit) if pillow_limit else max_pixels
+    return (min(limit, pillow_limit) if pillow_limit else limit), what
+
+
+def _bomb_limit(data: bytes, max_pixels: int, capacity: int) -> tuple[int, str]:
+    """The limit in force when Pillow's own bomb guard refused an image: that of its format."""
+    return _format_limit(_sniff_format(data), max_pixels, capacity)
 
 
 def _too_large(limit: int, size: tuple[int, int] | None = None, what: str = "") -> ImageDecodeError:
@@ -267,11 +300,11 @@ def _check_bytes(data: object) -> bytes:
     raise TypeError(f"image data must be bytes, not {type(data).__name__}")
 
 
-def _open(data: bytes, max_pixels_for_message: int) -> Image.Image:
+def _open(data: bytes, max_pixels: int, capacity: int) -> Image.Image:
     """Image.open restricted to our formats; header only, no pixels decoded.
 
     Must be called inside :func:`_bomb_guard`, which turns ``DecompressionBombWarning`` into an
-    error.
+    error. ``max_pixels`` and ``capacity`` (the budget's) only word the "too large" message.
     """
     if not data:
         raise ImageDecodeError(_MSG_EMPTY)
@@ -279,7 +312,8 @@ def _open(data: bytes, max_pixels_for_message: int) -> Image.Image:
         return Image.open(io.BytesIO(data), formats=_ALLOWED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         logger.debug("refused by Pillow's decompression-bomb guard: %s", exc)
-        raise _too_large(_bomb_limit(max_pixels_for_message)) from exc
+        limit, what = _bomb_limit(data, max_pixels, capacity)
+        raise _too_large(limit, what=what) from exc
     except UnidentifiedImageError as exc:
         raise ImageDecodeError(_MSG_NOT_IMAGE) from exc
     except MemoryError as exc:
@@ -668,7 +702,7 @@ def decode_image(
     budget = DECODE_BUDGET if budget is None else budget
 
     with _bomb_guard():
-        im = _open(data, max_pixels)
+        im = _open(data, max_pixels, budget.capacity)
         try:
             width, height = im.size
             if width <= 0 or height <= 0:
@@ -696,7 +730,8 @@ def decode_image(
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             logger.debug("refused by Pillow's decompression-bomb guard: %s", exc)
-            raise _too_large(_bomb_limit(max_pixels)) from exc
+            limit, what = _bomb_limit(data, max_pixels, budget.capacity)
+            raise _too_large(limit, what=what) from exc
         except MemoryError as exc:
             raise ImageDecodeError(_MSG_NO_MEMORY) from exc
         except Exception as exc:  # any other decoder failure (ValueError, EOFError, struct.error, ...)
@@ -730,7 +765,7 @@ def sniff_extension(data: bytes) -> str:
     """
     data = _check_bytes(data)
     with _bomb_guard():
-        im = _open(data, Image.MAX_IMAGE_PIXELS or DEFAULT_MAX_PIXELS)
+        im = _open(data, DEFAULT_MAX_PIXELS, DECODE_BUDGET.capacity)
         try:
             fmt = im.format
         finally:
