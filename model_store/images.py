@@ -16,10 +16,15 @@ Decisions worth knowing:
   estimate alone is over the budget is refused as "too large".
 * JPEGs are decoded with DCT scaling (``Image.draft``: 1/2, 1/4 or 1/8 inside libjpeg), so a
   200-megapixel phone photo costs what a ~12-megapixel one does; their header may be up to
-  :data:`MAX_JPEG_PIXELS`. Every other format is decoded at full size, so its limit is lower:
-  ``max_pixels``, and for formats with large decoder buffers (WebP: the animation decoder keeps
-  two canvas-sized RGBA buffers, even for one 1x1 frame) the budget divided by the estimated
-  cost per pixel. For animated WebP both the canvas and every frame's declared size are checked.
+  :data:`MAX_JPEG_PIXELS`; progressive JPEGs are DCT-scaled too, but keep a whole-image
+  coefficient buffer, so their header may be up to :data:`MAX_PHONE_PIXELS`. Every other format
+  is decoded at full size, so its limit is lower: ``max_pixels`` (HEIC and AVIF: at least
+  :data:`MAX_PHONE_PIXELS`, phones' 48-50 Mpx photos), and for costly modes or formats with
+  large decoder buffers (WebP: the animation decoder keeps two canvas-sized RGBA buffers, even
+  for one 1x1 frame; 32-bit TIFF; alpha) the budget divided by the estimated cost per pixel.
+  For animated WebP both the canvas and every frame's declared size are checked; for TIFF the
+  tile or strip buffer libtiff allocates is counted (tiles far larger than the image are
+  refused); for AVIF the AV1 sequence headers may not allow frames larger than the declared size.
 * Only the formats in ``_ALLOWED_FORMATS`` are opened (JPEG/MPO, PNG/APNG, WebP, GIF, BMP,
   TIFF, HEIC/HEIF, AVIF). Pillow can open more (EPS, PSD, ...), but some of those hand the bytes to
   external programs (EPS runs Ghostscript) and none of them can be named by
@@ -63,6 +68,7 @@ __all__ = [
     "DRAFT_PIXELS",
     "IMAGE_EXTENSIONS",
     "MAX_JPEG_PIXELS",
+    "MAX_PHONE_PIXELS",
     "DecodeBudget",
     "decode_image",
     "sniff_extension",
@@ -80,6 +86,12 @@ pillow_heif.register_heif_opener()
 #: 40 megapixels is above what phones send as PNG/HEIC and above most scans, while bounding the
 #: work per image (decoding costs up to 15 bytes per pixel at peak, see ``_COST_ALPHA_OR_WIDE``).
 DEFAULT_MAX_PIXELS = 40_000_000
+
+#: Largest HEIC, AVIF and progressive JPEG (width * height) accepted, also when ``max_pixels`` is
+#: lower: phones' 48-50 megapixel photos (iPhone "HEIF Max" 8064x6048, 50 Mpx sensors 8160x6120).
+#: These cost at most 12 bytes per pixel (HEIC, AVIF without alpha) or are DCT-scaled (progressive
+#: JPEG), so they fit the decode budget, which stays the real bound (HEIC/AVIF with alpha: lower).
+MAX_PHONE_PIXELS = 50_000_000
 
 #: Largest baseline JPEG header (width * height) accepted: above the 200-megapixel sensors of
 #: current phones (16320x12240). Such a JPEG is decoded DCT-scaled (see :data:`DRAFT_PIXELS`).
@@ -134,10 +146,14 @@ _COST_ALPHA_OR_WIDE = 15
 # 4-byte chunks: 4 + 4), the in-place scaling temporary (4), then the 8-bit image, the RGB
 # conversion and the result (1 + 4 + 3, after the temporaries are gone). 17.1 measured (40 Mpx).
 _COST_WIDE32 = 18
+# HEIC / AVIF without alpha: the library's YUV planes and RGB buffer, Pillow's copy, the result.
+# Peak measured at 48.8 Mpx (8064x6048, full size): HEIC 8-bit 10.1, HEIC 10-bit 11.3, AVIF 8-bit
+# 10.3 bytes per pixel (AVIF with alpha 14.1: ``_COST_ALPHA_OR_WIDE``).
+_COST_HEIF = 12
 _COST_CMYK = 15  # Pillow's CMYK image (4), the RGB conversion (4), the result (3), libtiff's strips
 _COST_WEBP = 18
 _COST_JPEG = 14  # per DCT-scaled pixel, plus the coefficient buffer of a progressive JPEG
-_FORMAT_NAMES = {"JPEG": "JPEG", "MPO": "JPEG", "WEBP": "WebP", "HEIF": "HEIC", "TIFF": "TIFF"}
+_FORMAT_NAMES = {"JPEG": "JPEG", "MPO": "JPEG", "WEBP": "WebP", "HEIF": "HEIC", "TIFF": "TIFF", "AVIF": "AVIF"}
 
 _MSG_EMPTY = "That file is empty."
 _MSG_NOT_IMAGE = (
@@ -185,8 +201,9 @@ def _format_limit(fmt: str, max_pixels: int, capacity: int) -> tuple[int, str]:
         limit, what = MAX_JPEG_PIXELS, ""
     else:
         bpp = _COST_WEBP if fmt == "WEBP" else _COST_PLAIN
-        limit = min(max_pixels, capacity // bpp)
-        what = _format_name(fmt) if limit < max_pixels else ""
+        base = max(max_pixels, MAX_PHONE_PIXELS) if fmt in ("HEIF", "AVIF") else max_pixels
+        limit = min(base, capacity // bpp)
+        what = _format_name(fmt) if limit < base else ""
     pillow_limit = Image.MAX_IMAGE_PIXELS
     return (min(limit, pillow_limit) if pillow_limit else limit), what
 
@@ -374,8 +391,8 @@ def _bytes_per_pixel(im: Image.Image) -> int:
         return _COST_CMYK
     if im.mode in _WIDE_MODES or im.mode in _ALPHA_MODES or "transparency" in im.info:
         return _COST_ALPHA_OR_WIDE
-    if fmt in ("HEIF", "AVIF"):  # the library's own buffer, then Pillow's copy
-        return _COST_ALPHA_OR_WIDE
+    if fmt in ("HEIF", "AVIF"):
+        return _COST_HEIF
     return _COST_PLAIN
 
 
@@ -517,7 +534,7 @@ def _plan(
     if fmt in ("JPEG", "MPO"):
         progressive = bool(im.info.get("progressive") or im.info.get("progression"))
         extra = _jpeg_coefficient_bytes(im) if progressive else 0
-        header_limit = MAX_JPEG_PIXELS if not progressive else max_pixels
+        header_limit = MAX_JPEG_PIXELS if not progressive else max(max_pixels, MAX_PHONE_PIXELS)
         if pixels > header_limit:
             raise _too_large(header_limit, (width, height), "progressive JPEG" if progressive else "")
         scale = _dct_scale(width, height, min(DRAFT_PIXELS, max_pixels), max_side)
@@ -532,8 +549,9 @@ def _plan(
             raise _too_large(min(limit, header_limit), (width, height), "progressive JPEG" if progressive else "JPEG")
         return _Plan(scale, decoded, cost)
 
-    limit = min(max_pixels, budget.capacity // bpp)
-    what = _format_name(fmt) if limit < max_pixels else ""
+    base = max(max_pixels, MAX_PHONE_PIXELS) if fmt in ("HEIF", "AVIF") else max_pixels
+    limit = min(base, budget.capacity // bpp)
+    what = _format_name(fmt) if limit < base else ""
     if pixels > limit:
         raise _too_large(limit, (width, height), what)
     if fmt == "AVIF":
@@ -625,6 +643,24 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if mode == "RGB":
         return im
     return im.convert("RGB")
+
+
+_ARRAY_BAND_PIXELS = 1 << 20  # rows per slice of :func:`_to_array`: about 1 Mpx (3 MB) at a time
+
+
+def _to_array(im: Image.Image) -> np.ndarray:
+    """An RGB image as a new, writable ``(H, W, 3)`` uint8 array, copied in bands of rows.
+
+    ``np.array(im)`` goes through ``im.tobytes()`` (encoded chunks, then joined: twice the image)
+    and copies once more; band by band the extra memory is ~3 MB instead of 9 bytes per pixel.
+    """
+    width, height = im.size
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    rows = max(1, _ARRAY_BAND_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        out[top:bottom] = np.asarray(im.crop((0, top, width, bottom)), dtype=np.uint8)
+    return out
 
 
 def _exif_transposed(im: Image.Image) -> Image.Image:
@@ -724,7 +760,7 @@ def decode_image(
                     logger.debug("image mode %s could not be converted: %r", im.mode, exc)
                     raise ImageDecodeError(_MSG_COLOURS) from exc
                 rgb_image = _reduced(rgb_image, max_side)
-                rgb = np.array(rgb_image, dtype=np.uint8)
+                rgb = _to_array(rgb_image)
                 del rgb_image
         except ImageDecodeError:
             raise

@@ -132,12 +132,34 @@ def test_webp_frames_are_checked_against_their_canvas_and_the_limit() -> None:
         decode_image(animated_webp((100, 100), frame=(9000, 9000)))
 
 
-def test_progressive_jpegs_are_limited_like_full_size_formats() -> None:
+def _progressive(width: int, height: int) -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", (640, 480), (40, 90, 140)).save(buf, "JPEG", progressive=True)
-    with pytest.raises(ImageDecodeError, match="progressive JPEG"):
-        decode_image(buf.getvalue(), max_pixels=640 * 480 - 1)
-    assert decode_image(buf.getvalue()).shape == (480, 640, 3)
+    Image.new("RGB", (width, height), (40, 90, 140)).save(buf, "JPEG", progressive=True, quality=80)
+    return buf.getvalue()
+
+
+def test_progressive_jpegs_have_the_phone_photo_limit() -> None:
+    data = bytearray(_progressive(640, 480))
+    assert decode_image(bytes(data)).shape == (480, 640, 3)
+    sof = data.index(b"\xff\xc2")  # a header claiming 10000x6000 (60 Mpx): refused before decoding
+    data[sof + 5 : sof + 9] = (6000).to_bytes(2, "big") + (10000).to_bytes(2, "big")
+    with pytest.raises(ImageDecodeError, match=r"10000×6000 pixels\); the limit is 50 megapixels for progressive JPEG"):
+        decode_image(bytes(data))
+
+
+def test_a_48_megapixel_progressive_jpeg_decodes_dct_scaled() -> None:
+    # 8000x6000 progressive (what some phones and editors save) was refused: "the limit is 40 megapixels".
+    budget = DecodeBudget(576 * MB)
+    rgb = decode_image(_progressive(8000, 6000), budget=budget)
+    assert rgb.shape == (3000, 4000, 3) and budget.peak <= 320 * MB  # the coefficients + 12 Mpx
+
+
+def test_48_megapixel_heic_and_avif_decode_at_full_size_within_their_estimate() -> None:
+    # Refused as "too large (8064×6048 pixels); the limit is 40 megapixels" on the old code.
+    for case in ("heic_48mp", "avif_48mp"):
+        report = _peak(case)
+        assert report["result"] == [6048, 8064, 3], report
+        assert report["peak_mb"] <= report["estimate_mb"] <= 576
 
 
 # --- big and modern photos ----------------------------------------------------------------------
@@ -221,6 +243,14 @@ sys.path.insert(0, sys.argv[1])
 from tests.crafted_images import animated_webp, solid_jpeg, solid_png, striped_tiff, tiled_tiff
 from model_store.images import DECODE_BUDGET, decode_image
 from model_store.errors import ImageDecodeError
+import io
+from PIL import Image
+
+def encoded(fmt, **params):  # an iPhone "HEIF Max" sized photo, 8064x6048 = 48.8 Mpx
+    buf = io.BytesIO()
+    Image.new("RGB", (8064, 6048), (120, 30, 200)).save(buf, fmt, **params)
+    return buf.getvalue()
+
 makers = {
     "webp_6000_canvas_1x1_frame": lambda: animated_webp((6000, 6000)),
     "jpeg_200mp": lambda: solid_jpeg(16320, 12240),
@@ -230,6 +260,8 @@ makers = {
     "tiff_float_33mp": lambda: striped_tiff(5760, 5760, "F"),
     "tiff_int32_33mp": lambda: striped_tiff(5760, 5760, "I"),
     "tiff_cmyk_40mp": lambda: striped_tiff(6300, 6300, "CMYK"),
+    "heic_48mp": lambda: encoded("HEIF", quality=30, enc_params={"preset": "ultrafast"}),
+    "avif_48mp": lambda: encoded("AVIF", quality=30, speed=10),
 }
 data = makers[sys.argv[2]]()
 kwargs = json.loads(sys.argv[3])
