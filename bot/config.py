@@ -82,6 +82,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+#: Shortest ``webhook_secret_token`` accepted (Telegram itself allows 1-256 characters).
+MIN_WEBHOOK_SECRET_LENGTH = 16
+_MAKE_SECRET = "; make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
+
 class TelegramConfig(_Section):
     """``[telegram]``: how to reach the Bot API and how to receive updates."""
 
@@ -115,8 +120,18 @@ class TelegramConfig(_Section):
     @field_validator("webhook_secret_token")
     @classmethod
     def _secret_shape(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", value.get_secret_value()):
-            raise ValueError("must be 1-256 characters of A-Z, a-z, 0-9, _ and -")
+        if value is None:
+            return value
+        secret = value.get_secret_value()
+        # never echo the value. Telegram accepts 1-256 characters; a short one is guessable and
+        # would make log redaction mangle ordinary text, so at least MIN_WEBHOOK_SECRET_LENGTH.
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", secret):
+            raise ValueError(f"must be {MIN_WEBHOOK_SECRET_LENGTH}-256 characters of A-Z, a-z, 0-9, _ and -{_MAKE_SECRET}")
+        if len(secret) < MIN_WEBHOOK_SECRET_LENGTH:
+            raise ValueError(
+                f"is too short ({len(secret)} characters; at least {MIN_WEBHOOK_SECRET_LENGTH} are needed, "
+                f"so that it cannot be guessed){_MAKE_SECRET}"
+            )
         return value
 
     @field_validator("base_url", "base_file_url", "webhook_url", mode="before")

@@ -28,6 +28,9 @@ REDACTED = "<token>"
 #: the part of a bot token after the colon is the secret itself; shorter "halves" are not redacted
 #: on their own (too likely to match ordinary text)
 _MIN_PART = 8
+#: whole secrets shorter than this are never redacted (the config refuses webhook secrets under 16
+#: characters; this is the defensive floor: a 1-character one was replaced in every log line)
+_MIN_SECRET = 6
 
 
 def _char_pattern(ch: str) -> str:
@@ -41,8 +44,8 @@ def _pattern(secrets: tuple[str, ...]) -> re.Pattern[str] | None:
     """One regex matching every secret, and for ``id:secret`` tokens the part after the colon alone."""
     forms: set[str] = set()
     for secret in secrets:
-        if not secret:
-            continue
+        if not secret or len(secret) < _MIN_SECRET:
+            continue  # a 1-character "secret" would be replaced in every line (config refuses it)
         forms.add(secret)
         _, colon, rest = secret.partition(":")
         if colon and len(rest) >= _MIN_PART:
@@ -59,6 +62,7 @@ def redact(text: str, secrets: Iterable[str]) -> str:
 
     Matched in any mix of literal and percent-encoded characters (``%3A``, ``%3a``, ``%253A``), and
     for a bot token (``<bot id>:<secret>``) also the secret part after the colon on its own.
+    Secrets shorter than 6 characters are not redacted (they would match ordinary text).
     """
     pattern = _pattern(tuple(s for s in secrets if s))
     if pattern is None:

@@ -10,9 +10,10 @@ The folders are the source of truth (they are what ``retrain.py``-style tools re
 operator may edit by hand); the catalog only adds provenance. Opening an :class:`ImageStore`
 reconciles the two: catalog rows whose file is gone are dropped, files without a row get one
 (``added_by`` NULL, ``added_at`` = the file's mtime), and leftovers of interrupted writes
-(``.tmp-*`` files, ``root/.trash-*`` folders) are removed. A catalog that is missing, not a
-database or damaged (``PRAGMA quick_check``) is rebuilt from the folders, the damaged file kept as
-``catalog.sqlite.corrupt-<UTC time>``, and the log says so (ERROR / WARNING).
+(``.tmp-*`` files, ``root/.trash-*`` folders) are removed. A catalog that is missing, empty, not
+a database, damaged (``PRAGMA quick_check``) or of another schema (a foreign SQLite file, an older
+version's) is rebuilt from the folders, the bad file kept as ``catalog.sqlite.corrupt-<UTC time>``,
+and the log says so (ERROR / WARNING).
 
 A label folder is named with the label's normalised display form as first typed
 (:func:`model_store.labels.normalize_label`). Labels that differ only in letter case or Unicode
@@ -154,8 +155,32 @@ class _File:
     path: Path
 
 
+class _SchemaMismatch(sqlite3.DatabaseError):
+    """The catalog is an SQLite database, but not with this program's tables (foreign or older)."""
+
+
+def _table_layout(conn: sqlite3.Connection) -> dict[str, list[tuple[str, str, int, int]]]:
+    """Every user table and its columns (name, declared type, not null, primary-key position)."""
+    tables = [
+        row[0]
+        for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
+    ]
+    return {
+        table: [(c[1], str(c[2]).upper(), int(c[3]), int(c[5])) for c in conn.execute(f'PRAGMA table_info("{table}")')]
+        for table in tables
+    }
+
+
+def _expected_layout() -> dict[str, list[tuple[str, str, int, int]]]:
+    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+        conn.executescript(_SCHEMA)
+        return _table_layout(conn)
+
+
 def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
     """Whether an SQLite error means a damaged or foreign file (not a lock or permission problem)."""
+    if isinstance(exc, _SchemaMismatch):
+        return True
     if isinstance(exc, sqlite3.OperationalError):  # locked, read-only, cannot open, ...
         return False
     name = getattr(exc, "sqlite_errorname", None)
@@ -204,9 +229,16 @@ class ImageStore:
         """Create or open the catalog (WAL, schema) and check it (``PRAGMA quick_check``).
 
         Raises:
-            sqlite3.DatabaseError: the file is not a database or is damaged (``quick_check`` failed).
+            sqlite3.DatabaseError: the file is not a database, is damaged (``quick_check`` failed)
+                or has other tables or columns than ours (a foreign file or an older schema).
         """
         with contextlib.closing(sqlite3.connect(self.catalog_path, timeout=60)) as conn:
+            layout = _table_layout(conn)  # read before anything is written to a foreign file
+            if layout and layout != _expected_layout():  # empty: a new catalog
+                raise _SchemaMismatch(
+                    f"its tables are not this program's (found {sorted(layout)}, images columns "
+                    f"{[c[0] for c in layout.get('images', [])]}): a foreign file or an older schema"
+                )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(_SCHEMA)
             conn.commit()
@@ -217,10 +249,11 @@ class ImageStore:
     def _open_catalog(self) -> None:
         """Open the catalog and reconcile it with the folders; rebuild it if it is missing or corrupt.
 
-        The folders are the source of truth, so a catalog that is not a database or is damaged is
-        moved aside as ``catalog.sqlite.corrupt-<UTC time>`` (with its ``-wal`` / ``-shm`` files)
-        and rebuilt from them, with an ERROR in the log; a catalog missing from a store that holds
-        images is rebuilt with a WARNING. Rebuilt rows have no ``added_by`` / ``chat_id`` (who added
+        The folders are the source of truth, so a catalog that is not a database, is damaged or
+        has another schema (a foreign SQLite file, an older version's) is moved aside as
+        ``catalog.sqlite.corrupt-<UTC time>`` (with its ``-wal`` / ``-shm`` files) and rebuilt from
+        them, with an ERROR in the log; a catalog missing from a store that holds images, or empty
+        (0 bytes), is rebuilt with a WARNING. Rebuilt rows have no ``added_by`` / ``chat_id`` (who added
         an image is not in the folders), so ``/undo`` cannot take those images back.
 
         Raises:
@@ -228,11 +261,14 @@ class ImageStore:
             OSError: the damaged catalog cannot be moved aside.
         """
         missing = not self.catalog_path.exists()
+        # A 0-byte file is an empty database to SQLite (its -wal, if any, may still hold the rows):
+        # if the folders then add rows, who added them is lost as with a missing catalog.
+        empty = not missing and self.catalog_path.stat().st_size == 0
         if missing:
             self._set_catalog_aside(self._catalog_sidecars(), "stale")
         try:
             self._init_catalog()
-            reason = "missing" if missing else None
+            reason = "missing" if missing else "empty" if empty else None
         except sqlite3.DatabaseError as exc:
             if not _is_corrupt(exc):
                 raise
@@ -247,7 +283,7 @@ class ImageStore:
             self._init_catalog()
             reason = "corrupt"
         added = self._reconcile()
-        if reason == "corrupt" or (reason == "missing" and added):
+        if reason == "corrupt" or (reason in ("missing", "empty") and added):
             logger.warning(
                 "the image catalog %s was %s: rebuilt it from the image folders (%d images); who "
                 "added those images is no longer known, so /undo cannot take them back",

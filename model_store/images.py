@@ -16,10 +16,15 @@ Decisions worth knowing:
   estimate alone is over the budget is refused as "too large".
 * JPEGs are decoded with DCT scaling (``Image.draft``: 1/2, 1/4 or 1/8 inside libjpeg), so a
   200-megapixel phone photo costs what a ~12-megapixel one does; their header may be up to
-  :data:`MAX_JPEG_PIXELS`. Every other format is decoded at full size, so its limit is lower:
-  ``max_pixels``, and for formats with large decoder buffers (WebP: the animation decoder keeps
-  two canvas-sized RGBA buffers, even for one 1x1 frame) the budget divided by the estimated
-  cost per pixel. For animated WebP both the canvas and every frame's declared size are checked.
+  :data:`MAX_JPEG_PIXELS`; progressive JPEGs are DCT-scaled too, but keep a whole-image
+  coefficient buffer, so their header may be up to :data:`MAX_PHONE_PIXELS`. Every other format
+  is decoded at full size, so its limit is lower: ``max_pixels`` (HEIC and AVIF: at least
+  :data:`MAX_PHONE_PIXELS`, phones' 48-50 Mpx photos), and for costly modes or formats with
+  large decoder buffers (WebP: the animation decoder keeps two canvas-sized RGBA buffers, even
+  for one 1x1 frame; 32-bit TIFF; alpha) the budget divided by the estimated cost per pixel.
+  For animated WebP both the canvas and every frame's declared size are checked; for TIFF the
+  tile or strip buffer libtiff allocates is counted (tiles far larger than the image are
+  refused); for AVIF the AV1 sequence headers may not allow frames larger than the declared size.
 * Only the formats in ``_ALLOWED_FORMATS`` are opened (JPEG/MPO, PNG/APNG, WebP, GIF, BMP,
   TIFF, HEIC/HEIF, AVIF). Pillow can open more (EPS, PSD, ...), but some of those hand the bytes to
   external programs (EPS runs Ghostscript) and none of them can be named by
@@ -53,6 +58,7 @@ import numpy as np
 import pillow_heif
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
+from model_store.avif_header import AvifHeaderError, av1_frame_sizes
 from model_store.errors import ImageDecodeError
 
 __all__ = [
@@ -62,6 +68,7 @@ __all__ = [
     "DRAFT_PIXELS",
     "IMAGE_EXTENSIONS",
     "MAX_JPEG_PIXELS",
+    "MAX_PHONE_PIXELS",
     "DecodeBudget",
     "decode_image",
     "sniff_extension",
@@ -79,6 +86,12 @@ pillow_heif.register_heif_opener()
 #: 40 megapixels is above what phones send as PNG/HEIC and above most scans, while bounding the
 #: work per image (decoding costs up to 15 bytes per pixel at peak, see ``_COST_ALPHA_OR_WIDE``).
 DEFAULT_MAX_PIXELS = 40_000_000
+
+#: Largest HEIC, AVIF and progressive JPEG (width * height) accepted, also when ``max_pixels`` is
+#: lower: phones' 48-50 megapixel photos (iPhone "HEIF Max" 8064x6048, 50 Mpx sensors 8160x6120).
+#: These cost at most 12 bytes per pixel (HEIC, AVIF without alpha) or are DCT-scaled (progressive
+#: JPEG), so they fit the decode budget, which stays the real bound (HEIC/AVIF with alpha: lower).
+MAX_PHONE_PIXELS = 50_000_000
 
 #: Largest baseline JPEG header (width * height) accepted: above the 200-megapixel sensors of
 #: current phones (16320x12240). Such a JPEG is decoded DCT-scaled (see :data:`DRAFT_PIXELS`).
@@ -129,9 +142,18 @@ _ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"
 #: Pillow copies the frame once more (15 bytes per canvas pixel measured, for a 1x1 frame too).
 _COST_PLAIN = 12
 _COST_ALPHA_OR_WIDE = 15
+# 32-bit samples (modes "I", "F"): Pillow's image (4), its copy for numpy (``tobytes`` joins
+# 4-byte chunks: 4 + 4), the in-place scaling temporary (4), then the 8-bit image, the RGB
+# conversion and the result (1 + 4 + 3, after the temporaries are gone). 17.1 measured (40 Mpx).
+_COST_WIDE32 = 18
+# HEIC / AVIF without alpha: the library's YUV planes and RGB buffer, Pillow's copy, the result.
+# Peak measured at 48.8 Mpx (8064x6048, full size): HEIC 8-bit 10.1, HEIC 10-bit 11.3, AVIF 8-bit
+# 10.3 bytes per pixel (AVIF with alpha 14.1: ``_COST_ALPHA_OR_WIDE``).
+_COST_HEIF = 12
+_COST_CMYK = 15  # Pillow's CMYK image (4), the RGB conversion (4), the result (3), libtiff's strips
 _COST_WEBP = 18
 _COST_JPEG = 14  # per DCT-scaled pixel, plus the coefficient buffer of a progressive JPEG
-_FORMAT_NAMES = {"JPEG": "JPEG", "MPO": "JPEG", "WEBP": "WebP", "HEIF": "HEIC", "TIFF": "TIFF"}
+_FORMAT_NAMES = {"JPEG": "JPEG", "MPO": "JPEG", "WEBP": "WebP", "HEIF": "HEIC", "TIFF": "TIFF", "AVIF": "AVIF"}
 
 _MSG_EMPTY = "That file is empty."
 _MSG_NOT_IMAGE = (
@@ -151,10 +173,44 @@ _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _WIDE_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 
 
-def _bomb_limit(max_pixels: int) -> int:
-    """The limit in force when Pillow's own bomb guard refused an image."""
+def _sniff_format(data: bytes) -> str:
+    """The Pillow format id a file's magic bytes announce ("" if none of ours): for messages only."""
+    head = data[:32]
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG"):
+        return "PNG"
+    if head.startswith(b"GIF8"):
+        return "GIF"
+    if head.startswith(b"BM"):
+        return "BMP"
+    if head.startswith((b"II*\0", b"MM\0*")):
+        return "TIFF"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[4:8] == b"ftyp":
+        return "AVIF" if b"avif" in head[8:32] or b"avis" in head[8:32] else "HEIF"
+    return ""
+
+
+def _format_limit(fmt: str, max_pixels: int, capacity: int) -> tuple[int, str]:
+    """The header pixel limit of a format in its cheapest mode, and the format named when the
+    budget (not ``max_pixels``) sets it: what a "too large" message gives when the exact mode is
+    not known (Pillow's own bomb guard refused the file while opening it)."""
+    if fmt in ("JPEG", "MPO"):
+        limit, what = MAX_JPEG_PIXELS, ""
+    else:
+        bpp = _COST_WEBP if fmt == "WEBP" else _COST_PLAIN
+        base = max(max_pixels, MAX_PHONE_PIXELS) if fmt in ("HEIF", "AVIF") else max_pixels
+        limit = min(base, capacity // bpp)
+        what = _format_name(fmt) if limit < base else ""
     pillow_limit = Image.MAX_IMAGE_PIXELS
-    return min(max(max_pixels, MAX_JPEG_PIXELS), pillow_limit) if pillow_limit else max_pixels
+    return (min(limit, pillow_limit) if pillow_limit else limit), what
+
+
+def _bomb_limit(data: bytes, max_pixels: int, capacity: int) -> tuple[int, str]:
+    """The limit in force when Pillow's own bomb guard refused an image: that of its format."""
+    return _format_limit(_sniff_format(data), max_pixels, capacity)
 
 
 def _too_large(limit: int, size: tuple[int, int] | None = None, what: str = "") -> ImageDecodeError:
@@ -261,11 +317,11 @@ def _check_bytes(data: object) -> bytes:
     raise TypeError(f"image data must be bytes, not {type(data).__name__}")
 
 
-def _open(data: bytes, max_pixels_for_message: int) -> Image.Image:
+def _open(data: bytes, max_pixels: int, capacity: int) -> Image.Image:
     """Image.open restricted to our formats; header only, no pixels decoded.
 
     Must be called inside :func:`_bomb_guard`, which turns ``DecompressionBombWarning`` into an
-    error.
+    error. ``max_pixels`` and ``capacity`` (the budget's) only word the "too large" message.
     """
     if not data:
         raise ImageDecodeError(_MSG_EMPTY)
@@ -273,7 +329,8 @@ def _open(data: bytes, max_pixels_for_message: int) -> Image.Image:
         return Image.open(io.BytesIO(data), formats=_ALLOWED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         logger.debug("refused by Pillow's decompression-bomb guard: %s", exc)
-        raise _too_large(_bomb_limit(max_pixels_for_message)) from exc
+        limit, what = _bomb_limit(data, max_pixels, capacity)
+        raise _too_large(limit, what=what) from exc
     except UnidentifiedImageError as exc:
         raise ImageDecodeError(_MSG_NOT_IMAGE) from exc
     except MemoryError as exc:
@@ -328,11 +385,82 @@ def _bytes_per_pixel(im: Image.Image) -> int:
         return _COST_JPEG
     if fmt == "WEBP":
         return _COST_WEBP
+    if im.mode in ("I", "F"):
+        return _COST_WIDE32
+    if im.mode == "CMYK":
+        return _COST_CMYK
     if im.mode in _WIDE_MODES or im.mode in _ALPHA_MODES or "transparency" in im.info:
         return _COST_ALPHA_OR_WIDE
-    if fmt in ("HEIF", "AVIF"):  # the library's own buffer, then Pillow's copy
-        return _COST_ALPHA_OR_WIDE
+    if fmt in ("HEIF", "AVIF"):
+        return _COST_HEIF
     return _COST_PLAIN
+
+
+#: Largest TIFF tile side accepted when the tile is larger than the image (rounded up to a
+#: multiple of 16, as the TIFF spec requires for tile sides): writers use 128-1024.
+_TIFF_MAX_OVERSIZED_TILE_SIDE = 1024
+
+
+def _tiff_buffer_bytes(im: Image.Image) -> int:
+    """Bytes of libtiff's tile or strip buffer for the first page of an opened TIFF, 0 otherwise.
+
+    libtiff allocates one whole decoded tile (TileWidth x TileLength, tags 322/323) or strip
+    (ImageWidth x min(RowsPerStrip, ImageLength), tag 278) at a time, in samples per pixel (277)
+    times bytes per sample (258), and at least 4 bytes per pixel when it reads RGBA. A tile is not
+    bounded by the image: a 158-byte file with a 64x64 image and 32768x32768 tiles made it allocate
+    1 GiB. Tiles far larger than their image are refused as damaged.
+
+    Raises:
+        ImageDecodeError: a tile side larger than the image's side rounded up to 16 and larger
+            than 1024 (damaged).
+    """
+    if (im.format or "") != "TIFF":
+        return 0
+    tags = getattr(im, "tag_v2", None)
+    if tags is None:
+        return 0
+    width, height = im.size
+
+    def _int(tag: int, default: int) -> int:
+        value = tags.get(tag, default)
+        if isinstance(value, tuple):
+            value = max(value) if value else default
+        try:
+            return max(1, int(value))
+        except (TypeError, ValueError):
+            return default
+
+    samples = _int(277, 1)
+    bytes_per_sample = -(-_int(258, 1) // 8)
+    pixel_bytes = max(samples * bytes_per_sample, 4)
+    if 322 in tags or 323 in tags:
+        tile_w, tile_h = _int(322, width), _int(323, height)
+        for side, image_side in ((tile_w, width), (tile_h, height)):
+            if side > max(-(-image_side // 16) * 16, _TIFF_MAX_OVERSIZED_TILE_SIDE):
+                raise ImageDecodeError(_MSG_DAMAGED)
+        return tile_w * tile_h * pixel_bytes
+    rows = min(_int(278, height), height)
+    return width * rows * pixel_bytes
+
+
+def _check_avif_frames(data: bytes, width: int, height: int) -> None:
+    """Refuse an AVIF whose AV1 frames may be larger than the size its ``ispe`` box declares.
+
+    Pillow reports (and the estimate uses) the ``ispe`` size, but the AV1 decoder decodes the
+    size of the stream's sequence header: a 2 kB file declaring 64x64 with a 12000x12000 frame
+    peaked at 299 MB. Every AV1 item and track may decode at most ``width`` x ``height``.
+
+    Raises:
+        ImageDecodeError: a larger frame, or no readable AV1 sequence header (damaged).
+    """
+    try:
+        sizes = av1_frame_sizes(data)
+    except AvifHeaderError as exc:
+        logger.debug("AVIF container or AV1 sequence header unreadable: %s", exc)
+        raise ImageDecodeError(_MSG_DAMAGED) from exc
+    if not sizes or any(w > width or h > height for w, h in sizes):
+        logger.debug("AVIF frames %s do not fit its declared size %dx%d", sizes, width, height)
+        raise ImageDecodeError(_MSG_DAMAGED)
 
 
 def _format_name(fmt: str) -> str:
@@ -406,7 +534,7 @@ def _plan(
     if fmt in ("JPEG", "MPO"):
         progressive = bool(im.info.get("progressive") or im.info.get("progression"))
         extra = _jpeg_coefficient_bytes(im) if progressive else 0
-        header_limit = MAX_JPEG_PIXELS if not progressive else max_pixels
+        header_limit = MAX_JPEG_PIXELS if not progressive else max(max_pixels, MAX_PHONE_PIXELS)
         if pixels > header_limit:
             raise _too_large(header_limit, (width, height), "progressive JPEG" if progressive else "")
         scale = _dct_scale(width, height, min(DRAFT_PIXELS, max_pixels), max_side)
@@ -421,10 +549,18 @@ def _plan(
             raise _too_large(min(limit, header_limit), (width, height), "progressive JPEG" if progressive else "JPEG")
         return _Plan(scale, decoded, cost)
 
-    limit = min(max_pixels, budget.capacity // bpp)
-    what = _format_name(fmt) if limit < max_pixels else ""
+    base = max(max_pixels, MAX_PHONE_PIXELS) if fmt in ("HEIF", "AVIF") else max_pixels
+    limit = min(base, budget.capacity // bpp)
+    what = _format_name(fmt) if limit < base else ""
     if pixels > limit:
         raise _too_large(limit, (width, height), what)
+    if fmt == "AVIF":
+        _check_avif_frames(data, width, height)
+    extra = _tiff_buffer_bytes(im)
+    if pixels * bpp + extra > budget.capacity:
+        if extra >= budget.capacity:
+            raise ImageDecodeError(_MSG_NO_MEMORY)
+        raise _too_large((budget.capacity - extra) // bpp, (width, height), _format_name(fmt))
     if fmt == "WEBP":
         canvas, frames = _webp_frames(data)
         cw, ch = canvas or (width, height)
@@ -435,23 +571,32 @@ def _plan(
                 raise _too_large(limit, (w, h), what)
             if x + w > cw or y + h > ch:
                 raise ImageDecodeError(_MSG_DAMAGED)
-    return _Plan(1, (width, height), pixels * bpp)
+    return _Plan(1, (width, height), pixels * bpp + extra)
 
 
 def _wide_to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Scale a 16-bit / 32-bit integer / float single-channel array to uint8 (not clip)."""
+    """Scale a 16-bit / 32-bit integer / float single-channel array to uint8 (not clip).
+
+    Works in place on one temporary (4 bytes per pixel for float and 16-bit data, 8 for genuine
+    32-bit integers), then the 1-byte result: the decode's peak is bounded by the per-mode cost.
+    """
     if arr.dtype.kind == "f":
-        arr = np.nan_to_num(arr.astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
-        lo, hi = float(arr.min()), float(arr.max())
+        work = arr.astype(np.float32)  # a copy, then everything in place
+        np.nan_to_num(work, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = float(work.min()), float(work.max())
         if lo >= 0.0 and hi <= 1.0:
-            scaled = arr * 255.0
+            work *= 255.0
         elif lo >= 0.0 and hi <= 255.0:
-            scaled = arr
-        elif hi > lo:  # arbitrary range (float64: hi - lo may overflow float32)
-            scaled = (arr.astype(np.float64) - lo) * (255.0 / (hi - lo))
+            pass
+        elif hi > lo:  # arbitrary range; scale first, so that nothing overflows float32
+            scale = 255.0 / (hi - lo)  # Python floats (float64): hi - lo is finite
+            work *= np.float32(scale)
+            work -= np.float32(lo * scale)
         else:
-            scaled = np.zeros_like(arr)
-        return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+            work[...] = 0.0
+        np.rint(work, out=work)
+        np.clip(work, 0.0, 255.0, out=work)
+        return work.astype(np.uint8)
     lo, hi = int(arr.min()), int(arr.max())
     if lo >= 0 and hi <= 0xFFFF:
         # 16-bit samples (the normal case, also Pillow's "I" mode for 16-bit PNG/TIFF):
@@ -460,11 +605,16 @@ def _wide_to_uint8(arr: np.ndarray) -> np.ndarray:
         wide += 128
         wide //= 257
         return wide.astype(np.uint8)
-    # Genuine 32-bit data: stretch the used range linearly.
+    # Genuine 32-bit data: stretch the used range linearly, in place in int64 (no overflow:
+    # (hi - lo) * 255 < 2**40).
     if hi == lo:
         return np.zeros(arr.shape, dtype=np.uint8)
-    wide = arr.astype(np.int64) - lo
-    return ((wide * 255 + (hi - lo) // 2) // (hi - lo)).astype(np.uint8)
+    wide = arr.astype(np.int64)
+    wide -= lo
+    wide *= 255
+    wide += (hi - lo) // 2
+    wide //= hi - lo
+    return wide.astype(np.uint8)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -493,6 +643,24 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if mode == "RGB":
         return im
     return im.convert("RGB")
+
+
+_ARRAY_BAND_PIXELS = 1 << 20  # rows per slice of :func:`_to_array`: about 1 Mpx (3 MB) at a time
+
+
+def _to_array(im: Image.Image) -> np.ndarray:
+    """An RGB image as a new, writable ``(H, W, 3)`` uint8 array, copied in bands of rows.
+
+    ``np.array(im)`` goes through ``im.tobytes()`` (encoded chunks, then joined: twice the image)
+    and copies once more; band by band the extra memory is ~3 MB instead of 9 bytes per pixel.
+    """
+    width, height = im.size
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    rows = max(1, _ARRAY_BAND_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        out[top:bottom] = np.asarray(im.crop((0, top, width, bottom)), dtype=np.uint8)
+    return out
 
 
 def _exif_transposed(im: Image.Image) -> Image.Image:
@@ -570,7 +738,7 @@ def decode_image(
     budget = DECODE_BUDGET if budget is None else budget
 
     with _bomb_guard():
-        im = _open(data, max_pixels)
+        im = _open(data, max_pixels, budget.capacity)
         try:
             width, height = im.size
             if width <= 0 or height <= 0:
@@ -592,13 +760,14 @@ def decode_image(
                     logger.debug("image mode %s could not be converted: %r", im.mode, exc)
                     raise ImageDecodeError(_MSG_COLOURS) from exc
                 rgb_image = _reduced(rgb_image, max_side)
-                rgb = np.array(rgb_image, dtype=np.uint8)
+                rgb = _to_array(rgb_image)
                 del rgb_image
         except ImageDecodeError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             logger.debug("refused by Pillow's decompression-bomb guard: %s", exc)
-            raise _too_large(_bomb_limit(max_pixels)) from exc
+            limit, what = _bomb_limit(data, max_pixels, budget.capacity)
+            raise _too_large(limit, what=what) from exc
         except MemoryError as exc:
             raise ImageDecodeError(_MSG_NO_MEMORY) from exc
         except Exception as exc:  # any other decoder failure (ValueError, EOFError, struct.error, ...)
@@ -632,7 +801,7 @@ def sniff_extension(data: bytes) -> str:
     """
     data = _check_bytes(data)
     with _bomb_guard():
-        im = _open(data, Image.MAX_IMAGE_PIXELS or DEFAULT_MAX_PIXELS)
+        im = _open(data, DEFAULT_MAX_PIXELS, DECODE_BUDGET.capacity)
         try:
             fmt = im.format
         finally:

@@ -242,14 +242,27 @@ DISK_FULL_MESSAGE = (
 )
 
 
+_DISK_FULL_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+# TensorFlow's file system (SavedModel export, tf.io.gfile) turns ENOSPC into a
+# ResourceExhaustedError whose message ends in "<path>; No space left on device" (no errno).
+_DISK_FULL_TEXTS = tuple(os.strerror(e) for e in _DISK_FULL_ERRNOS)
+
+
 def is_disk_full(exc: BaseException) -> bool:
-    """Whether ``exc`` (or an exception it was raised from) is ENOSPC / EDQUOT."""
+    """Whether ``exc`` (or an exception it was raised from) is ENOSPC / EDQUOT.
+
+    An ``OSError`` by its errno; any other exception (TensorFlow's ``ResourceExhaustedError``
+    when ``Model.export`` fills the disk) by the C library's text for those errors in its message.
+    """
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        if isinstance(current, OSError) and current.errno in _DISK_FULL_ERRNOS:
             return True
+        if not (isinstance(current, OSError) and current.errno is not None):
+            if any(text in str(current) for text in _DISK_FULL_TEXTS):
+                return True
         current = current.__cause__ or current.__context__
     return False
 

@@ -6,6 +6,10 @@
   photo is a 3 MB file made in milliseconds.
 * :func:`animated_webp`: the ~96-byte animated WebP of issue 8: a large canvas (VP8X + ANIM) and
   one 1x1 lossless frame (ANMF) placed anywhere on it.
+* :func:`tiled_tiff`: a deflate-compressed 8-bit grey TIFF with one tile of any declared size (the
+  158-byte file with a 64x64 image and 32768x32768 tiles made libtiff allocate 1 GiB).
+* :func:`striped_tiff`: a large deflate TIFF in mode ``F``, ``I`` or ``CMYK`` whose strips all share
+  one compressed strip of a horizontal ramp (a 33-megapixel float TIFF is a few kB).
 * :func:`solid_png`: a PNG of any size in one colour, compressed row by row (a 40-megapixel RGB
   one is ~120 kB).
 """
@@ -18,7 +22,7 @@ import zlib
 
 from PIL import Image
 
-__all__ = ["animated_webp", "solid_jpeg", "solid_png"]
+__all__ = ["animated_webp", "solid_jpeg", "solid_png", "striped_tiff", "tiled_tiff"]
 
 _FLAT_MCU = b"\x28\xa2\x8a\x00"  # 4 Y blocks + Cb + Cr of a flat mid-grey 4:2:0 MCU
 
@@ -80,3 +84,79 @@ def solid_png(width: int, height: int, colour: tuple[int, int, int] = (200, 30, 
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def tiled_tiff(size: tuple[int, int], tile: tuple[int, int], *, real_tile: bool = True) -> bytes:
+    """A grey 8-bit tiled TIFF of ``size`` (w, h) declaring ``tile`` (w, h) tiles, all tiles data 0.
+
+    With ``real_tile`` each tile's deflate stream holds a whole tile of zeros; otherwise 100 bytes
+    (a hostile file: small, but the declared tile size is what the decoder allocates).
+    """
+    width, height = size
+    tile_w, tile_h = tile
+    raw = b"\0" * (tile_w * tile_h if real_tile else 100)
+    data = zlib.compress(raw)
+    count = -(-width // tile_w) * -(-height // tile_h)
+    n_tags = 11
+    ifd_off = 8
+    arrays_off = ifd_off + 2 + 12 * n_tags + 4
+    data_off = arrays_off + 8 * count
+    offsets = [data_off] * count  # every tile shares the same compressed data
+    lengths = [len(data)] * count
+    tags = [
+        (256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 8), (262, 3, 1, 1),
+        (277, 3, 1, 1), (284, 3, 1, 1), (322, 4, 1, tile_w), (323, 4, 1, tile_h),
+        (324, 4, count, offsets[0] if count == 1 else arrays_off),
+        (325, 4, count, lengths[0] if count == 1 else arrays_off + 4 * count),
+    ]
+    out = bytearray(b"II*\0" + struct.pack("<I", ifd_off) + struct.pack("<H", n_tags))
+    for tag, typ, cnt, val in tags:
+        out += struct.pack("<HHIHH", tag, typ, cnt, val, 0) if typ == 3 else struct.pack("<HHII", tag, typ, cnt, val)
+    out += struct.pack("<I", 0)
+    out += b"".join(struct.pack("<I", v) for v in offsets) + b"".join(struct.pack("<I", v) for v in lengths)
+    return bytes(out + data)
+
+
+def striped_tiff(width: int, height: int, mode: str, rows_per_strip: int = 64) -> bytes:
+    """A ``width`` x ``height`` TIFF in ``mode`` "F" (float32), "I" (int32) or "CMYK" (8-bit).
+
+    Every row is the same ramp (float: -1e6..3.5e6, int: -5..70000, CMYK: 0..255 in each ink),
+    so the decoder has to scale a real range; all strips point at one compressed strip.
+    """
+    ramp = [i / max(1, width - 1) for i in range(width)]
+    if mode == "F":
+        row = struct.pack(f"<{width}f", *(-1e6 + 4.5e6 * r for r in ramp))
+        bits, samples, photometric, sample_format = 32, 1, 1, 3
+    elif mode == "I":
+        row = struct.pack(f"<{width}i", *(int(-5 + 70005 * r) for r in ramp))
+        bits, samples, photometric, sample_format = 32, 1, 1, 2
+    elif mode == "CMYK":
+        row = bytes(int(255 * r) for r in ramp for _ in range(4))
+        bits, samples, photometric, sample_format = 8, 4, 5, 1
+    else:
+        raise ValueError(f"unsupported mode {mode!r}")
+    strip = zlib.compress(row * rows_per_strip, 9)
+    count = -(-height // rows_per_strip)
+    n_tags = 12
+    ifd_off = 8
+    extra_off = ifd_off + 2 + 12 * n_tags + 4
+    bits_off = extra_off  # BitsPerSample array when samples > 1 (4 shorts)
+    offsets_off = bits_off + 8
+    lengths_off = offsets_off + 4 * count
+    data_off = lengths_off + 4 * count
+    tags = [
+        (256, 4, 1, width), (257, 4, 1, height),
+        (258, 3, samples, bits if samples == 1 else bits_off),
+        (259, 3, 1, 8), (262, 3, 1, photometric), (273, 4, count, offsets_off if count > 1 else data_off),
+        (277, 3, 1, samples), (278, 4, 1, rows_per_strip),
+        (279, 4, count, lengths_off if count > 1 else len(strip)), (284, 3, 1, 1), (317, 3, 1, 1),
+        (339, 3, 1, sample_format),
+    ]
+    out = bytearray(b"II*\0" + struct.pack("<I", ifd_off) + struct.pack("<H", n_tags))
+    for tag, typ, cnt, val in tags:
+        inline_short = typ == 3 and cnt == 1
+        out += struct.pack("<HHIHH", tag, typ, cnt, val, 0) if inline_short else struct.pack("<HHII", tag, typ, cnt, val)
+    out += struct.pack("<I", 0)
+    out += struct.pack("<4H", *([bits] * 4))
+    out += struct.pack(f"<{count}I", *([data_off] * count)) + struct.pack(f"<{count}I", *([len(strip)] * count))
+    return bytes(out + strip)

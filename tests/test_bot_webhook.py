@@ -17,7 +17,7 @@ from tests.conftest import ADMIN, ROOT, USER, photos
 from tests.test_bot_classify import labels_in
 
 TOKEN = "424242:WebhookTestTokenAbcdef"
-SECRET = "hook_secret_123"
+SECRET = "hook_secret_123456"
 
 
 def _free_port() -> int:

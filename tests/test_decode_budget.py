@@ -32,7 +32,7 @@ from model_store.images import (
     decode_image,
     sniff_extension,
 )
-from tests.crafted_images import animated_webp, solid_jpeg, solid_png
+from tests.crafted_images import animated_webp, solid_jpeg, solid_png, striped_tiff, tiled_tiff
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024
@@ -132,12 +132,34 @@ def test_webp_frames_are_checked_against_their_canvas_and_the_limit() -> None:
         decode_image(animated_webp((100, 100), frame=(9000, 9000)))
 
 
-def test_progressive_jpegs_are_limited_like_full_size_formats() -> None:
+def _progressive(width: int, height: int) -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", (640, 480), (40, 90, 140)).save(buf, "JPEG", progressive=True)
-    with pytest.raises(ImageDecodeError, match="progressive JPEG"):
-        decode_image(buf.getvalue(), max_pixels=640 * 480 - 1)
-    assert decode_image(buf.getvalue()).shape == (480, 640, 3)
+    Image.new("RGB", (width, height), (40, 90, 140)).save(buf, "JPEG", progressive=True, quality=80)
+    return buf.getvalue()
+
+
+def test_progressive_jpegs_have_the_phone_photo_limit() -> None:
+    data = bytearray(_progressive(640, 480))
+    assert decode_image(bytes(data)).shape == (480, 640, 3)
+    sof = data.index(b"\xff\xc2")  # a header claiming 10000x6000 (60 Mpx): refused before decoding
+    data[sof + 5 : sof + 9] = (6000).to_bytes(2, "big") + (10000).to_bytes(2, "big")
+    with pytest.raises(ImageDecodeError, match=r"10000×6000 pixels\); the limit is 50 megapixels for progressive JPEG"):
+        decode_image(bytes(data))
+
+
+def test_a_48_megapixel_progressive_jpeg_decodes_dct_scaled() -> None:
+    # 8000x6000 progressive (what some phones and editors save) was refused: "the limit is 40 megapixels".
+    budget = DecodeBudget(576 * MB)
+    rgb = decode_image(_progressive(8000, 6000), budget=budget)
+    assert rgb.shape == (3000, 4000, 3) and budget.peak <= 320 * MB  # the coefficients + 12 Mpx
+
+
+def test_48_megapixel_heic_and_avif_decode_at_full_size_within_their_estimate() -> None:
+    # Refused as "too large (8064×6048 pixels); the limit is 40 megapixels" on the old code.
+    for case in ("heic_48mp", "avif_48mp"):
+        report = _peak(case)
+        assert report["result"] == [6048, 8064, 3], report
+        assert report["peak_mb"] <= report["estimate_mb"] <= 576
 
 
 # --- big and modern photos ----------------------------------------------------------------------
@@ -184,19 +206,62 @@ def test_avif_decodes_like_heic() -> None:
     assert sniff_extension(data) == "avif"
 
 
+def _avif(im: Image.Image, **kwargs: object) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "AVIF", speed=10, quality=30, **kwargs)
+    return buf.getvalue()
+
+
+def test_an_avif_whose_ispe_box_understates_its_av1_frame_is_refused_before_decoding() -> None:
+    # The review's file: ispe 64x64 over a 12000x12000 AV1 frame peaked at 299 MB (61 kB
+    # estimated) and decoded as a 64x64 image. Here 1600x1200 (what the stream holds) under 64x64.
+    data = bytearray(_avif(Image.new("RGB", (1600, 1200), (120, 30, 200))))
+    ispe = data.index(b"ispe")
+    data[ispe + 8 : ispe + 16] = (64).to_bytes(4, "big") * 2
+    assert Image.open(io.BytesIO(bytes(data))).size == (64, 64)
+    budget = DecodeBudget(576 * MB)
+    with pytest.raises(ImageDecodeError, match="damaged"):
+        decode_image(bytes(data), budget=budget)
+    assert budget.peak == 0  # refused from the header: nothing reserved, nothing decoded
+
+
+def test_avifs_with_alpha_and_image_sequences_still_decode() -> None:
+    assert decode_image(_avif(Image.new("RGBA", (300, 200), (10, 20, 30, 128)))).shape == (200, 300, 3)
+    frames = [Image.new("RGB", (100, 80), (200, 0, 0)), Image.new("RGB", (100, 80), (0, 0, 200))]
+    data = _avif(frames[0], save_all=True, append_images=frames[1:])
+    rgb = decode_image(data)
+    assert rgb.shape == (80, 100, 3) and rgb[40, 50, 0] > 150  # the first frame
+    with pytest.raises(ImageDecodeError):  # a cut-off container
+        decode_image(data[: len(data) // 2])
+
+
 # --- peak memory of one decode, in a fresh interpreter -------------------------------------------
 
 _PEAK_SCRIPT = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
-from tests.crafted_images import animated_webp, solid_jpeg, solid_png
+from tests.crafted_images import animated_webp, solid_jpeg, solid_png, striped_tiff, tiled_tiff
 from model_store.images import DECODE_BUDGET, decode_image
 from model_store.errors import ImageDecodeError
+import io
+from PIL import Image
+
+def encoded(fmt, **params):  # an iPhone "HEIF Max" sized photo, 8064x6048 = 48.8 Mpx
+    buf = io.BytesIO()
+    Image.new("RGB", (8064, 6048), (120, 30, 200)).save(buf, fmt, **params)
+    return buf.getvalue()
+
 makers = {
     "webp_6000_canvas_1x1_frame": lambda: animated_webp((6000, 6000)),
     "jpeg_200mp": lambda: solid_jpeg(16320, 12240),
     "jpeg_12mp": lambda: solid_jpeg(4000, 3008),
     "png_40mp_solid": lambda: solid_png(6400, 6250),
+    "tiff_64_tile_32768": lambda: tiled_tiff((64, 64), (32768, 32768), real_tile=False),
+    "tiff_float_33mp": lambda: striped_tiff(5760, 5760, "F"),
+    "tiff_int32_33mp": lambda: striped_tiff(5760, 5760, "I"),
+    "tiff_cmyk_40mp": lambda: striped_tiff(6300, 6300, "CMYK"),
+    "heic_48mp": lambda: encoded("HEIF", quality=30, enc_params={"preset": "ultrafast"}),
+    "avif_48mp": lambda: encoded("AVIF", quality=30, speed=10),
 }
 data = makers[sys.argv[2]]()
 kwargs = json.loads(sys.argv[3])
@@ -245,6 +310,43 @@ def test_peak_memory_of_one_decode_is_bounded_by_what_is_decoded() -> None:
     full = _peak("png_40mp_solid")
     assert full["result"] == [6250, 6400, 3]
     assert full["peak_mb"] <= full["estimate_mb"], "the budget reserves less than the decode takes"
+
+
+def test_a_tiny_tiff_declaring_huge_tiles_is_refused_before_libtiff_allocates_them() -> None:
+    # 166 bytes: a 64x64 image with 32768x32768 tiles; libtiff allocated 1 GiB on the old code.
+    report = _peak("tiff_64_tile_32768", max_side=1024)
+    assert report["bytes"] < 200
+    assert report["result"] == "That image file is damaged and I can't read it."
+    assert report["peak_mb"] < 50 and report["estimate_mb"] == 0
+
+
+def test_tiff_tiles_are_counted_in_the_estimate_and_normal_tiles_decode() -> None:
+    budget = DecodeBudget(576 * MB)
+    assert decode_image(tiled_tiff((300, 200), (256, 256)), budget=budget).shape == (200, 300, 3)
+    # a tile larger than its image (allowed up to 1024 a side) costs its whole buffer
+    budget = DecodeBudget(576 * MB)
+    assert decode_image(tiled_tiff((64, 64), (1024, 1024)), budget=budget).shape == (64, 64, 3)
+    assert budget.peak >= 1024 * 1024 * 4
+    for tile in ((16384, 16384), (2048, 64), (64, 45984)):
+        with pytest.raises(ImageDecodeError, match="damaged"):
+            decode_image(tiled_tiff((64, 64), tile, real_tile=False), budget=budget)
+
+
+@pytest.mark.parametrize(
+    ("case", "size"),
+    [("tiff_float_33mp", 5760), ("tiff_int32_33mp", 5760), ("tiff_cmyk_40mp", 6300)],
+)
+def test_the_estimate_covers_the_peak_of_32_bit_and_cmyk_tiffs_at_full_size(case: str, size: int) -> None:
+    # Review figures at 39.7 Mpx, max_side None (admin uploads, training, the CLI): estimate
+    # 568 MiB, peak 1216 MiB (float), 951 MiB (int32); CMYK 454 MiB estimated, 534 MiB peak.
+    report = _peak(case)
+    assert report["result"] == [size, size, 3]
+    assert report["peak_mb"] <= report["estimate_mb"], "the budget reserves less than the decode takes"
+
+
+def test_32_bit_tiffs_over_their_lower_limit_are_refused_from_the_header() -> None:
+    with pytest.raises(ImageDecodeError, match=r"6300×6300 pixels\); the limit is 33.6 megapixels"):
+        decode_image(striped_tiff(6300, 6300, "F"))
 
 
 # --- the bot's download budget (asyncio) ----------------------------------------------------------

@@ -56,6 +56,28 @@ def test_webhook_mode_without_a_secret_refuses_to_start(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, "[telegram]\n")).telegram.webhook_secret_token is None
 
 
+@pytest.mark.parametrize("secret", ["x", "e", "abc123", "a" * 15])
+def test_a_short_webhook_secret_is_refused_naming_the_key_and_how_to_make_one(tmp_path: Path, secret: str) -> None:
+    # A 1-character secret was accepted, then redaction replaced that character in every log line.
+    path = write(tmp_path, f'[telegram]\nmode = "webhook"\nwebhook_url = "https://h/x"\n'
+                           f'webhook_secret_token = "{secret}"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith("config error: telegram.webhook_secret_token: is too short")
+    assert "at least 16" in message and "secrets.token_urlsafe" in message
+    assert f'"{secret}"' not in message and f"'{secret}'" not in message
+    ok = write(tmp_path, f'[telegram]\nmode = "webhook"\nwebhook_url = "https://h/x"\n'
+                         f'webhook_secret_token = "{"a" * 16}"\n')
+    assert load_config(ok).telegram.webhook_secret_token is not None
+
+
+def test_redaction_never_redacts_a_secret_too_short_to_be_one() -> None:
+    line = "every line has an e and an x in it: exit 0"
+    assert redact(line, ["e"]) == line and redact(line, ["x", "exit", "an e "]) == line
+    assert redact(f"the secret {HOOK_SECRET} here", ["e", HOOK_SECRET]) == f"the secret {REDACTED} here"
+
+
 async def test_webhook_secret_is_redacted_from_ptb_debug_logs(botapi: BotApiStandIn, tmp_path: Path) -> None:
     """PTB logs every Bot API call's parameters at DEBUG: setWebhook's include the secret."""
     stream = io.StringIO()

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -150,6 +151,52 @@ def test_a_missing_catalog_is_rebuilt_loudly(tmp_path: Path, caplog: pytest.LogC
     assert not caplog.records
 
 
+@pytest.mark.parametrize(
+    "schema",
+    [
+        "CREATE TABLE images (id INTEGER PRIMARY KEY, path TEXT)",  # an older schema
+        "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)",  # a foreign SQLite file
+    ],
+)
+def test_a_catalog_with_another_schema_is_set_aside_and_rebuilt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, schema: str
+) -> None:
+    # An older schema stopped start-up: "OperationalError: no such column: added_by".
+    root = tmp_path / "store"
+    _store_with_images(root)
+    for p in root.glob("catalog.sqlite*"):
+        p.unlink()
+    with contextlib.closing(sqlite3.connect(root / "catalog.sqlite")) as conn:
+        conn.execute(schema)
+        conn.commit()
+    foreign = (root / "catalog.sqlite").read_bytes()
+    with caplog.at_level(logging.WARNING, logger="model_store.dataset"):
+        store = ImageStore(root)
+    assert sum(x.count for x in store.labels()) == 6
+    assert [p.read_bytes() for p in root.glob("catalog.sqlite.corrupt-*") if not p.name.endswith(("-wal", "-shm"))] == [foreign]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("older schema" in m and "corrupt-" in m for m in errors), caplog.text
+    assert store.add(photos("pants")[0].read_bytes(), "pants", added_by=5, chat_id=5).created
+    ImageStore(root)  # and our own catalog opens again without being set aside
+    assert len(list(root.glob("catalog.sqlite.corrupt-*"))) == 1
+
+
+def test_an_empty_catalog_file_warns_like_a_missing_one(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "store"
+    _store_with_images(root)
+    for p in root.glob("catalog.sqlite*"):
+        p.unlink()
+    (root / "catalog.sqlite").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="model_store.dataset"):
+        store = ImageStore(root)
+    assert sum(x.count for x in store.labels()) == 6
+    assert any(
+        r.levelno == logging.WARNING and "was empty: rebuilt it from the image folders (6 images)" in r.getMessage()
+        and "who added those images is no longer known" in r.getMessage()
+        for r in caplog.records
+    ), caplog.text
+
+
 # ------------------------------------------------------------------------------ point 5: one bot per store
 def test_a_second_bot_on_the_same_store_exits_3_with_a_clear_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -279,6 +326,26 @@ def test_a_full_disk_during_training_is_reported_as_disk_full(
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["event"] == "result" and result["status"] == "failed"
     assert "disk is full" in result["message"] and "crashed" not in result["message"]
+
+
+def test_tensorflow_s_disk_full_error_is_recognised_as_disk_full() -> None:
+    # Model.export writes the SavedModel through TensorFlow's file system, which raises
+    # ResourceExhaustedError("<path>; No space left on device") with no errno: it was "crashed".
+    import tensorflow as tf
+
+    with pytest.raises(tf.errors.ResourceExhaustedError) as info:
+        with tf.io.gfile.GFile("/dev/full", "wb") as f:  # every write there fails with ENOSPC
+            f.write(b"x" * 100_000)
+    assert "No space left on device" in str(info.value)
+    assert pipeline.is_disk_full(info.value)
+    try:
+        raise RuntimeError("export failed") from info.value
+    except RuntimeError as wrapped:
+        assert pipeline.is_disk_full(wrapped)
+    assert pipeline.is_disk_full(tf.errors.ResourceExhaustedError(None, None, "/x/variables.data; Disk quota exceeded"))
+    # an out-of-memory ResourceExhaustedError is not a full disk, nor is another OSError
+    assert not pipeline.is_disk_full(tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor"))
+    assert not pipeline.is_disk_full(OSError(errno.EACCES, "Permission denied"))
 
 
 def test_training_outputs_get_a_free_space_check_before_writing(

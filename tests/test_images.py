@@ -36,6 +36,7 @@ from model_store.images import (
     sniff_extension,
     to_model_input,
 )
+from tests.crafted_images import solid_jpeg
 
 DATA = Path(__file__).resolve().parent / "data"
 CASES_DIR = DATA / "cases"
@@ -363,9 +364,19 @@ def test_pillow_bomb_warning_becomes_our_error() -> None:
     data = _png_header_only(20_000, 20_000)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with pytest.raises(ImageDecodeError, match=r"too large; the limit is 256 megapixels"):
+        # the limit given is PNG's: here the decode budget's (576 MiB / 12 bytes per pixel)
+        with pytest.raises(ImageDecodeError, match=r"too large; the limit is 50.3 megapixels for PNG images\.$"):
             decode_image(data, max_pixels=500_000_000)
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_a_bomb_refused_by_pillow_gives_the_limit_of_its_own_format() -> None:
+    # bomb_40000.png said "the limit is 256 megapixels" (the JPEG header limit) on the old code.
+    for call in (decode_image, sniff_extension):
+        with pytest.raises(ImageDecodeError, match=r"^That image is too large; the limit is 40 megapixels\.$"):
+            call(_read("bomb_40000.png"))
+    with pytest.raises(ImageDecodeError, match=r"the limit is 256 megapixels\.$"):  # JPEG's own
+        decode_image(solid_jpeg(24000, 24000))
 
 
 def test_a_full_size_format_over_the_budget_is_refused_from_its_header() -> None:
