@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from model_store.registry import write_atomic
+
 log = logging.getLogger(__name__)
 
 ENGINES = ("litert", "tensorflow")
@@ -233,16 +235,7 @@ def convert(model) -> bytes:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data)
 
 
 def _converter_version() -> str:
