@@ -530,6 +530,11 @@ def status_text(svc: Services) -> str:
     lines = []
     if current is None:
         lines.append("Model: none yet (teach me with /add, then /retrain).")
+        engine = svc.config.engine
+        threads = engine.threads or "all"
+        lines.append(
+            f"Backbone: {svc.config.training.backbone}, engine: {engine.engine}, {threads} threads (for the first training)"
+        )
     else:
         metrics = current.metrics
         acc = metrics.get("accuracy")

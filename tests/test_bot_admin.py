@@ -124,6 +124,7 @@ async def test_undo_labels_rename_and_status(botapi: BotApiStandIn, tmp_path: Pa
     assert "already exists" in rename_clash
     assert stored(store) == {"cap": 2, "pants": 1, "shoes": 0}  # an emptied label stays until /delete
     assert "Model: none yet" in status
+    assert "Backbone: efficientnet_lite1, engine: litert, all threads (for the first training)" in status
     assert "cap — 2" in status and "pants — 1" in status
     assert "Next scheduled training:" in status and "0 3 * * *" in status
 
