@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model_store.bottlenecks import decode_for_model
+from model_store.bottlenecks import DECODE_SIDE, decode_for_model
 from model_store.engine import EngineSettings, FrozenModel, open_cached, open_frozen
 from model_store.errors import NoModelError
 from model_store.images import to_model_input
@@ -208,7 +208,7 @@ def _open_backbone_plus_head(version_dir: Path, settings: EngineSettings | None)
         return None
 
 
-def open_serving_model(version_dir: Path, settings: EngineSettings | None = None, *, model=None):
+def open_serving_model(version_dir: Path, settings: EngineSettings | None = None):
     """A version's model (backbone + head + softmax) on the configured engine.
 
     On LiteRT: the version's copy of its backbone's conversion (:data:`BACKBONE_CACHE_NAME`) plus
@@ -219,8 +219,6 @@ def open_serving_model(version_dir: Path, settings: EngineSettings | None = None
     Args:
         version_dir: the version folder.
         settings: engine and threads (default ``EngineSettings()``: LiteRT, all cores).
-        model: the already-loaded Keras ``model.keras``, if at hand (else loaded only when needed:
-            for a conversion or the TensorFlow path).
 
     Returns:
         A callable ``(batch, *, batch_size) -> float32 (N, C)`` probabilities for float32
@@ -240,7 +238,7 @@ def open_serving_model(version_dir: Path, settings: EngineSettings | None = None
         return keras.models.load_model(path, compile=False)
 
     return open_frozen(
-        model if model is not None else load,
+        load,  # loaded only when needed: for a conversion or the TensorFlow path
         key=f"model.keras-{digest}",
         cache_dir=version_dir,
         name=SERVING_CACHE_NAME,
@@ -436,8 +434,9 @@ class Classifier:
         return out
 
 
-#: Longer side, in pixels, of the copy a :class:`Prepared` keeps (4x a 224 crop's source size).
-KEEP_SIDE = 1024
+#: Longer side, in pixels, of the copy a :class:`Prepared` keeps (4x a 224 crop's source size): the
+#: side training decodes to (``bottlenecks.DECODE_SIDE``), so both see the same pixels.
+KEEP_SIDE = DECODE_SIDE
 
 
 def _shrunk(rgb: np.ndarray) -> np.ndarray:

@@ -330,8 +330,8 @@ def open_frozen(
             fm.cache_record = record_path
             return fm
 
+    m = keras_model()  # a model that cannot load raises here: no conversion record is written
     try:
-        m = keras_model()
         content = convert(m)
         runner = _LiteRTRunner(content, threads)
         probe = probe_input(runner.input_size)

@@ -398,15 +398,15 @@ def write_confusion_csv(evaluation: Evaluation, path: Path) -> Path:
 
     Labels are written as they are (the csv module quotes commas, quotes and newlines); a label
     starting with ``=``, ``+``, ``-`` or ``@`` gets a leading apostrophe so that spreadsheets do
-    not run it as a formula. Written temp-file-then-rename.
+    not run it as a formula. Written with ``registry.write_atomic`` (temp file, fsync, rename).
 
     Returns:
         ``path``.
     """
     import csv
     import io
-    import os
-    import tempfile
+
+    from model_store.registry import write_atomic
 
     def cell(label: str) -> str:
         return "'" + label if label[:1] in ("=", "+", "-", "@") else label
@@ -416,13 +416,7 @@ def write_confusion_csv(evaluation: Evaluation, path: Path) -> Path:
     writer.writerow(["true \\ predicted", *(cell(lb) for lb in evaluation.labels)])
     for label, row in zip(evaluation.labels, evaluation.confusion_matrix, strict=True):
         writer.writerow([cell(label), *row])
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    write_atomic(path, buf.getvalue().encode("utf-8"))
     return path
 
 
