@@ -145,11 +145,6 @@ async def set_commands(application: Application[Any, Any, Any, Any, Any, Any], c
             log.warning("admin command menu not set for admin %d: %s", admin_id, exc)
 
 
-def _webhook_secret(config: Config) -> str | None:
-    secret = config.telegram.webhook_secret_token
-    return secret.get_secret_value() if secret else None
-
-
 #: exit code of ``run`` when another bot already serves the same store
 EXIT_STORE_IN_USE = 3
 BOT_LOCK_FILE = ".bot.lock"
@@ -196,7 +191,7 @@ def build_application(
     token = config.token
     if not token:
         raise ConfigError("config error: telegram.token: not set (or set TELEGRAM_BOT_TOKEN)")
-    install_token_filter(token, _webhook_secret(config))
+    install_token_filter(token, config.webhook_secret)
     logging.getLogger("httpx").setLevel(max(logging.getLogger("httpx").getEffectiveLevel(), logging.WARNING))
 
     ws = workspace or Workspace(
@@ -322,7 +317,7 @@ def run(config_path: str | None) -> int:
     if not token:
         print(NO_TOKEN_HELP, file=sys.stderr, end="")
         return 2
-    configure_logging(config.logging.level, token, _webhook_secret(config))
+    configure_logging(config.logging.level, token, config.webhook_secret)
     tg = config.telegram
     if tg.mode == "webhook" and importlib.util.find_spec("tornado") is None:
         print(
@@ -366,7 +361,7 @@ def _run_application(config: Config, token: str) -> int:
                 port=tg.webhook_port,
                 url_path=urlparse(tg.webhook_url).path.lstrip("/"),
                 webhook_url=tg.webhook_url,
-                secret_token=_webhook_secret(config),
+                secret_token=config.webhook_secret,
                 allowed_updates=ALLOWED_UPDATES,
             )
         else:

@@ -330,6 +330,12 @@ class Config(BaseSettings):
         """The bot token in clear (for the ApplicationBuilder and the log redactor only)."""
         return self.telegram.token.get_secret_value() if self.telegram.token else None
 
+    @property
+    def webhook_secret(self) -> str | None:
+        """The webhook secret token in clear (for ``run_webhook`` and the log redactor only)."""
+        secret = self.telegram.webhook_secret_token
+        return secret.get_secret_value() if secret else None
+
     def is_admin(self, user_id: int | None) -> bool:
         """Whether ``user_id`` is listed in :attr:`admins` (None is never an admin)."""
         return user_id is not None and user_id in self.admins

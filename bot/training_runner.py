@@ -197,8 +197,7 @@ class Trainer:
         self.closing = False
 
     def _secrets(self) -> list[str | None]:
-        tg = self.config.telegram
-        return [self.config.token, tg.webhook_secret_token.get_secret_value() if tg.webhook_secret_token else None]
+        return [self.config.token, self.config.webhook_secret]
 
     @property
     def busy(self) -> bool:

@@ -67,7 +67,7 @@ TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
 _IMAGE_NAME = re.compile(r"^([0-9a-f]{64})\.([A-Za-z0-9]{1,16})$")
 _SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
-_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
 _STORE_FULL_MESSAGE = (
     "The image store is almost out of disk space, so the image was not saved. "
     "Please ask the bot's administrator to free some space."
@@ -190,7 +190,7 @@ def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
 
 
 def _is_disk_full(exc: OSError) -> bool:
-    return exc.errno in _DISK_FULL_ERRNOS
+    return exc.errno in DISK_FULL_ERRNOS
 
 
 class ImageStore:

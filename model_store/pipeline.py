@@ -12,7 +12,6 @@ either the old or the new pointer (see ``registry``).
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import logging
@@ -28,6 +27,7 @@ import numpy as np
 from model_store.backbones import Backbone, load_backbone
 from model_store.bottlenecks import PREPROCESSING_MODE, BottleneckCache
 from model_store.classifier import BACKBONE_CACHE_NAME
+from model_store.dataset import DISK_FULL_ERRNOS
 from model_store.engine import EngineSettings, copy_cache
 from model_store.errors import LabelgramError, TrainingError
 from model_store.images import decode_image, to_model_input
@@ -242,10 +242,9 @@ DISK_FULL_MESSAGE = (
 )
 
 
-_DISK_FULL_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 # TensorFlow's file system (SavedModel export, tf.io.gfile) turns ENOSPC into a
 # ResourceExhaustedError whose message ends in "<path>; No space left on device" (no errno).
-_DISK_FULL_TEXTS = tuple(os.strerror(e) for e in _DISK_FULL_ERRNOS)
+_DISK_FULL_TEXTS = tuple(os.strerror(e) for e in sorted(DISK_FULL_ERRNOS))
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -258,7 +257,7 @@ def is_disk_full(exc: BaseException) -> bool:
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in _DISK_FULL_ERRNOS:
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
             return True
         if not (isinstance(current, OSError) and current.errno is not None):
             if any(text in str(current) for text in _DISK_FULL_TEXTS):
