@@ -7,7 +7,7 @@ bottlenecks of images it has not seen. Augmentation is done with cached *views* 
 retrain.py's random distortions did.
 
 Layout: ``<root>/<backbone id>/<preprocessing>-<view>/<sha256[:2]>/<sha256>.npy``, each a float32 ``(D,)`` array,
-written with ``registry.write_atomic`` (fsync file, ``os.replace``, fsync folder);
+written with ``fs.write_atomic`` (fsync file, ``os.replace``, fsync folder);
 ``<root>/<backbone id>/litert.tflite`` (+ ``.json``) is the backbone converted for the LiteRT engine
 (``model_store.engine``). An entry that cannot be read or has the wrong shape, dtype
 or non-finite values is treated as missing and recomputed.
@@ -29,8 +29,8 @@ import numpy as np
 from model_store.backbones import Backbone
 from model_store.engine import EngineSettings
 from model_store.errors import LabelgramError
+from model_store.fs import write_atomic
 from model_store.images import decode_image, to_model_input
-from model_store.registry import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model_store.registry import write_atomic
+from model_store.fs import write_atomic
 
 log = logging.getLogger(__name__)
 

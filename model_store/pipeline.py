@@ -27,9 +27,9 @@ import numpy as np
 from model_store.backbones import Backbone, load_backbone
 from model_store.bottlenecks import PREPROCESSING_MODE, BottleneckCache
 from model_store.classifier import BACKBONE_CACHE_NAME
-from model_store.dataset import DISK_FULL_ERRNOS
 from model_store.engine import EngineSettings, copy_cache
 from model_store.errors import LabelgramError, TrainingError
+from model_store.fs import DISK_FULL_ERRNOS
 from model_store.images import decode_image, to_model_input
 from model_store.labels import label_key
 from model_store.training import (

@@ -25,54 +25,20 @@ import logging
 import os
 import secrets
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from model_store.errors import NoModelError
+from model_store.fs import TMP_PREFIX, fsync_dir, fsync_file, write_atomic
+
+# ``write_atomic`` and ``fsync_dir`` live in model_store.fs; imported here also for bot/state.py,
+# which imports them from this module.
+__all__ = ["POINTER", "ModelRegistry", "ModelVersion", "fsync_dir", "write_atomic"]
 
 log = logging.getLogger(__name__)
 
-TMP_PREFIX = ".tmp-"
 POINTER = "CURRENT"
-
-
-def fsync_dir(path: Path | str) -> None:
-    """fsync a directory, so the names created, renamed or removed in it survive a power cut.
-
-    The one helper for this in the project (``write_atomic``, ``ModelRegistry.commit``, the image
-    store and the bottleneck cache use it). Linux ``fsync(2)``: syncing a file does not sync the
-    directory entry that names it.
-
-    Raises:
-        OSError: the directory cannot be opened or synced.
-    """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder: write, fsync the file,
-    ``os.replace`` it into place, fsync the folder. A crash leaves the old or the new content.
-
-    Raises:
-        OSError: the write failed (e.g. ENOSPC); the temp file is removed and ``path`` is unchanged.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)
@@ -179,8 +145,7 @@ class ModelRegistry:
             if p.is_dir() and not p.is_symlink():
                 folders.append(p)
             elif p.is_file():
-                with open(p, "rb") as fh:
-                    os.fsync(fh.fileno())
+                fsync_file(p)
         for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
             fsync_dir(folder)
         final = self.root / name

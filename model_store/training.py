@@ -398,7 +398,7 @@ def write_confusion_csv(evaluation: Evaluation, path: Path) -> Path:
 
     Labels are written as they are (the csv module quotes commas, quotes and newlines); a label
     starting with ``=``, ``+``, ``-`` or ``@`` gets a leading apostrophe so that spreadsheets do
-    not run it as a formula. Written with ``registry.write_atomic`` (temp file, fsync, rename).
+    not run it as a formula. Written with ``fs.write_atomic`` (temp file, fsync, rename).
 
     Returns:
         ``path``.
@@ -406,7 +406,7 @@ def write_confusion_csv(evaluation: Evaluation, path: Path) -> Path:
     import csv
     import io
 
-    from model_store.registry import write_atomic
+    from model_store.fs import write_atomic
 
     def cell(label: str) -> str:
         return "'" + label if label[:1] in ("=", "+", "-", "@") else label
@@ -439,10 +439,9 @@ def plot_confusion_matrix(evaluation: Evaluation, path: Path, *, title: str = ""
     Returns:
         ``path``.
     """
-    import os
-    import tempfile
-
     import matplotlib
+
+    from model_store.fs import atomic_path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -486,13 +485,8 @@ def plot_confusion_matrix(evaluation: Evaluation, path: Path, *, title: str = ""
                         )
             ax.set_title(heading, fontsize=10)
             fig.tight_layout()
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-            os.close(fd)
-            try:
+            with atomic_path(path, suffix=".png") as tmp:
                 fig.savefig(tmp, format="png")
-                os.replace(tmp, path)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
         finally:
             plt.close(fig)
     return path
