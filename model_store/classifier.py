@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from model_store.bottlenecks import DECODE_SIDE, decode_for_model
-from model_store.engine import EngineSettings, FrozenModel, open_cached, open_frozen
+from model_store.engine import EngineSettings, FrozenModel, inference_function, open_cached, open_frozen
 from model_store.errors import NoModelError
 from model_store.images import to_model_input
 from model_store.registry import ModelRegistry, ModelVersion
@@ -158,12 +158,7 @@ class _BackbonePlusHead:
 
     @staticmethod
     def _tf_head(head):
-        import tensorflow as tf
-
-        fn = tf.function(
-            lambda f: tf.nn.softmax(head(f, training=False), axis=-1),
-            input_signature=[tf.TensorSpec([None, int(head.input_shape[-1])], tf.float32)],
-        )
+        fn = inference_function(head, [None, int(head.input_shape[-1])], softmax=True)
         return lambda feats: fn(feats).numpy()
 
     @property

@@ -33,7 +33,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,12 +157,33 @@ class FrozenModel:
         return out.astype(np.float32, copy=False)
 
 
-def _tensorflow_runner(model) -> Callable[[np.ndarray], np.ndarray]:
-    """The compiled ``tf.function`` path: one trace for any batch size."""
+def inference_function(model, input_shape: Sequence[int | None] | None = None, *, softmax: bool = False):
+    """``model(x, training=False)`` (then a softmax over the last axis if ``softmax``) compiled as one
+    ``tf.function`` with a fixed float32 input signature: the project's only ``tf.function``.
+
+    Args:
+        model: a Keras model (or layer) called on float32 input.
+        input_shape: the signature's shape; None: ``(None, *model.input_shape[1:])``, so one trace
+            serves any batch size.
+        softmax: apply ``tf.nn.softmax`` to the output (a head that outputs logits).
+
+    Returns:
+        The ``tf.function`` (call it on a float32 array; ``.get_concrete_function()`` for a converter).
+    """
     import tensorflow as tf
 
-    shape = [None, *[int(d) for d in model.input_shape[1:]]]
-    fn = tf.function(lambda x: model(x, training=False), input_signature=[tf.TensorSpec(shape, tf.float32)])
+    shape = list(input_shape) if input_shape is not None else [None, *[int(d) for d in model.input_shape[1:]]]
+
+    def call(x):
+        out = model(x, training=False)
+        return tf.nn.softmax(out, axis=-1) if softmax else out
+
+    return tf.function(call, input_signature=[tf.TensorSpec(shape, tf.float32)])
+
+
+def _tensorflow_runner(model) -> Callable[[np.ndarray], np.ndarray]:
+    """The compiled ``tf.function`` path: one trace for any batch size."""
+    fn = inference_function(model)
     return lambda x: fn(x).numpy()
 
 

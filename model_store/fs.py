@@ -135,11 +135,10 @@ def atomic_path(path: Path | str, *, suffix: str = "") -> Iterator[Path]:
     fsync_dir(path.parent)
 
 
-@contextlib.contextmanager
-def file_lock(path: Path | str, *, blocking: bool = True) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (created if missing, never deleted) for the block.
+def file_lock(path: Path | str, *, blocking: bool = True) -> FileLock:
+    """An exclusive lock on ``path`` (created if missing, never deleted); use it as ``with file_lock(p):``.
 
-    Exclusive across processes and across threads (each call opens its own lock; ``flock`` locks of
+    Exclusive across processes and across threads (each call makes its own lock; ``flock`` locks of
     two open files conflict even within one process). Not reentrant: callers that nest take a
     ``threading.RLock`` around it (``ImageStore``).
 
@@ -147,10 +146,9 @@ def file_lock(path: Path | str, *, blocking: bool = True) -> Iterator[None]:
         path: the lock file.
         blocking: wait for the lock (True) or raise :data:`LockHeld` at once if it is held.
 
-    Raises:
-        LockHeld: ``blocking=False`` and another holder has the lock.
-        OSError: the lock file cannot be created or opened.
+    Returns:
+        An unacquired ``filelock.FileLock``; entering it (or ``acquire()``) raises
+        :data:`LockHeld` when ``blocking=False`` and another holder has the lock, ``OSError`` when
+        the lock file cannot be created or opened.
     """
-    lock = FileLock(path, timeout=-1 if blocking else 0)
-    with lock:
-        yield
+    return FileLock(path, timeout=-1 if blocking else 0)

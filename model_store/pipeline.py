@@ -12,7 +12,6 @@ either the old or the new pointer (see ``registry``).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -21,26 +20,31 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from model_store.backbones import Backbone, load_backbone
 from model_store.bottlenecks import PREPROCESSING_MODE, BottleneckCache
 from model_store.classifier import BACKBONE_CACHE_NAME
-from model_store.engine import EngineSettings, copy_cache
+from model_store.dataset import ImageRecord
+from model_store.engine import EngineSettings, copy_cache, inference_function
 from model_store.errors import LabelgramError, TrainingError
-from model_store.fs import DISK_FULL_ERRNOS
+from model_store.fs import DISK_FULL_ERRNOS, LockHeld, file_lock
 from model_store.images import decode_image, to_model_input
 from model_store.labels import label_key
+from model_store.registry import ModelVersion
 from model_store.training import (
     TESTING,
     TRAINING,
     VALIDATION,
+    Evaluation,
     TrainConfig,
     assign_split,
     evaluate,
     plot_confusion_matrix,
     softmax,
+    split_percentages_problem,
     train_head,
 )
 from model_store.workspace import Workspace
@@ -228,12 +232,12 @@ def retrain(
             return _retrain(ws, config, backbone, weights, progress, engine or EngineSettings())
     except LabelgramError as exc:
         log.warning("retrain failed: %s", exc.message)
-        return RetrainReport("failed", exc.message)
+        return _report("failed", exc.message)
     except Exception as exc:  # ENOSPC, also wrapped (h5py, TensorFlow): not a crash
         if not is_disk_full(exc):
             raise
         log.error("retrain failed: the disk is full (%s)", exc)
-        return RetrainReport("failed", DISK_FULL_MESSAGE)
+        return _report("failed", DISK_FULL_MESSAGE)
 
 
 DISK_FULL_MESSAGE = (
@@ -298,12 +302,9 @@ def _check_output_space(ws: Workspace, backbone: Backbone, config: TrainConfig) 
 
 def _check_config(config: TrainConfig) -> None:
     """Refuse impossible settings before any work (raises TrainingError naming the setting)."""
-    v, t = config.validation_percentage, config.testing_percentage
-    if not (0 <= v < 100 and 0 <= t < 100 and v + t < 100):
-        raise TrainingError(
-            f"validation_percentage ({v:g}) and testing_percentage ({t:g}) must each be in 0..100 "
-            "and add up to less than 100."
-        )
+    problem = split_percentages_problem(config.validation_percentage, config.testing_percentage)
+    if problem:
+        raise TrainingError(problem)
     if not config.crop_fractions or not all(0 < f <= 1 for f in config.crop_fractions):
         raise TrainingError("crop_fractions must be one or more numbers in (0, 1].")
     if config.train_batch_size < 1 or config.epochs < 1 or config.learning_rate <= 0:
@@ -312,7 +313,7 @@ def _check_config(config: TrainConfig) -> None:
 
 @contextlib.contextmanager
 def training_lock(ws: Workspace) -> Iterator[None]:
-    """Hold the store's training lock (``<store>/.train.lock``, fcntl.flock) for one run.
+    """Hold the store's training lock (``<store>/.train.lock``, :func:`model_store.fs.file_lock`) for one run.
 
     One training per store at a time, across processes (the bot's scheduler, ``/retrain`` and a
     CLI run): ``prune`` deletes unfinished version folders, which is only safe while no other run
@@ -321,44 +322,58 @@ def training_lock(ws: Workspace) -> Iterator[None]:
     Raises:
         TrainingError: another process holds the lock.
     """
-    path = ws.root / ".train.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = file_lock(ws.root / ".train.lock", blocking=False)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise TrainingError(
-                "Another training is already running on this store; try again when it has finished."
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        lock.acquire()
+    except LockHeld:
+        raise TrainingError(
+            "Another training is already running on this store; try again when it has finished."
+        ) from None
+    try:
+        yield
     finally:
-        os.close(fd)
+        lock.release()
 
 
-def _retrain(
-    ws: Workspace,
-    config: TrainConfig,
-    backbone: Backbone | str | None,
-    weights: str | None,
-    progress: Progress | None,
-    engine: EngineSettings,
-) -> RetrainReport:
-    """The body of :func:`retrain`, run under the training lock with a checked config."""
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+def _report(status: str, message: str, **fields: Any) -> RetrainReport:
+    """The one place a :class:`RetrainReport` is built (``status``, ``message``, the rest by name)."""
+    return RetrainReport(status, message, **fields)
 
-    def step(stage: str, done: int, total: int) -> None:
-        if progress:
-            progress(stage, done, total)
 
-    if not isinstance(backbone, Backbone):
-        backbone = load_backbone(backbone, weights=weights)
-    _check_output_space(ws, backbone, config)  # before hours of work, and again before writing
+# ---------------------------------------------------------------------------------------- stages
+# _retrain runs these in order; each returns a small dataclass the next ones read (keras-io's
+# linear transfer-learning workflow): snapshot -> bottlenecks -> split -> train -> evaluate -> gate
+# -> write version -> promote -> prune.
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The labelled images one run trains on, and how they split (``training.assign_split``).
+
+    Attributes:
+        records: every stored image (``ImageStore.snapshot()``), sorted.
+        fingerprint: ``ImageStore.fingerprint_of(records)``.
+        splits: ``"training" | "validation" | "testing" | "excluded"`` per record.
+        excluded: labels left out for having fewer than ``min_images_per_label`` images.
+        used: indices into ``records`` of the images not excluded.
+        labels: the trained labels, sorted by ``label_key`` (class index order).
+    """
+
+    records: list[ImageRecord]
+    fingerprint: str
+    splits: list[str]
+    excluded: list[str]
+    used: list[int]
+    labels: list[str]
+
+
+def _take_snapshot(ws: Workspace, config: TrainConfig) -> Snapshot:
+    """Snapshot the store and split it by content hash.
+
+    Raises:
+        TrainingError: fewer than 2 labels with ``min_images_per_label`` images.
+    """
     records = ws.store.snapshot()
-    fingerprint = ws.store.fingerprint_of(records)
     splits, excluded = assign_split(
         [(r.sha256, r.label) for r in records],
         validation_percentage=config.validation_percentage,
@@ -372,64 +387,151 @@ def _retrain(
             f"I need at least 2 labels with {config.min_images_per_label} or more images each to train; "
             f"I have {len(labels)}" + (f" (too few images: {', '.join(excluded)})." if excluded else ".")
         )
-    timings["load_backbone_s"] = time.perf_counter() - t0
+    return Snapshot(records, ws.store.fingerprint_of(records), splits, excluded, used, labels)
 
-    # 1. bottlenecks (only the missing ones are computed)
-    t = time.perf_counter()
+
+@dataclass(frozen=True)
+class Bottlenecks:
+    """The readable images of a snapshot and their bottlenecks.
+
+    Attributes:
+        cache: the bottleneck cache (pruned at the end of the run).
+        cache_stats: ``cache.stats`` right after computing (hits, misses, ...).
+        feats: float32 ``(N, V, D)``: N readable images, V views (``config.train_views()``).
+        records: the N images, in the same order.
+        splits: their split names, str array ``(N,)``.
+        y: their class indices into ``Snapshot.labels``, int64 ``(N,)``.
+        skipped: ``[(sha256, reason)]`` images that could not be read.
+        eval_idx: indices into the V views of the evaluation views (``config.eval_views()``).
+    """
+
+    cache: BottleneckCache
+    cache_stats: dict
+    feats: np.ndarray
+    records: list[ImageRecord]
+    splits: np.ndarray
+    y: np.ndarray
+    skipped: list[tuple[str, str]]
+    eval_idx: list[int]
+
+
+def _compute_bottlenecks(
+    ws: Workspace, backbone: Backbone, config: TrainConfig, engine: EngineSettings, snap: Snapshot, step: Progress
+) -> Bottlenecks:
+    """Compute the missing bottlenecks of the snapshot's used images (cached ones are read)."""
     cache = BottleneckCache(ws.bottleneck_dir, backbone, engine=engine)
     views = config.train_views()
-    eval_idx = [views.index(v) for v in config.eval_views()]
+    records, used = snap.records, snap.used
     feats, failed = cache.get(
         [(records[i].sha256, records[i].path) for i in used],
         views=views,
         progress=lambda d, n: step("bottlenecks", d, n),
     )
-    timings["bottlenecks_s"] = time.perf_counter() - t
-    cache_stats = dict(cache.stats)
     failed_set = set(failed)
-    skipped = [(records[used[k]].sha256, "could not be read") for k in failed]
     rows = [k for k in range(len(used)) if k not in failed_set]
     recs = [records[used[k]] for k in rows]
-    feats = feats[rows]
-    split = np.array([splits[used[k]] for k in rows])
-    index = {label_key(x): n for n, x in enumerate(labels)}
-    y = np.array([index[label_key(r.label)] for r in recs], dtype=np.int64)
-    tr, va, te = split == TRAINING, split == VALIDATION, split == TESTING
-    if not te.any() or not tr.any():
-        raise TrainingError("There are too few images to make a training and a test set; add more examples.")
+    index = {label_key(x): n for n, x in enumerate(snap.labels)}
+    return Bottlenecks(
+        cache=cache,
+        cache_stats=dict(cache.stats),
+        feats=feats[rows],
+        records=recs,
+        splits=np.array([snap.splits[used[k]] for k in rows]),
+        y=np.array([index[label_key(r.label)] for r in recs], dtype=np.int64),
+        skipped=[(records[used[k]].sha256, "could not be read") for k in failed],
+        eval_idx=[views.index(v) for v in config.eval_views()],
+    )
 
-    # 2. train the head on training bottlenecks (+ mirrored views)
-    t = time.perf_counter()
-    train_x = feats[tr].reshape(-1, feats.shape[2])  # (n_train * views, D): all views of each image
-    train_y = np.repeat(y[tr], feats.shape[1])
+
+@dataclass(frozen=True)
+class Split:
+    """Boolean masks ``(N,)`` over ``Bottlenecks.records``: training, validation, testing."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+def _split(bn: Bottlenecks) -> Split:
+    """The split masks of the readable images.
+
+    Raises:
+        TrainingError: no training or no test image left.
+    """
+    split = Split(bn.splits == TRAINING, bn.splits == VALIDATION, bn.splits == TESTING)
+    if not split.test.any() or not split.train.any():
+        raise TrainingError("There are too few images to make a training and a test set; add more examples.")
+    return split
+
+
+@dataclass(frozen=True)
+class Trained:
+    """The trained head (``keras.Model``: bottleneck (N, D) -> logits (N, C)) and its Keras history."""
+
+    head: Any
+    history: dict
+
+
+def _train(config: TrainConfig, bn: Bottlenecks, split: Split, num_labels: int, step: Progress) -> Trained:
+    """Train the head on every view of the training images, validating on the first eval view."""
+    feats, y = bn.feats, bn.y
+    train_x = feats[split.train].reshape(-1, feats.shape[2])  # (n_train * views, D): all views of each image
+    train_y = np.repeat(y[split.train], feats.shape[1])
     log_dir = None
     if config.summaries_dir:
         log_dir = Path(config.summaries_dir) / time.strftime("%Y%m%d-%H%M%S")
     head, history = train_head(
         train_x,
         train_y,
-        feats[va, eval_idx[0]],
-        y[va],
-        len(labels),
+        feats[split.val, bn.eval_idx[0]],
+        y[split.val],
+        num_labels,
         config,
         on_epoch=lambda e, n: step("training", e, n),
         log_dir=log_dir,
     )
-    timings["training_s"] = time.perf_counter() - t
+    return Trained(head, history)
 
-    # 3. evaluate on the test split
-    t = time.perf_counter()
-    step("evaluating", 0, 1)
-    test_recs = [r for r, m in zip(recs, te, strict=True) if m]
-    test_probs = _predict(head, feats[te][:, eval_idx])
+
+@dataclass(frozen=True)
+class Evaluated:
+    """The new head on the test split, and the serving model on the same images.
+
+    Attributes:
+        evaluation: ``training.evaluate`` on the test split.
+        validation_accuracy: accuracy on the validation split (None without one).
+        comparison: ``_gate_against_current`` (None without a serving model).
+    """
+
+    evaluation: Evaluation
+    validation_accuracy: float | None
+    comparison: dict | None
+
+
+def _evaluate(
+    ws: Workspace,
+    backbone: Backbone,
+    config: TrainConfig,
+    bn: Bottlenecks,
+    split: Split,
+    head,
+    labels: list[str],
+) -> Evaluated:
+    """Evaluate the head on the test split (mean softmax over the eval views) and compare it with
+    the serving model on the same test images."""
+    feats, y, eval_idx = bn.feats, bn.y, bn.eval_idx
+    test_recs = [r for r, m in zip(bn.records, split.test, strict=True) if m]
+    test_probs = _predict(head, feats[split.test][:, eval_idx])
     ev = evaluate(
         test_probs,
-        y[te],
+        y[split.test],
         labels,
         sha256s=[r.sha256 for r in test_recs],
         paths=[str(r.path) for r in test_recs],
     )
-    val_acc = float((_predict(head, feats[va][:, eval_idx]).argmax(1) == y[va]).mean()) if va.any() else None
+    val_acc = None
+    if split.val.any():
+        val_acc = float((_predict(head, feats[split.val][:, eval_idx]).argmax(1) == y[split.val]).mean())
     if config.print_misclassified_test_images:
         for m in ev.misclassified:
             log.info(
@@ -439,11 +541,21 @@ def _retrain(
                 m["predicted"],
                 m["probability"],
             )
-    comparison = _gate_against_current(ws, backbone, feats[te][:, eval_idx], test_recs, test_probs, labels)
-    timings["evaluating_s"] = time.perf_counter() - t
-    step("evaluating", 1, 1)
+    comparison = _gate_against_current(ws, backbone, feats[split.test][:, eval_idx], test_recs, test_probs, labels)
+    return Evaluated(ev, val_acc, comparison)
 
-    # 4. gate decision
+
+@dataclass(frozen=True)
+class Gate:
+    """The gate's decision: ``passed``, else the ``reasons`` (human phrases) it refused."""
+
+    passed: bool
+    reasons: list[str]
+
+
+def _gate(config: TrainConfig, evaluated: Evaluated) -> Gate:
+    """Accuracy floor, and no larger drop than ``max_accuracy_drop`` below the serving model."""
+    ev, comparison = evaluated.evaluation, evaluated.comparison
     reasons = []
     if ev.accuracy < config.accuracy_floor:
         reasons.append(f"test accuracy {ev.accuracy:.1%} is below the floor of {config.accuracy_floor:.1%}")
@@ -455,59 +567,99 @@ def _retrain(
                 f"{drop:.1%} below the serving model's {comparison['current_accuracy']:.1%} "
                 f"(allowed drop {config.max_accuracy_drop:.1%})"
             )
-    passed = not reasons
+    return Gate(not reasons, reasons)
 
-    # 5. write the version (temp dir, renamed when complete)
+
+def _metrics(
+    name: str,
+    backbone: Backbone,
+    config: TrainConfig,
+    snap: Snapshot,
+    bn: Bottlenecks,
+    split: Split,
+    trained: Trained,
+    evaluated: Evaluated,
+    gate: Gate,
+    timings: dict[str, float],
+) -> dict:
+    """The version's ``metrics.json`` content (``timings`` is the caller's dict, filled until written)."""
+    ev, y, labels = evaluated.evaluation, bn.y, snap.labels
+    counts = {x: int((y[split.train | split.val | split.test] == n).sum()) for n, x in enumerate(labels)}
+    return {
+        "version": name,
+        "created_at": time.time(),
+        "accuracy": ev.accuracy,
+        "validation_accuracy": evaluated.validation_accuracy,
+        "test_images": ev.count,
+        "train_images": int(split.train.sum()),
+        "validation_images": int(split.val.sum()),
+        "images_per_label": counts,
+        "labels": labels,
+        "per_label": ev.per_label,
+        "confusion_matrix": ev.confusion_matrix,
+        "misclassified": ev.misclassified,
+        "excluded_labels": snap.excluded,
+        "skipped_images": bn.skipped,
+        "store_fingerprint": snap.fingerprint,
+        "backbone": {
+            "id": backbone.id,
+            "name": backbone.name,
+            "input_size": list(backbone.input_size),
+            "feature_dim": backbone.feature_dim,
+        },
+        "engine": {"bottlenecks": backbone.engine.description if backbone.engine else None},
+        "preprocessing": {
+            "mode": PREPROCESSING_MODE,
+            "crop_fractions": list(config.crop_fractions),
+            "input": "float32 RGB 0..255",
+            "combine": "mean of the softmax outputs over the crops",
+        },
+        "config": config.to_dict(),
+        "history": trained.history,
+        "epochs_run": len(trained.history.get("loss", [])),
+        "bottleneck_cache": bn.cache_stats,
+        "gate": {"passed": gate.passed, "reasons": gate.reasons, "comparison": evaluated.comparison},
+        "timings": timings,
+    }
+
+
+def _write_version(
+    ws: Workspace,
+    backbone: Backbone,
+    config: TrainConfig,
+    engine: EngineSettings,
+    cache: BottleneckCache,
+    head,
+    evaluation: Evaluation,
+    labels: list[str],
+    metrics_for: Callable[[str], dict],
+    timings: dict[str, float],
+    t0: float,
+) -> tuple[ModelVersion, dict]:
+    """Write a new version folder (temp name, renamed when complete; see ``registry.commit``).
+
+    ``metrics_for(name)`` builds its metrics; the serving engine and the saving / total timings
+    are added before ``metrics.json`` is written last.
+
+    Returns:
+        The committed version and its metrics.
+
+    Raises:
+        TrainingError: not enough disk space (checked again before writing).
+    """
     t = time.perf_counter()
-    step("saving", 0, 1)
     _check_output_space(ws, backbone, config)
     name, tmp = ws.registry.new_version_dir()
     try:
-        counts = {x: int((y[tr | va | te] == n).sum()) for n, x in enumerate(labels)}
-        metrics = {
-            "version": name,
-            "created_at": time.time(),
-            "accuracy": ev.accuracy,
-            "validation_accuracy": val_acc,
-            "test_images": ev.count,
-            "train_images": int(tr.sum()),
-            "validation_images": int(va.sum()),
-            "images_per_label": counts,
-            "labels": labels,
-            "per_label": ev.per_label,
-            "confusion_matrix": ev.confusion_matrix,
-            "misclassified": ev.misclassified,
-            "excluded_labels": excluded,
-            "skipped_images": skipped,
-            "store_fingerprint": fingerprint,
-            "backbone": {
-                "id": backbone.id,
-                "name": backbone.name,
-                "input_size": list(backbone.input_size),
-                "feature_dim": backbone.feature_dim,
-            },
-            "engine": {"bottlenecks": backbone.engine.description if backbone.engine else None},
-            "preprocessing": {
-                "mode": PREPROCESSING_MODE,
-                "crop_fractions": list(config.crop_fractions),
-                "input": "float32 RGB 0..255",
-                "combine": "mean of the softmax outputs over the crops",
-            },
-            "config": config.to_dict(),
-            "history": history,
-            "epochs_run": len(history.get("loss", [])),
-            "bottleneck_cache": cache_stats,
-            "gate": {"passed": passed, "reasons": reasons, "comparison": comparison},
-            "timings": timings,
-        }
+        metrics = metrics_for(name)
         head.save(tmp / "head.keras")
         build_inference_model(backbone, head).save(tmp / "model.keras")
         metrics["engine"]["serving"] = _serving_engine(backbone, cache, engine, tmp)
         (tmp / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
         plot_confusion_matrix(
-            ev,
+            evaluation,
             tmp / "confusion_matrix.png",
-            title=f"{name}: test accuracy {ev.accuracy:.1%} ({ev.count} images)",
+            title=f"{name}: test accuracy {evaluation.accuracy:.1%} ({evaluation.count} images)",
         )
         if config.export_savedmodel:
             build_inference_model(backbone, head).export(str(tmp / "saved_model"), verbose=False)
@@ -520,26 +672,103 @@ def _retrain(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    step("saving", 1, 1)
+    return version, metrics
 
-    # 6. promote or refuse; prune
-    if passed:
+
+def _promote_or_refuse(
+    ws: Workspace, version: ModelVersion, gate: Gate, evaluation: Evaluation, snap: Snapshot, config: TrainConfig
+) -> tuple[str, str]:
+    """Promote the version if the gate passed. Returns ``(status, message)`` for the report."""
+    name = version.name
+    if gate.passed:
         ws.registry.promote(version)
         status = "promoted"
-        message = f"New model {name} is serving: test accuracy {ev.accuracy:.1%} on {ev.count} images, {len(labels)} labels."
+        message = (
+            f"New model {name} is serving: test accuracy {evaluation.accuracy:.1%} on {evaluation.count} images, "
+            f"{len(snap.labels)} labels."
+        )
     else:
         status = "refused"
-        message = f"New model {name} was not promoted: {'; '.join(reasons)}. The current model keeps serving."
-    if excluded:
+        message = f"New model {name} was not promoted: {'; '.join(gate.reasons)}. The current model keeps serving."
+    if snap.excluded:
         message += (
-            f" Left out for having fewer than {config.min_images_per_label} images: {', '.join(excluded)}."
+            f" Left out for having fewer than {config.min_images_per_label} images: {', '.join(snap.excluded)}."
         )
+    return status, message
+
+
+def _prune(ws: Workspace, config: TrainConfig, backbone: Backbone, cache: BottleneckCache, snap: Snapshot) -> None:
+    """Old versions (``registry.prune``), bottlenecks of images no longer stored, caches of other backbones."""
     ws.registry.prune(config.keep_versions)
-    _prune_bottlenecks(ws, cache, records)
+    _prune_bottlenecks(ws, cache, snap.records)
     _prune_other_backbones(ws, backbone)
+
+
+def _retrain(
+    ws: Workspace,
+    config: TrainConfig,
+    backbone: Backbone | str | None,
+    weights: str | None,
+    progress: Progress | None,
+    engine: EngineSettings,
+) -> RetrainReport:
+    """The body of :func:`retrain`, run under the training lock with a checked config: the stages in order."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    def step(stage: str, done: int, total: int) -> None:
+        if progress:
+            progress(stage, done, total)
+
+    if not isinstance(backbone, Backbone):
+        backbone = load_backbone(backbone, weights=weights)
+    _check_output_space(ws, backbone, config)  # before hours of work, and again before writing
+    snap = _take_snapshot(ws, config)
+    timings["load_backbone_s"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    bn = _compute_bottlenecks(ws, backbone, config, engine, snap, step)
+    timings["bottlenecks_s"] = time.perf_counter() - t
+    split = _split(bn)
+
+    t = time.perf_counter()
+    trained = _train(config, bn, split, len(snap.labels), step)
+    timings["training_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    step("evaluating", 0, 1)
+    evaluated = _evaluate(ws, backbone, config, bn, split, trained.head, snap.labels)
+    timings["evaluating_s"] = time.perf_counter() - t
+    step("evaluating", 1, 1)
+    gate = _gate(config, evaluated)
+
+    step("saving", 0, 1)
+    version, metrics = _write_version(
+        ws,
+        backbone,
+        config,
+        engine,
+        bn.cache,
+        trained.head,
+        evaluated.evaluation,
+        snap.labels,
+        lambda name: _metrics(name, backbone, config, snap, bn, split, trained, evaluated, gate, timings),
+        timings,
+        t0,
+    )
+    step("saving", 1, 1)
+
+    status, message = _promote_or_refuse(ws, version, gate, evaluated.evaluation, snap, config)
+    _prune(ws, config, backbone, bn.cache, snap)
     log.info("retrain finished: %s (%s)", status, message)
-    return RetrainReport(
-        status, message, name, metrics, version.path / "confusion_matrix.png", excluded, skipped
+    return _report(
+        status,
+        message,
+        version=version.name,
+        metrics=metrics,
+        confusion_png=version.path / "confusion_matrix.png",
+        excluded_labels=snap.excluded,
+        skipped_images=bn.skipped,
     )
 
 
@@ -619,8 +848,6 @@ def _export_tflite(backbone: Backbone, head, path: Path) -> None:
 
     model = build_inference_model(backbone, head)
     h, w = backbone.input_size
-    fn = tf.function(
-        lambda x: model(x, training=False), input_signature=[tf.TensorSpec([1, h, w, 3], tf.float32)]
-    )
+    fn = inference_function(model, [1, h, w, 3])
     converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], model)
     path.write_bytes(converter.convert())

@@ -126,6 +126,21 @@ def hash_percentage(sha256: str) -> float:
     return int(sha256[:10], 16) * 100 / 16**10
 
 
+def split_percentages_problem(validation_percentage: float, testing_percentage: float) -> str | None:
+    """The one check of the split percentages: each in [0, 100), their sum below 100.
+
+    Returns:
+        None when valid, else one sentence naming both settings (shown to the operator or in chat).
+    """
+    v, t = validation_percentage, testing_percentage
+    if 0 <= v < 100 and 0 <= t < 100 and v + t < 100:
+        return None
+    return (
+        f"validation_percentage ({v:g}) and testing_percentage ({t:g}) must each be in 0..100 "
+        "and add up to less than 100."
+    )
+
+
 def assign_split(
     items: Sequence[tuple[str, str]],
     *,
@@ -154,10 +169,9 @@ def assign_split(
     Raises:
         ValueError: percentages out of range.
     """
-    if not (0 <= validation_percentage < 100 and 0 <= testing_percentage < 100) or (
-        validation_percentage + testing_percentage >= 100
-    ):
-        raise ValueError("validation and testing percentages must be in 0..100 and sum below 100")
+    problem = split_percentages_problem(validation_percentage, testing_percentage)
+    if problem:
+        raise ValueError(f"bad split percentages: {problem}")
     splits: list[str] = []
     by_label: dict[str, list[int]] = {}
     for i, (sha, label) in enumerate(items):
