@@ -1,9 +1,12 @@
 """One retraining run, end to end (retrain.py's main(), as a library call).
 
 snapshot the labelled images -> compute only the missing bottlenecks -> hash split -> train the
-softmax head -> evaluate on the test split -> write a new version (model, labels, metrics, confusion
-matrix PNG) -> gate (accuracy floor; not worse than the serving model on the same test images) ->
-promote atomically -> prune old versions and the bottlenecks of images no longer stored.
+softmax head -> evaluate on the test split -> gate (accuracy floor; not worse than the serving model
+on the same test images) -> write a new version (model, labels, metrics with the gate's decision,
+confusion matrix PNG) -> promote atomically if the gate passed -> prune old versions and the
+bottlenecks of images no longer stored. The stages live in :mod:`model_store.stages`; this module
+runs them (``_retrain``) under the store's training lock and turns expected failures into a
+:class:`RetrainReport` (built in one place, ``_report``).
 
 A crash anywhere before the promotion leaves the serving model untouched; a crash during it leaves
 either the old or the new pointer (see ``registry``).
@@ -12,48 +15,27 @@ either the old or the new pointer (see ``registry``).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from model_store.backbones import Backbone, load_backbone
-from model_store.bottlenecks import PREPROCESSING_MODE, BottleneckCache
-from model_store.classifier import BACKBONE_CACHE_NAME
-from model_store.dataset import ImageRecord
-from model_store.engine import EngineSettings, copy_cache, inference_function
+from model_store.engine import EngineSettings
 from model_store.errors import LabelgramError, TrainingError
 from model_store.fs import DISK_FULL_ERRNOS, LockHeld, file_lock
-from model_store.images import decode_image, to_model_input
-from model_store.labels import label_key
-from model_store.registry import ModelVersion
-from model_store.training import (
-    TESTING,
-    TRAINING,
-    VALIDATION,
-    Evaluation,
-    TrainConfig,
-    assign_split,
-    evaluate,
-    plot_confusion_matrix,
-    softmax,
-    split_percentages_problem,
-    train_head,
-)
+from model_store.stages.data import Progress, compute_bottlenecks, make_split, prune, take_snapshot, train
+from model_store.stages.gate import decide_gate, evaluate_head
+from model_store.stages.version import check_output_space, promote_or_refuse, version_metrics, write_version
+from model_store.training import TrainConfig, split_percentages_problem
 from model_store.workspace import Workspace
 
+__all__ = ["DISK_FULL_MESSAGE", "Progress", "RetrainReport", "is_disk_full", "retrain", "training_lock"]
+
 log = logging.getLogger(__name__)
-
-#: ``progress(stage, done, total)``; stage is one of "bottlenecks", "training", "evaluating", "saving".
-Progress = Callable[[str, int, int], None]
-
 
 @dataclass
 class RetrainReport:
@@ -90,114 +72,6 @@ class RetrainReport:
             "excluded_labels": self.excluded_labels,
             "skipped_images": [list(x) for x in self.skipped_images],
         }
-
-
-def _predict(head, feats: np.ndarray) -> np.ndarray:
-    """Mean softmax of ``head`` over views: feats ``(N, V, D)`` -> probabilities ``(N, C)`` float32."""
-    if len(feats) == 0:
-        return np.zeros((0, head.output_shape[-1]), np.float32)
-    return np.mean(
-        [softmax(np.asarray(head(feats[:, v], training=False))) for v in range(feats.shape[1])], axis=0
-    )
-
-
-def build_inference_model(backbone: Backbone, head):
-    """Backbone + head + softmax as one Keras model.
-
-    Returns:
-        ``keras.Model``: float32 ``(N, h, w, 3)`` RGB 0..255 -> float32 ``(N, C)`` probabilities.
-    """
-    import keras
-
-    h, w = backbone.input_size
-    inp = keras.Input((h, w, 3), dtype="float32", name="rgb_0_255")
-    feats = backbone.model(inp, training=False)
-    probs = keras.layers.Softmax(name="probabilities")(head(feats))
-    return keras.Model(inp, probs, name="labelgram_classifier")
-
-
-def _gate_against_current(
-    ws: Workspace,
-    backbone: Backbone,
-    test_feats: np.ndarray,
-    test_records: list,
-    new_probs: np.ndarray,
-    labels: list[str],
-) -> dict | None:
-    """Accuracy of the serving model and of the new one on the same test images.
-
-    Only test images whose label the serving model knows are compared. Uses the serving version's
-    head on the cached bottlenecks ``test_feats`` (N, V, D), averaged over the V eval crops, when the
-    backbone is the same; else its full model on the 0.875 centre crop.
-
-    Test images that can no longer be read (deleted by ``/delete`` while the training ran) are
-    left out of the comparison; ``missing_images`` says how many.
-
-    Returns:
-        ``{"version", "images", "missing_images", "current_accuracy", "new_accuracy"}`` or None
-        without a serving model.
-    """
-    current = ws.registry.current()
-    if current is None:
-        return None
-    import keras
-
-    cur_labels = current.labels
-    cur_keys = [label_key(x) for x in cur_labels]
-    keep = [i for i, r in enumerate(test_records) if label_key(r.label) in cur_keys]
-    if not keep:
-        return {"version": current.name, "images": 0, "current_accuracy": None, "new_accuracy": None}
-    missing = 0
-    same_backbone = current.metrics.get("backbone", {}).get("id") == backbone.id
-    if same_backbone and (current.path / "head.keras").exists():
-        head = keras.models.load_model(current.path / "head.keras", compile=False)
-        cur_pred = _predict(head, test_feats[keep]).argmax(1)
-    else:
-        model = keras.models.load_model(current.model_path, compile=False)
-        size = (int(model.input_shape[1]), int(model.input_shape[2]))
-        inputs, readable = [], []
-        for i in keep:
-            try:  # a /delete or /rename during the training removes test images under our feet
-                data = test_records[i].path.read_bytes()
-                inputs.append(to_model_input(decode_image(data), size, mode=PREPROCESSING_MODE))
-                readable.append(i)
-            except (OSError, LabelgramError) as exc:
-                log.debug("gate: test image %s skipped: %s", test_records[i].path.name, exc)
-        missing = len(keep) - len(readable)
-        if missing:
-            log.warning(
-                "gate: %d of %d test images could not be read (deleted during the training?); "
-                "comparing on the other %d",
-                missing,
-                len(keep),
-                len(readable),
-            )
-        keep = readable
-        if not keep:
-            return {
-                "version": current.name,
-                "images": 0,
-                "missing_images": missing,
-                "current_accuracy": None,
-                "new_accuracy": None,
-            }
-        x = np.stack(inputs)
-        cur_pred = np.concatenate(
-            [np.asarray(model(x[j : j + 32], training=False)) for j in range(0, len(x), 32)]
-        ).argmax(1)
-    truth = [label_key(test_records[i].label) for i in keep]
-    cur_acc = float(np.mean([cur_keys[p] == t for p, t in zip(cur_pred, truth, strict=True)]))
-    new_keys = [label_key(x) for x in labels]
-    new_acc = float(
-        np.mean([new_keys[p] == t for p, t in zip(new_probs[keep].argmax(1), truth, strict=True)])
-    )
-    return {
-        "version": current.name,
-        "images": len(keep),
-        "missing_images": missing,
-        "current_accuracy": cur_acc,
-        "new_accuracy": new_acc,
-    }
 
 
 def retrain(
@@ -270,36 +144,6 @@ def is_disk_full(exc: BaseException) -> bool:
     return False
 
 
-#: extra room kept free beyond the estimated size of the files a training writes
-_OUTPUT_SLACK_BYTES = 16 * 1024 * 1024
-
-
-def _check_output_space(ws: Workspace, backbone: Backbone, config: TrainConfig) -> None:
-    """Refuse to start writing a version when the disk cannot hold it.
-
-    The estimate: the model file holds the backbone's float32 weights (4 bytes per parameter) plus
-    the head, once more for a SavedModel and once more for a TFLite export, plus 16 MB of slack and
-    the store's free-space floor (``ImageStore.min_free_bytes``).
-
-    Raises:
-        TrainingError: not enough free space (the message gives the figures).
-    """
-    try:
-        params = int(backbone.model.count_params())
-    except Exception:  # a backbone without a Keras model: fall back to the current version's size
-        params = 0
-    copies = 1 + int(bool(config.export_savedmodel)) + int(bool(config.export_tflite))
-    need = copies * params * 4 + _OUTPUT_SLACK_BYTES + int(getattr(ws.store, "min_free_bytes", 0))
-    free = shutil.disk_usage(ws.registry.root).free
-    if free < need:
-        log.error("not enough disk space to write a model version: %d bytes free, %d needed", free, need)
-        raise TrainingError(
-            f"Not enough free disk space to save the new model: {free / 1e6:.0f} MB free, about "
-            f"{need / 1e6:.0f} MB needed. Free some space on the store's disk and train again; the "
-            "current model keeps serving."
-        )
-
-
 def _check_config(config: TrainConfig) -> None:
     """Refuse impossible settings before any work (raises TrainingError naming the setting)."""
     problem = split_percentages_problem(config.validation_percentage, config.testing_percentage)
@@ -340,370 +184,6 @@ def _report(status: str, message: str, **fields: Any) -> RetrainReport:
     return RetrainReport(status, message, **fields)
 
 
-# ---------------------------------------------------------------------------------------- stages
-# _retrain runs these in order; each returns a small dataclass the next ones read (keras-io's
-# linear transfer-learning workflow): snapshot -> bottlenecks -> split -> train -> evaluate -> gate
-# -> write version -> promote -> prune.
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """The labelled images one run trains on, and how they split (``training.assign_split``).
-
-    Attributes:
-        records: every stored image (``ImageStore.snapshot()``), sorted.
-        fingerprint: ``ImageStore.fingerprint_of(records)``.
-        splits: ``"training" | "validation" | "testing" | "excluded"`` per record.
-        excluded: labels left out for having fewer than ``min_images_per_label`` images.
-        used: indices into ``records`` of the images not excluded.
-        labels: the trained labels, sorted by ``label_key`` (class index order).
-    """
-
-    records: list[ImageRecord]
-    fingerprint: str
-    splits: list[str]
-    excluded: list[str]
-    used: list[int]
-    labels: list[str]
-
-
-def _take_snapshot(ws: Workspace, config: TrainConfig) -> Snapshot:
-    """Snapshot the store and split it by content hash.
-
-    Raises:
-        TrainingError: fewer than 2 labels with ``min_images_per_label`` images.
-    """
-    records = ws.store.snapshot()
-    splits, excluded = assign_split(
-        [(r.sha256, r.label) for r in records],
-        validation_percentage=config.validation_percentage,
-        testing_percentage=config.testing_percentage,
-        min_images_per_label=config.min_images_per_label,
-    )
-    used = [i for i, s in enumerate(splits) if s != "excluded"]
-    labels = sorted({records[i].label for i in used}, key=label_key)
-    if len(labels) < 2:
-        raise TrainingError(
-            f"I need at least 2 labels with {config.min_images_per_label} or more images each to train; "
-            f"I have {len(labels)}" + (f" (too few images: {', '.join(excluded)})." if excluded else ".")
-        )
-    return Snapshot(records, ws.store.fingerprint_of(records), splits, excluded, used, labels)
-
-
-@dataclass(frozen=True)
-class Bottlenecks:
-    """The readable images of a snapshot and their bottlenecks.
-
-    Attributes:
-        cache: the bottleneck cache (pruned at the end of the run).
-        cache_stats: ``cache.stats`` right after computing (hits, misses, ...).
-        feats: float32 ``(N, V, D)``: N readable images, V views (``config.train_views()``).
-        records: the N images, in the same order.
-        splits: their split names, str array ``(N,)``.
-        y: their class indices into ``Snapshot.labels``, int64 ``(N,)``.
-        skipped: ``[(sha256, reason)]`` images that could not be read.
-        eval_idx: indices into the V views of the evaluation views (``config.eval_views()``).
-    """
-
-    cache: BottleneckCache
-    cache_stats: dict
-    feats: np.ndarray
-    records: list[ImageRecord]
-    splits: np.ndarray
-    y: np.ndarray
-    skipped: list[tuple[str, str]]
-    eval_idx: list[int]
-
-
-def _compute_bottlenecks(
-    ws: Workspace, backbone: Backbone, config: TrainConfig, engine: EngineSettings, snap: Snapshot, step: Progress
-) -> Bottlenecks:
-    """Compute the missing bottlenecks of the snapshot's used images (cached ones are read)."""
-    cache = BottleneckCache(ws.bottleneck_dir, backbone, engine=engine)
-    views = config.train_views()
-    records, used = snap.records, snap.used
-    feats, failed = cache.get(
-        [(records[i].sha256, records[i].path) for i in used],
-        views=views,
-        progress=lambda d, n: step("bottlenecks", d, n),
-    )
-    failed_set = set(failed)
-    rows = [k for k in range(len(used)) if k not in failed_set]
-    recs = [records[used[k]] for k in rows]
-    index = {label_key(x): n for n, x in enumerate(snap.labels)}
-    return Bottlenecks(
-        cache=cache,
-        cache_stats=dict(cache.stats),
-        feats=feats[rows],
-        records=recs,
-        splits=np.array([snap.splits[used[k]] for k in rows]),
-        y=np.array([index[label_key(r.label)] for r in recs], dtype=np.int64),
-        skipped=[(records[used[k]].sha256, "could not be read") for k in failed],
-        eval_idx=[views.index(v) for v in config.eval_views()],
-    )
-
-
-@dataclass(frozen=True)
-class Split:
-    """Boolean masks ``(N,)`` over ``Bottlenecks.records``: training, validation, testing."""
-
-    train: np.ndarray
-    val: np.ndarray
-    test: np.ndarray
-
-
-def _split(bn: Bottlenecks) -> Split:
-    """The split masks of the readable images.
-
-    Raises:
-        TrainingError: no training or no test image left.
-    """
-    split = Split(bn.splits == TRAINING, bn.splits == VALIDATION, bn.splits == TESTING)
-    if not split.test.any() or not split.train.any():
-        raise TrainingError("There are too few images to make a training and a test set; add more examples.")
-    return split
-
-
-@dataclass(frozen=True)
-class Trained:
-    """The trained head (``keras.Model``: bottleneck (N, D) -> logits (N, C)) and its Keras history."""
-
-    head: Any
-    history: dict
-
-
-def _train(config: TrainConfig, bn: Bottlenecks, split: Split, num_labels: int, step: Progress) -> Trained:
-    """Train the head on every view of the training images, validating on the first eval view."""
-    feats, y = bn.feats, bn.y
-    train_x = feats[split.train].reshape(-1, feats.shape[2])  # (n_train * views, D): all views of each image
-    train_y = np.repeat(y[split.train], feats.shape[1])
-    log_dir = None
-    if config.summaries_dir:
-        log_dir = Path(config.summaries_dir) / time.strftime("%Y%m%d-%H%M%S")
-    head, history = train_head(
-        train_x,
-        train_y,
-        feats[split.val, bn.eval_idx[0]],
-        y[split.val],
-        num_labels,
-        config,
-        on_epoch=lambda e, n: step("training", e, n),
-        log_dir=log_dir,
-    )
-    return Trained(head, history)
-
-
-@dataclass(frozen=True)
-class Evaluated:
-    """The new head on the test split, and the serving model on the same images.
-
-    Attributes:
-        evaluation: ``training.evaluate`` on the test split.
-        validation_accuracy: accuracy on the validation split (None without one).
-        comparison: ``_gate_against_current`` (None without a serving model).
-    """
-
-    evaluation: Evaluation
-    validation_accuracy: float | None
-    comparison: dict | None
-
-
-def _evaluate(
-    ws: Workspace,
-    backbone: Backbone,
-    config: TrainConfig,
-    bn: Bottlenecks,
-    split: Split,
-    head,
-    labels: list[str],
-) -> Evaluated:
-    """Evaluate the head on the test split (mean softmax over the eval views) and compare it with
-    the serving model on the same test images."""
-    feats, y, eval_idx = bn.feats, bn.y, bn.eval_idx
-    test_recs = [r for r, m in zip(bn.records, split.test, strict=True) if m]
-    test_probs = _predict(head, feats[split.test][:, eval_idx])
-    ev = evaluate(
-        test_probs,
-        y[split.test],
-        labels,
-        sha256s=[r.sha256 for r in test_recs],
-        paths=[str(r.path) for r in test_recs],
-    )
-    val_acc = None
-    if split.val.any():
-        val_acc = float((_predict(head, feats[split.val][:, eval_idx]).argmax(1) == y[split.val]).mean())
-    if config.print_misclassified_test_images:
-        for m in ev.misclassified:
-            log.info(
-                "misclassified test image %s: %s -> %s (%.2f)",
-                m["path"],
-                m["label"],
-                m["predicted"],
-                m["probability"],
-            )
-    comparison = _gate_against_current(ws, backbone, feats[split.test][:, eval_idx], test_recs, test_probs, labels)
-    return Evaluated(ev, val_acc, comparison)
-
-
-@dataclass(frozen=True)
-class Gate:
-    """The gate's decision: ``passed``, else the ``reasons`` (human phrases) it refused."""
-
-    passed: bool
-    reasons: list[str]
-
-
-def _gate(config: TrainConfig, evaluated: Evaluated) -> Gate:
-    """Accuracy floor, and no larger drop than ``max_accuracy_drop`` below the serving model."""
-    ev, comparison = evaluated.evaluation, evaluated.comparison
-    reasons = []
-    if ev.accuracy < config.accuracy_floor:
-        reasons.append(f"test accuracy {ev.accuracy:.1%} is below the floor of {config.accuracy_floor:.1%}")
-    if comparison and comparison["current_accuracy"] is not None:
-        drop = comparison["current_accuracy"] - comparison["new_accuracy"]
-        if drop > config.max_accuracy_drop:
-            reasons.append(
-                f"on the same {comparison['images']} test images it scores {comparison['new_accuracy']:.1%}, "
-                f"{drop:.1%} below the serving model's {comparison['current_accuracy']:.1%} "
-                f"(allowed drop {config.max_accuracy_drop:.1%})"
-            )
-    return Gate(not reasons, reasons)
-
-
-def _metrics(
-    name: str,
-    backbone: Backbone,
-    config: TrainConfig,
-    snap: Snapshot,
-    bn: Bottlenecks,
-    split: Split,
-    trained: Trained,
-    evaluated: Evaluated,
-    gate: Gate,
-    timings: dict[str, float],
-) -> dict:
-    """The version's ``metrics.json`` content (``timings`` is the caller's dict, filled until written)."""
-    ev, y, labels = evaluated.evaluation, bn.y, snap.labels
-    counts = {x: int((y[split.train | split.val | split.test] == n).sum()) for n, x in enumerate(labels)}
-    return {
-        "version": name,
-        "created_at": time.time(),
-        "accuracy": ev.accuracy,
-        "validation_accuracy": evaluated.validation_accuracy,
-        "test_images": ev.count,
-        "train_images": int(split.train.sum()),
-        "validation_images": int(split.val.sum()),
-        "images_per_label": counts,
-        "labels": labels,
-        "per_label": ev.per_label,
-        "confusion_matrix": ev.confusion_matrix,
-        "misclassified": ev.misclassified,
-        "excluded_labels": snap.excluded,
-        "skipped_images": bn.skipped,
-        "store_fingerprint": snap.fingerprint,
-        "backbone": {
-            "id": backbone.id,
-            "name": backbone.name,
-            "input_size": list(backbone.input_size),
-            "feature_dim": backbone.feature_dim,
-        },
-        "engine": {"bottlenecks": backbone.engine.description if backbone.engine else None},
-        "preprocessing": {
-            "mode": PREPROCESSING_MODE,
-            "crop_fractions": list(config.crop_fractions),
-            "input": "float32 RGB 0..255",
-            "combine": "mean of the softmax outputs over the crops",
-        },
-        "config": config.to_dict(),
-        "history": trained.history,
-        "epochs_run": len(trained.history.get("loss", [])),
-        "bottleneck_cache": bn.cache_stats,
-        "gate": {"passed": gate.passed, "reasons": gate.reasons, "comparison": evaluated.comparison},
-        "timings": timings,
-    }
-
-
-def _write_version(
-    ws: Workspace,
-    backbone: Backbone,
-    config: TrainConfig,
-    engine: EngineSettings,
-    cache: BottleneckCache,
-    head,
-    evaluation: Evaluation,
-    labels: list[str],
-    metrics_for: Callable[[str], dict],
-    timings: dict[str, float],
-    t0: float,
-) -> tuple[ModelVersion, dict]:
-    """Write a new version folder (temp name, renamed when complete; see ``registry.commit``).
-
-    ``metrics_for(name)`` builds its metrics; the serving engine and the saving / total timings
-    are added before ``metrics.json`` is written last.
-
-    Returns:
-        The committed version and its metrics.
-
-    Raises:
-        TrainingError: not enough disk space (checked again before writing).
-    """
-    t = time.perf_counter()
-    _check_output_space(ws, backbone, config)
-    name, tmp = ws.registry.new_version_dir()
-    try:
-        metrics = metrics_for(name)
-        head.save(tmp / "head.keras")
-        build_inference_model(backbone, head).save(tmp / "model.keras")
-        metrics["engine"]["serving"] = _serving_engine(backbone, cache, engine, tmp)
-        (tmp / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
-        plot_confusion_matrix(
-            evaluation,
-            tmp / "confusion_matrix.png",
-            title=f"{name}: test accuracy {evaluation.accuracy:.1%} ({evaluation.count} images)",
-        )
-        if config.export_savedmodel:
-            build_inference_model(backbone, head).export(str(tmp / "saved_model"), verbose=False)
-        if config.export_tflite:
-            _export_tflite(backbone, head, tmp / "model.tflite")
-        timings["saving_s"] = time.perf_counter() - t
-        timings["total_s"] = time.perf_counter() - t0
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False), encoding="utf-8")
-        version = ws.registry.commit(name, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return version, metrics
-
-
-def _promote_or_refuse(
-    ws: Workspace, version: ModelVersion, gate: Gate, evaluation: Evaluation, snap: Snapshot, config: TrainConfig
-) -> tuple[str, str]:
-    """Promote the version if the gate passed. Returns ``(status, message)`` for the report."""
-    name = version.name
-    if gate.passed:
-        ws.registry.promote(version)
-        status = "promoted"
-        message = (
-            f"New model {name} is serving: test accuracy {evaluation.accuracy:.1%} on {evaluation.count} images, "
-            f"{len(snap.labels)} labels."
-        )
-    else:
-        status = "refused"
-        message = f"New model {name} was not promoted: {'; '.join(gate.reasons)}. The current model keeps serving."
-    if snap.excluded:
-        message += (
-            f" Left out for having fewer than {config.min_images_per_label} images: {', '.join(snap.excluded)}."
-        )
-    return status, message
-
-
-def _prune(ws: Workspace, config: TrainConfig, backbone: Backbone, cache: BottleneckCache, snap: Snapshot) -> None:
-    """Old versions (``registry.prune``), bottlenecks of images no longer stored, caches of other backbones."""
-    ws.registry.prune(config.keep_versions)
-    _prune_bottlenecks(ws, cache, snap.records)
-    _prune_other_backbones(ws, backbone)
-
-
 def _retrain(
     ws: Workspace,
     config: TrainConfig,
@@ -722,28 +202,28 @@ def _retrain(
 
     if not isinstance(backbone, Backbone):
         backbone = load_backbone(backbone, weights=weights)
-    _check_output_space(ws, backbone, config)  # before hours of work, and again before writing
-    snap = _take_snapshot(ws, config)
+    check_output_space(ws, backbone, config)  # before hours of work, and again before writing
+    snap = take_snapshot(ws, config)
     timings["load_backbone_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    bn = _compute_bottlenecks(ws, backbone, config, engine, snap, step)
+    bn = compute_bottlenecks(ws, backbone, config, engine, snap, step)
     timings["bottlenecks_s"] = time.perf_counter() - t
-    split = _split(bn)
+    split = make_split(bn)
 
     t = time.perf_counter()
-    trained = _train(config, bn, split, len(snap.labels), step)
+    trained = train(config, bn, split, len(snap.labels), step)
     timings["training_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     step("evaluating", 0, 1)
-    evaluated = _evaluate(ws, backbone, config, bn, split, trained.head, snap.labels)
+    evaluated = evaluate_head(ws, backbone, config, bn, split, trained.head, snap.labels)
     timings["evaluating_s"] = time.perf_counter() - t
     step("evaluating", 1, 1)
-    gate = _gate(config, evaluated)
+    gate = decide_gate(config, evaluated)
 
     step("saving", 0, 1)
-    version, metrics = _write_version(
+    version, metrics = write_version(
         ws,
         backbone,
         config,
@@ -752,14 +232,14 @@ def _retrain(
         trained.head,
         evaluated.evaluation,
         snap.labels,
-        lambda name: _metrics(name, backbone, config, snap, bn, split, trained, evaluated, gate, timings),
+        lambda name: version_metrics(name, backbone, config, snap, bn, split, trained, evaluated, gate, timings),
         timings,
         t0,
     )
     step("saving", 1, 1)
 
-    status, message = _promote_or_refuse(ws, version, gate, evaluated.evaluation, snap, config)
-    _prune(ws, config, backbone, bn.cache, snap)
+    status, message = promote_or_refuse(ws, version, gate, evaluated.evaluation, snap, config)
+    prune(ws, config, backbone, bn.cache, snap)
     log.info("retrain finished: %s (%s)", status, message)
     return _report(
         status,
@@ -770,84 +250,3 @@ def _retrain(
         excluded_labels=snap.excluded,
         skipped_images=bn.skipped,
     )
-
-
-def _prune_bottlenecks(ws: Workspace, cache: BottleneckCache, records: list) -> None:
-    """Drop cached bottlenecks of images no longer stored, so the cache never outgrows the store.
-
-    Only the store's own cache (``<store>/bottlenecks``) is pruned: a ``--bottleneck_dir`` given on
-    the command line may be shared with other stores. A failure is logged, never fatal.
-    """
-    if ws.bottleneck_dir.resolve() != (ws.root / "bottlenecks").resolve():
-        return
-    try:
-        keep = {r.sha256 for r in records} | {r.sha256 for r in ws.store.snapshot()}
-        cache.prune(keep)
-    except OSError as exc:
-        log.warning("could not prune the bottleneck cache: %s", exc)
-
-
-def _serving_engine(backbone: Backbone, cache: BottleneckCache, engine: EngineSettings, version_dir: Path) -> str:
-    """Give the new version its backbone's LiteRT conversion (a copy, ``classifier.BACKBONE_CACHE_NAME``).
-
-    No conversion is spent here when the backbone's is cached (the bottleneck step converted it
-    once per backbone); the serving path runs it with the version's head. Without a copy (the
-    TensorFlow engine, a backbone LiteRT cannot run, an unwritable cache) the bot falls back to
-    converting ``model.keras`` itself, once.
-
-    Returns:
-        The engine's description for the metrics and the report.
-    """
-    if engine.engine != "litert":
-        return "TensorFlow"
-    if backbone.engine is None:
-        backbone.use_engine(engine, cache_dir=cache.dir)
-    record = getattr(backbone.engine, "cache_record", None)
-    if record is not None:
-        try:
-            copy_cache(record, version_dir, BACKBONE_CACHE_NAME)
-        except OSError as exc:
-            log.warning("could not copy the backbone's LiteRT model into the version: %s", exc)
-    return backbone.engine.description
-
-
-def _prune_other_backbones(ws: Workspace, backbone: Backbone) -> list[str]:
-    """Delete the caches of backbones no longer in use: every ``<store>/bottlenecks/<id>`` folder
-    (bottlenecks and the converted LiteRT backbone) but the one of ``backbone``.
-
-    Only the store's own cache is pruned (a ``--bottleneck_dir`` may be shared with other stores).
-    Model versions keep their own converted model and go with their folder (``registry.prune``).
-    A failure is logged, never fatal.
-
-    Returns:
-        The names of the deleted folders.
-    """
-    root = ws.bottleneck_dir
-    if root.resolve() != (ws.root / "bottlenecks").resolve() or not root.is_dir():
-        return []
-    removed = []
-    for p in root.iterdir():
-        if p.name == backbone.id:
-            continue
-        try:
-            if p.is_dir():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-            removed.append(p.name)
-        except OSError as exc:
-            log.warning("could not remove the cache of an unused backbone %s: %s", p.name, exc)
-    if removed:
-        log.info("removed the caches of backbones no longer in use: %s", ", ".join(sorted(removed)))
-    return removed
-
-
-def _export_tflite(backbone: Backbone, head, path: Path) -> None:
-    """Convert the inference model to TFLite (float32) at ``path``."""
-    import tensorflow as tf
-
-    model = build_inference_model(backbone, head)
-    h, w = backbone.input_size
-    fn = inference_function(model, [1, h, w, 3])
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], model)
-    path.write_bytes(converter.convert())

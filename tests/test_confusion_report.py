@@ -19,7 +19,7 @@ from telegram import Bot
 
 from bot.reports import fits_as_photo, send_report
 from bot.training_runner import TrainingOutcome
-from model_store.training import PLOT_MAX_LABELS, evaluate, most_confused, plot_confusion_matrix
+from model_store.evaluation import PLOT_MAX_LABELS, evaluate, most_confused, plot_confusion_matrix
 from tests.botapi_standin import BotApiStandIn
 from tests.conftest import ADMIN
 from tests.crafted_images import solid_png

@@ -40,6 +40,7 @@ from model_store.bottlenecks import BottleneckCache
 from model_store.dataset import ImageStore
 from model_store.pipeline import retrain, training_lock
 from model_store.registry import ModelRegistry
+from model_store.stages.gate import gate_against_current
 from model_store.workspace import Workspace
 from tests import modelstore_fixtures as fx
 from tests.botapi_standin import BotApiStandIn
@@ -397,7 +398,7 @@ def test_gate_skips_test_images_deleted_during_the_training(tmp_path: Path) -> N
     records[0].path.unlink()  # an admin's /delete while the training ran
     records[4].path.unlink()
     new_probs = np.tile(np.array([[0.9, 0.1]], np.float32), (6, 1))
-    result = pipeline._gate_against_current(
+    result = gate_against_current(
         ws, SimpleNamespace(id="this-backbone"), np.zeros((6, 1, 4), np.float32), records, new_probs, ["hat", "shoes"]
     )
     assert result is not None
@@ -407,7 +408,7 @@ def test_gate_skips_test_images_deleted_during_the_training(tmp_path: Path) -> N
 
     for r in records[1:4] + records[5:]:
         r.path.unlink()
-    result = pipeline._gate_against_current(
+    result = gate_against_current(
         ws, SimpleNamespace(id="this-backbone"), np.zeros((6, 1, 4), np.float32), records, new_probs, ["hat", "shoes"]
     )
     assert result is not None and result["images"] == 0 and result["current_accuracy"] is None

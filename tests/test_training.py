@@ -11,16 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from model_store.evaluation import Evaluation, evaluate, plot_confusion_matrix
 from model_store.training import (
     TESTING,
     TRAINING,
     VALIDATION,
-    Evaluation,
     TrainConfig,
     assign_split,
-    evaluate,
     hash_percentage,
-    plot_confusion_matrix,
     softmax,
     train_head,
 )
