@@ -8,7 +8,7 @@ Writes ``--entries`` float32 (1280,) cache entries under ``--dir`` (default: a t
 the current directory, so on the store's usual disk) four ways, side by side in one run:
 
 * ``plain``: temp file + ``os.replace``, no fsync (the cache before issue 8);
-* ``durable_serial``: ``registry.write_atomic`` one entry after the other (fsync file, rename,
+* ``durable_serial``: ``fs.write_atomic`` one entry after the other (fsync file, rename,
   fsync folder);
 * ``durable_concurrent``: ``BottleneckCache._store_many`` (the same writes, several at once, as
   ``BottleneckCache.get`` does for each computed batch);
@@ -32,7 +32,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from model_store.bottlenecks import BottleneckCache
-from model_store.registry import write_atomic
+from model_store.fs import write_atomic
 
 
 def _paths(root: Path, tag: str, n: int) -> list[tuple[str, Path]]:

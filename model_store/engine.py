@@ -254,7 +254,7 @@ def convert(model) -> bytes:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_cache_file(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, data)
 
@@ -371,7 +371,7 @@ def open_frozen(
         if record_path is not None and not isinstance(exc, OSError | MemoryError):
             record = {"key": key, "format": FORMAT, "converter": _converter_version(), "failed": reason}
             with contextlib.suppress(OSError):
-                _write_atomic(record_path, json.dumps(record).encode())
+                _write_cache_file(record_path, json.dumps(record).encode())
                 fm = fallback(reason)
                 fm.cache_record = record_path
                 return fm
@@ -386,8 +386,8 @@ def open_frozen(
             "probe_cosine": cos,
         }
         try:
-            _write_atomic(tflite_path, content)
-            _write_atomic(record_path, json.dumps(record).encode())
+            _write_cache_file(tflite_path, content)
+            _write_cache_file(record_path, json.dumps(record).encode())
         except OSError as exc:
             _log_once(key, logging.WARNING, "could not cache the LiteRT model at %s (%s)", tflite_path, exc)
             record_path = None
@@ -462,8 +462,8 @@ def copy_cache(record: Path, dst_dir: Path | str, name: str) -> None:
     tflite, dst_record = cache_paths(Path(dst_dir), name)
     source = record.with_suffix(".tflite")
     if source.exists():
-        _write_atomic(tflite, source.read_bytes())
-    _write_atomic(dst_record, data)
+        _write_cache_file(tflite, source.read_bytes())
+    _write_cache_file(dst_record, data)
 
 
 def _first_line(exc: BaseException, limit: int = 300) -> str:

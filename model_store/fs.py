@@ -7,6 +7,8 @@ half-written:
   ``.tmp-<random>``, which every reader ignores and every cleaner removes), fsync it,
   ``os.replace`` it onto the target, fsync the folder. Linux ``fsync(2)``: syncing a file does
   not sync the directory entry that names it, hence :func:`fsync_dir`.
+* :func:`publish_dir`: the same for a whole folder written under a temp name (a model version):
+  every file and folder fsynced, one rename, the parent fsynced.
 * :func:`file_lock`: an exclusive lock on a lock file, shared by threads and processes
   (``filelock.FileLock``, i.e. ``fcntl.flock`` on Unix; released by the kernel if the process dies).
 """
@@ -30,6 +32,7 @@ __all__ = [
     "file_lock",
     "fsync_dir",
     "fsync_file",
+    "publish_dir",
     "write_atomic",
 ]
 
@@ -133,6 +136,33 @@ def atomic_path(path: Path | str, *, suffix: str = "") -> Iterator[Path]:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def publish_dir(temp_dir: Path | str, final: Path | str) -> Path:
+    """Make a fully written temp folder visible under its final name, durable before visible.
+
+    Every file, then every folder inside ``temp_dir`` (deepest first, ``temp_dir`` itself last) is
+    fsynced, then ``temp_dir`` is renamed to ``final`` and the parent folder fsynced: after a power
+    cut ``final`` is either absent or complete.
+
+    Returns:
+        ``final`` (as a Path).
+
+    Raises:
+        OSError: a sync or the rename failed (``temp_dir`` is left for the caller to remove).
+    """
+    temp_dir, final = Path(temp_dir), Path(final)
+    folders = [temp_dir]
+    for p in temp_dir.rglob("*"):
+        if p.is_dir() and not p.is_symlink():
+            folders.append(p)
+        elif p.is_file():
+            fsync_file(p)
+    for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
+        fsync_dir(folder)
+    os.rename(temp_dir, final)
+    fsync_dir(final.parent)
+    return final
 
 
 def file_lock(path: Path | str, *, blocking: bool = True) -> FileLock:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import shutil
 import time
@@ -30,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model_store.errors import NoModelError
-from model_store.fs import TMP_PREFIX, fsync_dir, fsync_file, write_atomic
+from model_store.fs import TMP_PREFIX, publish_dir, write_atomic
 
-# ``write_atomic`` and ``fsync_dir`` live in model_store.fs; imported here also for bot/state.py,
-# which imports them from this module.
-__all__ = ["POINTER", "ModelRegistry", "ModelVersion", "fsync_dir", "write_atomic"]
+# ``write_atomic`` lives in model_store.fs; it is listed here only because bot/state.py imports it
+# from this module (bot/ belongs to another change: switch that import to model_store.fs, then drop it).
+__all__ = ["POINTER", "ModelRegistry", "ModelVersion", "write_atomic"]
 
 log = logging.getLogger(__name__)
 
@@ -140,17 +139,7 @@ class ModelRegistry:
         the version folder itself last) is fsynced, then the folder is renamed and its parent
         (``root``) fsynced, so after a power cut the version is either absent or complete.
         """
-        folders = [temp_dir]
-        for p in temp_dir.rglob("*"):
-            if p.is_dir() and not p.is_symlink():
-                folders.append(p)
-            elif p.is_file():
-                fsync_file(p)
-        for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
-            fsync_dir(folder)
-        final = self.root / name
-        os.rename(temp_dir, final)
-        fsync_dir(self.root)
+        final = publish_dir(temp_dir, self.root / name)
         return ModelVersion(name, final)
 
     def promote(self, version: ModelVersion) -> None:

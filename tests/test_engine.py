@@ -15,16 +15,11 @@ import tensorflow as tf
 from model_store import engine as engine_module
 from model_store.backbones import Backbone, load_backbone
 from model_store.bottlenecks import BottleneckCache, make_views
-from model_store.classifier import (
-    BACKBONE_CACHE_NAME,
-    SERVING_CACHE_NAME,
-    Classifier,
-    NumpyHead,
-    open_serving_model,
-)
+from model_store.classifier import Classifier
 from model_store.engine import EngineSettings, open_frozen
 from model_store.images import decode_image
 from model_store.pipeline import retrain
+from model_store.serving import BACKBONE_CACHE_NAME, SERVING_CACHE_NAME, NumpyHead, open_serving_model
 from tests import modelstore_fixtures as fx
 from tests.modelstore_fixtures import TrainedStore, clothing_photos, copy_store
 

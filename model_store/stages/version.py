@@ -15,11 +15,11 @@ from pathlib import Path
 
 from model_store.backbones import Backbone
 from model_store.bottlenecks import PREPROCESSING_MODE, BottleneckCache
-from model_store.classifier import BACKBONE_CACHE_NAME
 from model_store.engine import EngineSettings, copy_cache, inference_function
 from model_store.errors import TrainingError
 from model_store.evaluation import Evaluation, plot_confusion_matrix
 from model_store.registry import ModelVersion
+from model_store.serving import BACKBONE_CACHE_NAME
 from model_store.stages.data import Bottlenecks, Snapshot, Split, Trained
 from model_store.stages.gate import Evaluated, Gate
 from model_store.training import TrainConfig
@@ -201,7 +201,7 @@ def promote_or_refuse(
 
 
 def serving_engine(backbone: Backbone, cache: BottleneckCache, engine: EngineSettings, version_dir: Path) -> str:
-    """Give the new version its backbone's LiteRT conversion (a copy, ``classifier.BACKBONE_CACHE_NAME``).
+    """Give the new version its backbone's LiteRT conversion (a copy, ``serving.BACKBONE_CACHE_NAME``).
 
     No conversion is spent here when the backbone's is cached (the bottleneck step converted it
     once per backbone); the serving path runs it with the version's head. Without a copy (the
