@@ -30,14 +30,15 @@ from model_store.backbones import Backbone
 from model_store.engine import EngineSettings
 from model_store.errors import LabelgramError
 from model_store.fs import write_atomic
-from model_store.images import decode_image, to_model_input
+from model_store.images import decode_image
+from model_store.preprocessing import to_model_input
 
 log = logging.getLogger(__name__)
 
 #: concurrent cache writers per computed batch (see ``BottleneckCache._store_many``)
 _WRITERS = 8
 
-#: The eval transform of every backbone input (``images.to_model_input`` mode): scale so the shorter
+#: The eval transform of every backbone input (``preprocessing.to_model_input`` mode): scale so the shorter
 #: side covers size / crop_fraction and centre-crop (the transform the shipped backbone was checked
 #: with, BACKBONE_NOTICE.md). Measured on clothing-small (251 test images, plain softmax head):
 #: 0.888 test accuracy with a 0.875 centre crop vs 0.841 when squashing the photo to 224x224.

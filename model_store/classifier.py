@@ -21,7 +21,7 @@ import numpy as np
 from model_store.bottlenecks import DECODE_SIDE, decode_for_model
 from model_store.engine import EngineSettings
 from model_store.errors import NoModelError
-from model_store.images import to_model_input
+from model_store.preprocessing import to_model_input
 from model_store.registry import ModelRegistry, ModelVersion
 from model_store.serving import open_serving_model
 

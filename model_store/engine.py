@@ -20,6 +20,10 @@ Variable batch sizes are handled by resizing the interpreter's input (``resize_t
 ``allocate_tensors``, which LiteRT makes cheap; padding to a fixed batch cost as much as the
 padding images). An interpreter is not thread-safe: each :class:`FrozenModel` serialises its
 calls with a lock.
+
+Why this module is long (~480 lines): the two engines, the conversion, its check against Keras
+and the on-disk cache record are one fallback state machine (every failure of one step selects
+the TensorFlow path and is remembered in the cache record).
 """
 
 from __future__ import annotations

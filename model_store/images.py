@@ -39,17 +39,21 @@ Decisions worth knowing:
   the size), so that "too large" message names the limit but not the dimensions.
 * Broken EXIF metadata does not make an otherwise readable image fail: the orientation is then
   left as stored.
+
+Why this module is long (~700 lines): it is one fail-closed pipeline over untrusted bytes
+(sniff -> open the header -> per-format limits -> memory plan -> reserve -> decode -> convert),
+and its steps share the private limits, per-pixel costs and chat messages above; split further, a
+reader would have to follow ~30 private names across modules to check one limit. The parts that
+stand alone live elsewhere: the byte-weighted semaphore (``decode_budget``), the AVIF sequence
+header parser (``avif_header``) and the model's eval transform (``preprocessing``).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import io
 import logging
 import math
-import threading
-import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,7 +63,9 @@ import pillow_heif
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from model_store.avif_header import AvifHeaderError, av1_frame_sizes
+from model_store.decode_budget import DECODE_BUDGET, DEFAULT_DECODE_BUDGET_BYTES, DecodeBudget
 from model_store.errors import ImageDecodeError
+from model_store.preprocessing import to_model_input  # imported from here by tests and benchmarks
 
 __all__ = [
     "DECODE_BUDGET",
@@ -102,11 +108,6 @@ MAX_JPEG_PIXELS = 256_000_000
 #: many pixels (1/8 if none does): a 48-megapixel photo decodes at 12 Mpx, a 200-megapixel one at
 #: 3.1 Mpx. The classifier's input is 224-480 px, so nothing it sees is lost.
 DRAFT_PIXELS = 12_000_000
-
-#: Default capacity of :data:`DECODE_BUDGET`: the estimated peak bytes of all decodes running at
-#: once in this process. One 40-megapixel PNG with alpha (600 MB estimated) fits; two wait for
-#: each other, while four 12-megapixel JPEGs (144 MB each) run side by side.
-DEFAULT_DECODE_BUDGET_BYTES = 576 * 1024 * 1024
 
 if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_JPEG_PIXELS:
     Image.MAX_IMAGE_PIXELS = MAX_JPEG_PIXELS
@@ -164,9 +165,6 @@ _MSG_DAMAGED = "That image file is damaged and I can't read it."
 _MSG_COLOURS = "That image uses a colour format I can't read."
 _MSG_NO_MEMORY = "That image is too large for me to process right now."
 
-_CENTER_CROP_FRACTION = 0.875  # the classic ImageNet eval crop: resize to size/0.875, crop size
-_MODES = ("squash", "center_crop")
-
 # Modes that carry an alpha channel (composited onto white).
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 # Modes holding more than 8 bits per sample, scaled to 8 bit with numpy.
@@ -221,92 +219,6 @@ def _too_large(limit: int, size: tuple[int, int] | None = None, what: str = "") 
         return ImageDecodeError(f"That image is too large; the limit is {limit_text}.")
     width, height = size
     return ImageDecodeError(f"That image is too large ({width}×{height} pixels); the limit is {limit_text}.")
-
-
-class DecodeBudget:
-    """A semaphore weighted by bytes: the estimated peak memory of the decodes running at once.
-
-    Thread-safe (the decodes run in worker threads) and first come, first served: a large
-    reservation waiting at the head of the queue is not overtaken by small ones, so it cannot
-    starve. A single reservation may not exceed ``capacity`` (:func:`decode_image` refuses such
-    images as too large before reserving).
-
-    Args:
-        capacity: bytes that may be reserved at once; must be positive.
-
-    Raises:
-        ValueError: ``capacity`` is not positive.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        if capacity <= 0:
-            raise ValueError(f"capacity must be positive, got {capacity}")
-        self.capacity = int(capacity)
-        self._used = 0
-        self._peak = 0
-        self._queue: collections.deque[object] = collections.deque()
-        self._cond = threading.Condition()
-
-    @property
-    def in_use(self) -> int:
-        """Bytes reserved right now."""
-        with self._cond:
-            return self._used
-
-    @property
-    def peak(self) -> int:
-        """Largest number of bytes reserved at once since creation (or :meth:`reset_peak`)."""
-        with self._cond:
-            return self._peak
-
-    def reset_peak(self) -> None:
-        """Start measuring :attr:`peak` afresh (from what is reserved now)."""
-        with self._cond:
-            self._peak = self._used
-
-    @contextlib.contextmanager
-    def reserve(self, nbytes: int, *, timeout: float | None = None) -> Iterator[None]:
-        """Hold ``nbytes`` of the budget for the duration of the ``with`` block (blocks until free).
-
-        Args:
-            nbytes: bytes to reserve, 0..capacity.
-            timeout: seconds to wait at most; None waits as long as needed.
-
-        Raises:
-            ValueError: ``nbytes`` is negative or over ``capacity``.
-            TimeoutError: not granted within ``timeout``.
-        """
-        nbytes = int(nbytes)
-        if not 0 <= nbytes <= self.capacity:
-            raise ValueError(f"cannot reserve {nbytes} bytes of a budget of {self.capacity}")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        ticket = object()
-        with self._cond:
-            self._queue.append(ticket)
-            try:
-                while self._queue[0] is not ticket or self._used + nbytes > self.capacity:
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        raise TimeoutError(f"{nbytes} bytes of the decode budget not free in time")
-                    self._cond.wait(remaining)
-            except BaseException:
-                self._queue.remove(ticket)
-                self._cond.notify_all()
-                raise
-            self._queue.popleft()
-            self._used += nbytes
-            self._peak = max(self._peak, self._used)
-            self._cond.notify_all()  # the next in the queue may fit as well
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._used -= nbytes
-                self._cond.notify_all()
-
-
-#: The process-wide budget every :func:`decode_image` call reserves from by default.
-DECODE_BUDGET = DecodeBudget(DEFAULT_DECODE_BUDGET_BYTES)
 
 
 def _check_bytes(data: object) -> bytes:
@@ -810,63 +722,3 @@ def sniff_extension(data: bytes) -> str:
         return _FORMAT_EXTENSIONS[fmt or ""]
     except KeyError:
         raise ImageDecodeError(_MSG_NOT_IMAGE) from None
-
-
-def to_model_input(
-    rgb: np.ndarray,
-    size: tuple[int, int] = (224, 224),
-    *,
-    mode: str = "squash",
-    crop_fraction: float = _CENTER_CROP_FRACTION,
-) -> np.ndarray:
-    """The backbone's eval transform: an RGB image resized to the model's input size.
-
-    Modes (Pillow BICUBIC resampling in both):
-
-    * ``"squash"``: the whole image is resized to ``size``; the aspect ratio is not kept and
-      nothing is cropped.
-    * ``"center_crop"``: the image is scaled so that it covers ``size / crop_fraction`` (the
-      shorter side, relative to the target, becomes ``target / crop_fraction``; 0.875 is the
-      classic ImageNet eval crop, 1.0 keeps the whole shorter side), then the central ``size``
-      region is taken. Implemented by resampling only that source box, so extreme aspect
-      ratios (e.g. 2000x20) never build a huge intermediate image.
-
-    Args:
-        rgb: ``(H, W, 3)`` ``uint8`` RGB array (as returned by :func:`decode_image`), H, W >= 1.
-        size: target ``(height, width)``, as in ``Backbone.input_size``.
-        mode: ``"squash"`` or ``"center_crop"``.
-        crop_fraction: for ``"center_crop"``: share (0..1] of the scaled shorter side kept.
-
-    Returns:
-        A new ``(height, width, 3)`` ``float32`` array with values in 0..255 (not normalised:
-        the backbone normalises inside the model).
-
-    Raises:
-        ValueError: ``rgb`` is not a non-empty ``(H, W, 3)`` uint8 array, ``size`` is not two
-            positive integers, ``mode`` is unknown or ``crop_fraction`` is not in (0, 1].
-    """
-    if not 0.0 < crop_fraction <= 1.0:
-        raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction!r}")
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError("rgb must be an (H, W, 3) uint8 array")
-    src_h, src_w = int(rgb.shape[0]), int(rgb.shape[1])
-    if src_h < 1 or src_w < 1:
-        raise ValueError("rgb must have at least one pixel")
-    if len(size) != 2 or int(size[0]) < 1 or int(size[1]) < 1:
-        raise ValueError(f"size must be two positive integers (height, width), got {size!r}")
-    out_h, out_w = int(size[0]), int(size[1])
-
-    image = Image.fromarray(np.ascontiguousarray(rgb), "RGB")
-    if mode == "squash":
-        resized = image.resize((out_w, out_h), Image.Resampling.BICUBIC)
-    else:
-        # Scale factor of the (virtual) resize that makes the image cover size / crop_fraction.
-        scale = max(out_h / crop_fraction / src_h, out_w / crop_fraction / src_w)
-        box_w, box_h = min(out_w / scale, src_w), min(out_h / scale, src_h)  # float round-off at 1.0
-        left, top = max(0.0, (src_w - box_w) / 2.0), max(0.0, (src_h - box_h) / 2.0)
-        resized = image.resize(
-            (out_w, out_h), Image.Resampling.BICUBIC, box=(left, top, left + box_w, top + box_h)
-        )
-    return np.asarray(resized, dtype=np.float32)  # the uint8 -> float32 cast makes a new, writable array

@@ -27,6 +27,10 @@ so one store may be shared by threads and by several processes.
 
 The package: :mod:`.folders` (the ``images/<label>/`` tree), :mod:`.catalog` (the SQLite
 provenance), :mod:`.importing` (``import_tree``); this module composes them.
+
+Why this module is long (~520 lines): :class:`ImageStore` is the one lock-holding facade over the
+folders and the catalog, and each method is a short composition of theirs under the store lock;
+over a third of the lines are the docstrings of its public contract.
 """
 
 from __future__ import annotations

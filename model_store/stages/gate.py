@@ -15,8 +15,9 @@ from model_store.backbones import Backbone
 from model_store.bottlenecks import PREPROCESSING_MODE
 from model_store.errors import LabelgramError
 from model_store.evaluation import Evaluation, evaluate
-from model_store.images import decode_image, to_model_input
+from model_store.images import decode_image
 from model_store.labels import label_key
+from model_store.preprocessing import to_model_input
 from model_store.stages.data import Bottlenecks, Split
 from model_store.training import TrainConfig, softmax
 from model_store.workspace import Workspace
