@@ -29,7 +29,7 @@ import numpy as np
 from model_store.backbones import Backbone
 from model_store.engine import EngineSettings
 from model_store.errors import LabelgramError
-from model_store.fs import write_atomic
+from model_store.fs import TMP_PREFIX, write_atomic
 from model_store.images import decode_image
 from model_store.preprocessing import to_model_input
 
@@ -210,7 +210,7 @@ class BottleneckCache:
             return removed
         for view_dir in self.dir.iterdir():
             if not view_dir.is_dir():
-                if view_dir.name.startswith(".tmp-"):  # an interrupted engine-cache write
+                if view_dir.name.startswith(TMP_PREFIX):  # an interrupted engine-cache write
                     view_dir.unlink(missing_ok=True)
                     removed += 1
                 continue
@@ -218,7 +218,7 @@ class BottleneckCache:
                 if not shard.is_dir():
                     continue
                 for entry in shard.iterdir():
-                    if entry.name.startswith(".tmp-") or (entry.suffix == ".npy" and entry.stem not in keep):
+                    if entry.name.startswith(TMP_PREFIX) or (entry.suffix == ".npy" and entry.stem not in keep):
                         entry.unlink(missing_ok=True)
                         removed += 1
                 with contextlib.suppress(OSError):
