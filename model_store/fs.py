@@ -113,20 +113,22 @@ def write_atomic(path: Path | str, data: bytes, *, mode: int = 0o600) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path | str, *, suffix: str = "") -> Iterator[Path]:
-    """For writers that need a file name (e.g. ``Figure.savefig``): yield a temp path next to
-    ``path``; when the block ends without error the temp file is fsynced, ``os.replace``-d onto
+def atomic_path(path: Path | str, *, suffix: str = "", mode: int = 0o600) -> Iterator[Path]:
+    """For writers that need a file name (e.g. ``Figure.savefig``): yield a new, empty temp file
+    next to ``path``; when the block ends without error the temp file is fsynced, ``os.replace``-d onto
     ``path`` and the folder fsynced. On error the temp file is removed and ``path`` is unchanged.
 
     Args:
         path: the target file; its folder must exist.
         suffix: ending of the temp name (e.g. ``".png"``, for writers that look at it).
+        mode: permission bits of the temp file, created empty before the block (before the umask).
 
     Raises:
         OSError: the temp file could not be synced or renamed (it is removed).
     """
     path = Path(path)
     tmp = path.parent / temp_name(suffix)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
     try:
         yield tmp
         fsync_file(tmp)

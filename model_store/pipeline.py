@@ -37,6 +37,7 @@ __all__ = ["DISK_FULL_MESSAGE", "Progress", "RetrainReport", "is_disk_full", "re
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class RetrainReport:
     """Outcome of :func:`retrain`.
