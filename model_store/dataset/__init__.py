@@ -141,6 +141,7 @@ class ImageStore:
         self.max_pixels = max_pixels
         self._lock = threading.RLock()
         self._lock_depth = 0
+        self._file_lock = file_lock(self.root / ".lock")  # one object, only used under self._lock
         with self._locked():
             self._open_catalog()
 
@@ -187,7 +188,7 @@ class ImageStore:
                 finally:
                     self._lock_depth -= 1
                 return
-            with file_lock(self.root / ".lock"):
+            with self._file_lock:
                 self._lock_depth = 1
                 try:
                     yield
