@@ -340,3 +340,23 @@ def test_train_config_to_dict_is_json_safe() -> None:
     assert flip.train_views() == ["crop875", "crop875-flip", "crop1000", "crop1000-flip"]
     assert flip.eval_views() == ["crop875", "crop1000"]
     assert TrainConfig(crop_fractions=(0.875,), flip_left_right=False).train_views() == ["crop875"]
+
+
+@pytest.mark.parametrize(("val", "test"), [(-1, 10), (100, 0), (60, 50), (50, 50)])
+def test_retrain_and_assign_split_refuse_bad_percentages_with_one_check(tmp_path, val: float, test: float) -> None:
+    """One check (training.split_percentages_problem): the chat text from retrain, the ValueError of assign_split."""
+    from model_store.pipeline import retrain
+    from model_store.training import split_percentages_problem
+    from model_store.workspace import Workspace
+
+    problem = split_percentages_problem(val, test)
+    assert problem == (
+        f"validation_percentage ({val:g}) and testing_percentage ({test:g}) must each be in 0..100 "
+        "and add up to less than 100."
+    )
+    report = retrain(Workspace(tmp_path / "store"), TrainConfig(validation_percentage=val, testing_percentage=test))
+    assert report.status == "failed" and report.message == problem
+    with pytest.raises(ValueError, match="percentages") as info:
+        assign_split(make_items(10, LABELS5, 0), validation_percentage=val, testing_percentage=test)
+    assert problem in str(info.value)
+    assert split_percentages_problem(10, 10) is None
