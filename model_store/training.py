@@ -1,4 +1,4 @@
-"""Train the final softmax layer on cached bottlenecks, and evaluate it (retrain.py parity, Keras 3).
+"""Train the final softmax layer on cached bottlenecks (retrain.py parity, Keras 3).
 
 * :func:`assign_split`: a deterministic train / validation / test split by content hash, as
   retrain.py's ``which_set`` did (there: SHA-1 of the file name; here: the image's SHA-256, so a
@@ -7,8 +7,11 @@
   validation and one test image.
 * :func:`train_head`: a Keras softmax classifier (optionally one hidden ReLU layer) on the
   bottlenecks, Adam, cross-entropy on logits, early stopping on validation loss.
-* :func:`evaluate`: accuracy, per-label precision / recall / F1, confusion matrix, misclassified
-  images.
+* :func:`split_percentages_problem`: the one check of the split percentages (used by
+  :func:`assign_split` and ``pipeline.retrain``).
+
+Scoring the trained head (accuracy, per-label precision / recall / F1, the confusion matrix and its
+plot) is :mod:`model_store.evaluation`.
 """
 
 from __future__ import annotations
