@@ -35,7 +35,7 @@ def _u(data: bytes, pos: int, size: int) -> int:
 
 def _boxes(data: bytes, start: int, end: int) -> list[tuple[bytes, int, int]]:
     """The boxes (type, payload start, payload end) between ``start`` and ``end``."""
-    out = []
+    out: list[tuple[bytes, int, int]] = []
     pos = start
     while pos + 8 <= end:
         if len(out) >= _MAX_BOXES:

@@ -29,10 +29,14 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from model_store.errors import BackboneUnavailableError
+
+if TYPE_CHECKING:
+    from model_store.engine import FrozenModel
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +70,9 @@ class Backbone:
     name: str
     input_size: tuple[int, int]
     feature_dim: int
-    model: object
-    engine: object | None = field(default=None, repr=False)
-    _tf: object | None = field(default=None, repr=False)
+    model: Any  # keras.Model (Keras ships no type stubs)
+    engine: FrozenModel | None = field(default=None, repr=False)
+    _tf: FrozenModel | None = field(default=None, repr=False)
 
     def use_engine(self, settings=None, *, cache_dir: Path | str | None = None) -> str:
         """Run :meth:`features` on the configured engine from now on (see ``model_store.engine``).

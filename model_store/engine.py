@@ -206,7 +206,7 @@ class _LiteRTRunner:
         if len(shape) != 4 or shape[3] != 3:
             raise ValueError(f"expected an (N, h, w, 3) input, got {shape}")
         self.input_size = (shape[1], shape[2])
-        self.batch = None
+        self.batch: int | None = None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if len(x) != self.batch:

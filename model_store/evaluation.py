@@ -86,7 +86,7 @@ def evaluate(
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         per_label[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
     mis = []
-    for i in np.nonzero(pred != y_true)[0]:
+    for i in np.nonzero(pred != y_true)[0].tolist():
         mis.append(
             {
                 "sha256": sha256s[i] if len(sha256s) else None,

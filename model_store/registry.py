@@ -102,7 +102,9 @@ class ModelRegistry:
             return {"version": None, "history": []}
 
     def _is_complete(self, name: str | None) -> bool:
-        return bool(name) and not name.startswith(TMP_PREFIX) and (self.root / name / "model.keras").is_file()
+        if not name:
+            return False
+        return not name.startswith(TMP_PREFIX) and (self.root / name / "model.keras").is_file()
 
     def versions(self) -> list[ModelVersion]:
         """All complete versions, oldest first."""

@@ -215,13 +215,15 @@ def serving_engine(backbone: Backbone, cache: BottleneckCache, engine: EngineSet
         return "TensorFlow"
     if backbone.engine is None:
         backbone.use_engine(engine, cache_dir=cache.dir)
-    record = getattr(backbone.engine, "cache_record", None)
+    frozen = backbone.engine
+    assert frozen is not None  # use_engine set it
+    record = getattr(frozen, "cache_record", None)
     if record is not None:
         try:
             copy_cache(record, version_dir, BACKBONE_CACHE_NAME)
         except OSError as exc:
             log.warning("could not copy the backbone's LiteRT model into the version: %s", exc)
-    return backbone.engine.description
+    return frozen.description
 
 
 def export_tflite(backbone: Backbone, head, path: Path) -> None:
