@@ -19,23 +19,17 @@ this module only *runs* a frozen Keras model mapping float32 ``(N, h, w, 3)`` to
 Variable batch sizes are handled by resizing the interpreter's input (``resize_tensor_input`` +
 ``allocate_tensors``, which LiteRT makes cheap; padding to a fixed batch cost as much as the
 padding images). An interpreter is not thread-safe: each :class:`FrozenModel` serialises its
-calls with a lock.
-
-Why this module is long (~480 lines): the two engines, the conversion, its check against Keras
-and the on-disk cache record are one fallback state machine (every failure of one step selects
-the TensorFlow path and is remembered in the cache record).
+calls with a lock. Converting, checking and running LiteRT itself is :mod:`model_store.litert`;
+this module chooses the engine, caches conversions and falls back.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.metadata
 import json
 import logging
 import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from model_store.fs import write_atomic
+from model_store.litert import LiteRTRunner, convert, converter_version, cosines, probe_input
 
 log = logging.getLogger(__name__)
 
@@ -191,83 +186,9 @@ def _tensorflow_runner(model) -> Callable[[np.ndarray], np.ndarray]:
     return lambda x: fn(x).numpy()
 
 
-class _LiteRTRunner:
-    """One LiteRT interpreter with a resizable batch dimension (call under the FrozenModel's lock)."""
-
-    def __init__(self, content: bytes, threads: int):
-        from ai_edge_litert.interpreter import Interpreter
-
-        self.interpreter = Interpreter(model_content=content, num_threads=threads)
-        inputs, outputs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise ValueError(f"expected one input and one output, got {len(inputs)} and {len(outputs)}")
-        self.input, self.output = inputs[0]["index"], outputs[0]["index"]
-        shape = [int(d) for d in inputs[0]["shape"]]
-        if len(shape) != 4 or shape[3] != 3:
-            raise ValueError(f"expected an (N, h, w, 3) input, got {shape}")
-        self.input_size = (shape[1], shape[2])
-        self.batch: int | None = None
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        if len(x) != self.batch:
-            self.interpreter.resize_tensor_input(self.input, [len(x), *self.input_size, 3])
-            self.interpreter.allocate_tensors()
-            self.batch = len(x)
-        self.interpreter.set_tensor(self.input, x)
-        self.interpreter.invoke()
-        return self.interpreter.get_tensor(self.output)
-
-
-def probe_input(input_size: tuple[int, int], n: int = 2) -> np.ndarray:
-    """The fixed input a conversion is checked on: float32 ``(n, h, w, 3)``, smooth RGB 0..255 patterns."""
-    h, w = input_size
-    yy, xx = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
-    rng = np.random.default_rng(0)
-    out = []
-    for k in range(n):
-        chans = [np.sin((k + 1 + c) * 3.0 * xx + (c + 2) * 2.0 * yy + c) for c in range(3)]
-        img = (np.stack(chans, axis=-1) * 0.5 + 0.5) * 200 + rng.uniform(0, 55, (h, w, 3))
-        out.append(img)
-    return np.stack(out).astype(np.float32)
-
-
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
-    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-    return (a * b).sum(1) / np.maximum(na * nb, 1e-30)
-
-
-def convert(model) -> bytes:
-    """Convert a Keras model to a float32 ``.tflite`` flatbuffer with a dynamic batch dimension.
-
-    Through a temporary SavedModel export (what ``TFLiteConverter.from_keras_model`` does for a
-    Keras 3 model, without its printout); builtin LiteRT ops only, no quantisation.
-
-    Raises:
-        Exception: whatever the export or the converter raises for an unsupported model.
-    """
-    import tensorflow as tf
-
-    tmp = Path(tempfile.mkdtemp(prefix="labelgram-convert-"))
-    try:
-        model.export(str(tmp / "saved_model"), format="tf_saved_model", verbose=False)
-        converter = tf.lite.TFLiteConverter.from_saved_model(str(tmp / "saved_model"))
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-        return converter.convert()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _write_cache_file(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, data)
-
-
-def _converter_version() -> str:
-    try:
-        return importlib.metadata.version("tensorflow")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _log_once(key: str, level: int, msg: str, *args) -> None:
@@ -358,11 +279,11 @@ def open_frozen(
     m = keras_model()  # a model that cannot load raises here: no conversion record is written
     try:
         content = convert(m)
-        runner = _LiteRTRunner(content, threads)
+        runner = LiteRTRunner(content, threads)
         probe = probe_input(runner.input_size)
         ref = np.asarray(m(probe, training=False), dtype=np.float32)
         got = runner(probe)
-        cos = float(_cosines(ref, got).min()) if ref.shape == got.shape else float("nan")
+        cos = float(cosines(ref, got).min()) if ref.shape == got.shape else float("nan")
         if not cos >= MIN_PROBE_COSINE:
             raise ValueError(
                 f"the converted model disagrees with the Keras model (output {got.shape} vs {ref.shape}, "
@@ -373,7 +294,7 @@ def open_frozen(
         # Remembered, so the next run does not spend the conversion again; a full disk or memory
         # shortage may pass, so those are tried again next time.
         if record_path is not None and not isinstance(exc, OSError | MemoryError):
-            record = {"key": key, "format": FORMAT, "converter": _converter_version(), "failed": reason}
+            record = {"key": key, "format": FORMAT, "converter": converter_version(), "failed": reason}
             with contextlib.suppress(OSError):
                 _write_cache_file(record_path, json.dumps(record).encode())
                 fm = fallback(reason)
@@ -385,7 +306,7 @@ def open_frozen(
         record = {
             "key": key,
             "format": FORMAT,
-            "converter": _converter_version(),
+            "converter": converter_version(),
             "sha256": hashlib.sha256(content).hexdigest(),
             "probe_cosine": cos,
         }
@@ -412,14 +333,14 @@ def _from_cache(cache_dir: Path, name: str, key: str, threads: int) -> tuple[Fro
     if not record or record.get("key") != key or record.get("format") != FORMAT:
         return None, None
     if record.get("failed"):
-        if record.get("converter") == _converter_version():
+        if record.get("converter") == converter_version():
             return None, str(record["failed"])
         return None, None  # another TensorFlow: try again
     try:
         content = tflite_path.read_bytes()
         if hashlib.sha256(content).hexdigest() != record.get("sha256"):
             raise ValueError("checksum mismatch")
-        runner = _LiteRTRunner(content, threads)
+        runner = LiteRTRunner(content, threads)
     except Exception as exc:  # truncated / garbage / unreadable file: convert again
         _log_once(
             key, logging.WARNING, "LiteRT cache %s is unusable (%s); converting again", tflite_path, exc
