@@ -207,23 +207,36 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         The exit code: 0 promoted or refused by the gate, 1 failed (``--json`` still ends with a
         ``{"event": "result", ...}`` line).
     """
+    from model_store.contract import (
+        Event,
+        ImportEvent,
+        ProgressEvent,
+        ResultEvent,
+        RetrainReport,
+        SkippedFile,
+        TrainingStatus,
+    )
     from model_store.pipeline import DISK_FULL_MESSAGE, is_disk_full, retrain
     from model_store.workspace import Workspace
 
     ws = Workspace(_store_dir(args))
     if args.bottleneck_dir:
         ws.bottleneck_dir = Path(args.bottleneck_dir)
-    emit = (lambda obj: print(json.dumps(obj, ensure_ascii=False), flush=True)) if args.json else None
+
+    def print_event(event: Event) -> None:
+        print(event.to_line(), flush=True)
+
+    emit = print_event if args.json else None
     if args.image_dir:
         report = ws.store.import_tree(args.image_dir)
-        summary = {
-            "event": "import",
-            "added": report.added,
-            "duplicates": report.duplicates,
-            "skipped": [{"file": f, "reason": r} for f, r in report.skipped],
-        }
         if emit:
-            emit(summary)
+            emit(
+                ImportEvent(
+                    added=report.added,
+                    duplicates=report.duplicates,
+                    skipped=[SkippedFile(file=str(f), reason=r) for f, r in report.skipped],
+                )
+            )
         else:
             print(
                 f"Imported {args.image_dir}: {report.added} added, {report.duplicates} already present, "
@@ -242,7 +255,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             now = time.monotonic()
             if stage != "bottlenecks" or done in (0, total) or now - last_emit >= 0.5:
                 last_emit = now
-                emit({"event": "progress", "stage": stage, "done": done, "total": total})
+                emit(ProgressEvent(stage=stage, done=done, total=total))
             return
         if stage == "bottlenecks" and total:
             if bar is None:
@@ -274,27 +287,17 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         if not emit:
             print(DISK_FULL_MESSAGE if disk_full else "The training crashed.", file=sys.stderr)
         else:
-            emit(
-                {
-                    "event": "result",
-                    "status": "failed",
-                    "message": DISK_FULL_MESSAGE if disk_full else "The training crashed; see the bot's log.",
-                    "version": None,
-                    "metrics": {},
-                    "confusion_png": None,
-                    "excluded_labels": [],
-                    "skipped_images": [],
-                }
-            )
+            message = DISK_FULL_MESSAGE if disk_full else "The training crashed; see the bot's log."
+            emit(ResultEvent(report=RetrainReport(TrainingStatus.FAILED, message)))
         return 1
-    if report.version and report.status in ("promoted", "refused"):
+    if report.version and report.completed:
         vdir = ws.registry.root / report.version
         if args.output_labels:
             shutil.copyfile(vdir / "labels.txt", args.output_labels)
         if args.output_graph:
             shutil.copyfile(vdir / "model.keras", args.output_graph)
     if emit:
-        emit({"event": "result", **report.to_dict()})
+        emit(ResultEvent(report=report))
     else:
         print(report.message)
         m = report.metrics
@@ -306,7 +309,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
                 print(f"  {label:20s} {s['precision']:.3f} / {s['recall']:.3f}  (n={s['support']})")
             print(f"backbone: {m['backbone']['name']}; engine: {(m.get('engine') or {}).get('serving')}")
             print(f"version folder: {ws.registry.root / report.version}")
-    return 1 if report.status == "failed" else 0
+    return 1 if report.status == TrainingStatus.FAILED else 0
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
