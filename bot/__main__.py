@@ -82,6 +82,57 @@ def _engine_settings(args: argparse.Namespace):
     return EngineSettings(engine or "litert", threads or 0)
 
 
+def _add_training_args(p: argparse.ArgumentParser) -> None:
+    """The retrain flags. Each is named after its setting: a ``TrainConfig`` field, ``backbone`` or
+    ``backbone_weights`` (also the ``[training]`` keys of the config file); retrain.py's
+    ``--architecture`` and ``--weights`` are aliases. A flag not given is absent from the parsed
+    arguments (no defaults here: they come from the config file or ``TrainConfig``)."""
+    group = p.add_argument_group("training settings (default: the config's [training] section, else TrainConfig's)")
+    group.add_argument(
+        "--backbone",
+        "--architecture",
+        dest="backbone",
+        default=argparse.SUPPRESS,
+        help="backbone: efficientnet_lite1 (default, shipped), efficientnet_lite0 (shipped, faster), "
+        "mobilenet_v2, mobilenet_v3_small, "
+        "mobilenet_v3_large, efficientnet_b0, inception_v3, xception, mobilenet_<alpha>_<size>, "
+        "or a path to a .keras / SavedModel feature extractor",
+    )
+    group.add_argument(
+        "--backbone_weights",
+        "--weights",
+        dest="backbone_weights",
+        default=argparse.SUPPRESS,
+        help="weights for a keras.applications backbone: imagenet (downloaded once) or a local file",
+    )
+    flags: list[tuple[str, dict]] = [
+        ("how_many_training_steps", {"type": int, "help": "gradient steps (overrides --epochs)"}),
+        ("epochs", {"type": int, "help": "maximum epochs (early stopping on validation loss)"}),
+        ("learning_rate", {"type": float}),
+        ("testing_percentage", {"type": float}),
+        ("validation_percentage", {"type": float}),
+        ("train_batch_size", {"type": int}),
+        ("min_images_per_label", {"type": int}),
+        ("hidden_units", {"type": int, "help": "0 for a single softmax layer as in retrain.py"}),
+        (
+            "flip_left_right",
+            {
+                "action": argparse.BooleanOptionalAction,
+                "help": "also train on mirrored images (cached bottlenecks); off by default",
+            },
+        ),
+        ("accuracy_floor", {"type": float}),
+        ("max_accuracy_drop", {"type": float}),
+        ("keep_versions", {"type": int}),
+        ("summaries_dir", {"help": "TensorBoard summaries folder"}),
+        ("export_savedmodel", {"action": "store_true", "help": "also write a SavedModel for TensorFlow Serving"}),
+        ("export_tflite", {"action": "store_true", "help": "also write model.tflite"}),
+        ("print_misclassified_test_images", {"action": "store_true"}),
+    ]
+    for name, kwargs in flags:
+        group.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, **kwargs)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bot", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,55 +143,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("retrain", help="retrain the final layer (retrain.py successor)")
     _add_store_args(p)
     p.add_argument("--image_dir", help="folder of labelled subfolders to import first (retrain.py layout)")
-    p.add_argument(
-        "--architecture",
-        "--backbone",
-        dest="architecture",
-        default=None,
-        help="backbone: efficientnet_lite1 (default, shipped), efficientnet_lite0 (shipped, faster), "
-        "mobilenet_v2, mobilenet_v3_small, "
-        "mobilenet_v3_large, efficientnet_b0, inception_v3, xception, mobilenet_<alpha>_<size>, "
-        "or a path to a .keras / SavedModel feature extractor",
-    )
-    p.add_argument(
-        "--weights",
-        default="imagenet",
-        help="weights for a keras.applications backbone: imagenet (downloaded once) or a local file",
-    )
-    p.add_argument(
-        "--how_many_training_steps", type=int, default=None, help="gradient steps (overrides --epochs)"
-    )
-    p.add_argument(
-        "--epochs", type=int, default=None, help="maximum epochs (early stopping on validation loss)"
-    )
-    p.add_argument("--learning_rate", type=float, default=None)
-    p.add_argument("--testing_percentage", type=float, default=None)
-    p.add_argument("--validation_percentage", type=float, default=None)
-    p.add_argument("--train_batch_size", type=int, default=None)
-    p.add_argument("--min_images_per_label", type=int, default=None)
-    p.add_argument(
-        "--hidden_units", type=int, default=None, help="0 for a single softmax layer as in retrain.py"
-    )
-    p.add_argument(
-        "--flip_left_right",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="also train on mirrored images (cached bottlenecks); off by default (config: training.flip)",
-    )
-    p.add_argument("--accuracy_floor", type=float, default=None)
-    p.add_argument("--max_accuracy_drop", type=float, default=None)
-    p.add_argument("--keep_versions", type=int, default=None)
+    _add_training_args(p)
     p.add_argument(
         "--bottleneck_dir", default=None, help="bottleneck cache folder (default: <store_dir>/bottlenecks)"
     )
-    p.add_argument("--summaries_dir", default=None, help="TensorBoard summaries folder")
     p.add_argument("--output_labels", default=None, help="also copy labels.txt of the new version here")
     p.add_argument("--output_graph", default=None, help="also copy model.keras of the new version here")
-    p.add_argument(
-        "--export_savedmodel", action="store_true", help="also write a SavedModel for TensorFlow Serving"
-    )
-    p.add_argument("--export_tflite", action="store_true", help="also write model.tflite")
-    p.add_argument("--print_misclassified_test_images", action="store_true")
     _add_engine_args(p)
     p.add_argument(
         "--json", action="store_true", help="JSON lines on stdout: progress events, then the result"
@@ -162,42 +170,36 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: retrain flags that set a TrainConfig field of the same name
-_TRAIN_FLAGS = (
-    "how_many_training_steps", "epochs", "learning_rate", "testing_percentage", "validation_percentage",
-    "train_batch_size", "min_images_per_label", "hidden_units", "flip_left_right", "accuracy_floor",
-    "max_accuracy_drop", "keep_versions", "summaries_dir",
-)  # fmt: skip
+def _training_section(args: argparse.Namespace):
+    """The config file's ``[training]`` section (``--config`` / ``$LABELGRAM_CONFIG``), or None without one."""
+    config_path = getattr(args, "config", None) or os.environ.get("LABELGRAM_CONFIG")
+    if not config_path:
+        return None
+    from bot.config import load_config
+
+    return load_config(config_path).training
 
 
 def _train_config(args: argparse.Namespace):
-    """TrainConfig from the config file's [training] section, overridden by explicit flags.
+    """The run's ``TrainConfig``: the config file's ``[training]`` settings (else ``TrainConfig``'s
+    defaults), overridden by the flags given (each flag is named after its ``TrainConfig`` field)."""
+    from dataclasses import fields, replace
 
-    The config file is read through the same flags the bot passes to its training subprocess
-    (``bot.training_runner.training_flags``), so there is one mapping from config keys to settings.
-    """
     from model_store.training import TrainConfig
 
-    config_path = args.config or os.environ.get("LABELGRAM_CONFIG")
-    if config_path:
-        from bot.config import load_config
-        from bot.training_runner import training_flags
+    section = _training_section(args)
+    base = section.train_config() if section is not None else TrainConfig()
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    return replace(base, **given)
 
-        defaults = _parser().parse_args(["retrain", *training_flags(load_config(config_path).training)])
-        for name in _TRAIN_FLAGS:
-            if getattr(args, name) is None:
-                setattr(args, name, getattr(defaults, name))
-        if args.architecture is None:
-            args.architecture, args.weights = defaults.architecture, defaults.weights
-    cfg = TrainConfig()
-    for name in _TRAIN_FLAGS:
-        value = getattr(args, name)
-        if value is not None:
-            setattr(cfg, name, value)
-    cfg.export_savedmodel = args.export_savedmodel
-    cfg.export_tflite = args.export_tflite
-    cfg.print_misclassified_test_images = args.print_misclassified_test_images
-    return cfg
+
+def _backbone(args: argparse.Namespace) -> tuple[str | None, str]:
+    """``(backbone, weights)`` for ``retrain()``: the flags, else the config's ``[training]`` section,
+    else ``(None, "imagenet")`` (None: the library's default backbone)."""
+    section = _training_section(args)
+    backbone = getattr(args, "backbone", section.backbone if section is not None else None)
+    weights = getattr(args, "backbone_weights", section.backbone_weights if section is not None else "imagenet")
+    return backbone, weights
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
@@ -268,11 +270,12 @@ def cmd_retrain(args: argparse.Namespace) -> int:
                 bar.close()
 
     try:
+        backbone, weights = _backbone(args)
         report = retrain(
             ws,
             _train_config(args),
-            backbone=args.architecture,
-            weights=args.weights,
+            backbone=backbone,
+            weights=weights,
             progress=progress,
             engine=_engine_settings(args),
         )

@@ -59,26 +59,21 @@ TrainingOutcome = RetrainReport
 
 
 def training_flags(training: TrainingConfig) -> list[str]:
-    """The config's ``[training]`` section as ``python -m bot retrain`` flags (retrain.py names).
+    """The config's ``[training]`` settings as ``python -m bot retrain`` flags.
 
-    The one mapping from config keys to training flags: the bot's training subprocess gets these
-    on its command line, and ``retrain --config FILE`` reads a config file through them too.
+    Every flag is named after its key (``--<key> VALUE``, ``--<key>`` / ``--no-<key>`` for a
+    switch): ``backbone``, ``backbone_weights`` and the ``TrainConfig`` fields of
+    :attr:`TrainingConfig.TRAIN_CONFIG_KEYS`. The bot's training subprocess gets these on its
+    command line.
     """
-    t = training
-    return [
-        "--architecture", t.backbone,
-        "--weights", t.backbone_weights,
-        "--epochs", str(t.epochs),
-        "--learning_rate", repr(t.learning_rate),
-        "--train_batch_size", str(t.batch_size),
-        "--validation_percentage", repr(float(t.validation_percentage)),
-        "--testing_percentage", repr(float(t.testing_percentage)),
-        "--min_images_per_label", str(t.min_images_per_label),
-        "--accuracy_floor", repr(t.accuracy_floor),
-        "--max_accuracy_drop", repr(t.max_accuracy_drop),
-        "--keep_versions", str(t.keep_versions),
-        "--flip_left_right" if t.flip else "--no-flip_left_right",
-    ]  # fmt: skip
+    flags = ["--backbone", training.backbone, "--backbone_weights", training.backbone_weights]
+    for key in training.TRAIN_CONFIG_KEYS:
+        value = getattr(training, key)
+        if isinstance(value, bool):
+            flags.append(f"--{key}" if value else f"--no-{key}")
+        else:
+            flags += [f"--{key}", repr(value) if isinstance(value, float) else str(value)]
+    return flags
 
 
 def retrain_command(config: Config, *, store_dir: Path | str | None = None) -> list[str]:
