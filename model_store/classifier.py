@@ -34,7 +34,7 @@ import numpy as np
 
 from model_store.bottlenecks import DECODE_SIDE, decode_for_model
 from model_store.engine import EngineSettings, FrozenModel, open_cached, open_frozen
-from model_store.errors import NoModelError
+from model_store.errors import ModelProblem, NoModelError
 from model_store.images import to_model_input
 from model_store.registry import ModelRegistry, ModelVersion
 
@@ -406,7 +406,7 @@ class Classifier:
         self.reload_if_changed()
         loaded = self._loaded
         if loaded is None:
-            raise NoModelError("I haven't been trained yet.")
+            raise NoModelError(reason=ModelProblem.NOT_TRAINED)
         if not images:
             return []
         inputs = []
