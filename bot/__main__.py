@@ -25,6 +25,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 # TensorFlow's C++ start-up chatter (CUDA probing on CPU-only machines) is noise for CLI users.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -230,22 +231,22 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
     emit = print_event if args.json else None
     if args.image_dir:
-        report = ws.store.import_tree(args.image_dir)
+        imported = ws.store.import_tree(args.image_dir)
         if emit:
             emit(
                 ImportEvent(
-                    added=report.added,
-                    duplicates=report.duplicates,
-                    skipped=[SkippedFile(file=str(f), reason=r) for f, r in report.skipped],
+                    added=imported.added,
+                    duplicates=imported.duplicates,
+                    skipped=[SkippedFile(file=str(f), reason=r) for f, r in imported.skipped],
                 )
             )
         else:
             print(
-                f"Imported {args.image_dir}: {report.added} added, {report.duplicates} already present, "
-                f"{len(report.skipped)} skipped",
+                f"Imported {args.image_dir}: {imported.added} added, {imported.duplicates} already present, "
+                f"{len(imported.skipped)} skipped",
                 file=sys.stderr,
             )
-            for f, r in report.skipped:
+            for f, r in imported.skipped:
                 print(f"  skipped {f}: {r}", file=sys.stderr)
 
     bar = None
@@ -311,7 +312,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             for label, s in m["per_label"].items():
                 print(f"  {label:20s} {s['precision']:.3f} / {s['recall']:.3f}  (n={s['support']})")
             print(f"backbone: {m['backbone']['name']}; engine: {(m.get('engine') or {}).get('serving')}")
-            print(f"version folder: {ws.registry.root / report.version}")
+            print(f"version folder: {ws.registry.root / (report.version or '')}")
     return 1 if report.status == TrainingStatus.FAILED else 0
 
 
@@ -373,7 +374,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     ws = Workspace(_store_dir(args))
     cur = ws.registry.current()
-    info = {
+    info: dict[str, Any] = {
         "version": cur.name if cur else None,
         "accuracy": cur.metrics.get("accuracy") if cur else None,
         "backbone": (cur.metrics.get("backbone") or {}).get("name") if cur else None,

@@ -86,8 +86,9 @@ def _no_model_text(exc: NoModelError) -> str:
 
 
 def _decode_text(exc: ImageDecodeError) -> str:
-    if exc.reason is not DecodeProblem.TOO_LARGE:
-        return _DECODE_TEXTS.get(exc.reason, _DECODE_TEXTS[DecodeProblem.DAMAGED])  # type: ignore[arg-type]
+    reason = exc.reason or DecodeProblem.DAMAGED
+    if reason is not DecodeProblem.TOO_LARGE:
+        return _DECODE_TEXTS[reason]
     limit = f"{(exc.limit_pixels or 0) / 1_000_000:.3g} megapixels"
     if exc.image_format:
         limit += f" for {exc.image_format} images"

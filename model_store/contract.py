@@ -34,7 +34,6 @@ __all__ = [
     "ResultEvent",
     "RetrainReport",
     "SkippedFile",
-    "Stage",
     "TrainingStatus",
     "TrainingTrigger",
     "parse_event",
@@ -65,15 +64,6 @@ class TrainingTrigger(StrEnum):
     """The catch-up at start-up for a scheduled run missed while the bot was down."""
     CLI = "cli"
     """``python -m bot retrain`` run by the operator."""
-
-
-class Stage(StrEnum):
-    """The stages a retraining reports progress for, in order."""
-
-    BOTTLENECKS = "bottlenecks"
-    TRAINING = "training"
-    EVALUATING = "evaluating"
-    SAVING = "saving"
 
 
 @dataclass
@@ -152,7 +142,10 @@ class ImportEvent(_Event):
 
 
 class ProgressEvent(_Event):
-    """Progress of a stage: ``done`` of ``total`` (images for bottlenecks, epochs for training)."""
+    """Progress of a stage: ``done`` of ``total`` (images for bottlenecks, epochs for training).
+
+    ``stage`` is one of "bottlenecks", "training", "evaluating", "saving" (``model_store.pipeline.Progress``).
+    """
 
     event: Literal["progress"] = "progress"
     stage: str
@@ -174,8 +167,8 @@ class ResultEvent(_Event):
     def _nest(cls, data: Any) -> Any:
         # on the wire the report's fields sit beside "event"
         if isinstance(data, dict) and "report" not in data:
-            fields = {k: v for k, v in data.items() if k != "event"}
-            fields.pop("trigger", None), fields.pop("started_at", None), fields.pop("finished_at", None)
+            # trigger and times are the reader's to set, never taken from the line
+            fields = {k: v for k, v in data.items() if k not in ("event", "trigger", "started_at", "finished_at")}
             return {"event": data.get("event", "result"), "report": fields}
         return data
 
