@@ -13,6 +13,9 @@ Flag names follow retrain.py / label_image.py (``--image_dir``, ``--how_many_tra
 ``--learning_rate``, ``--testing_percentage``, ``--validation_percentage``, ``--train_batch_size``,
 ``--bottleneck_dir``, ``--output_labels``, ``--output_graph``, ``--summaries_dir``,
 ``--architecture``, ``--flip_left_right``, ``--print_misclassified_test_images``, ``--top_k``).
+The training flags are named after their setting (a ``TrainConfig`` field, ``--backbone``,
+``--backbone_weights``), which is also the config file's ``[training]`` key; retrain.py's
+``--architecture`` and ``--weights`` are aliases of the last two.
 """
 
 from __future__ import annotations
