@@ -28,7 +28,11 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bot.config import TrainingConfig
+    from model_store.training import TrainConfig
 
 # TensorFlow's C++ start-up chatter (CUDA probing on CPU-only machines) is noise for CLI users.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -174,7 +178,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _training_section(args: argparse.Namespace):
+def _training_section(args: argparse.Namespace) -> TrainingConfig | None:
     """The config file's ``[training]`` section (``--config`` / ``$LABELGRAM_CONFIG``), or None without one."""
     config_path = getattr(args, "config", None) or os.environ.get("LABELGRAM_CONFIG")
     if not config_path:
@@ -184,9 +188,10 @@ def _training_section(args: argparse.Namespace):
     return load_config(config_path).training
 
 
-def _train_config(args: argparse.Namespace):
-    """The run's ``TrainConfig``: the config file's ``[training]`` settings (else ``TrainConfig``'s
-    defaults), overridden by the flags given (each flag is named after its ``TrainConfig`` field)."""
+def _training_settings(args: argparse.Namespace) -> tuple[TrainConfig, str | None, str]:
+    """``(TrainConfig, backbone, weights)`` of a retrain run: the flags given, else the config
+    file's ``[training]`` settings, else the library's defaults (``TrainConfig()``, the default
+    backbone (None), ``"imagenet"``). Each flag is named after its setting."""
     from dataclasses import fields, replace
 
     from model_store.training import TrainConfig
@@ -194,15 +199,19 @@ def _train_config(args: argparse.Namespace):
     section = _training_section(args)
     base = section.train_config() if section is not None else TrainConfig()
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    return replace(base, **given)
+    backbone = getattr(args, "backbone", section.backbone if section is not None else None)
+    weights = getattr(args, "backbone_weights", section.backbone_weights if section is not None else "imagenet")
+    return replace(base, **given), backbone, weights
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    """The run's ``TrainConfig`` (see :func:`_training_settings`)."""
+    return _training_settings(args)[0]
 
 
 def _backbone(args: argparse.Namespace) -> tuple[str | None, str]:
-    """``(backbone, weights)`` for ``retrain()``: the flags, else the config's ``[training]`` section,
-    else ``(None, "imagenet")`` (None: the library's default backbone)."""
-    section = _training_section(args)
-    backbone = getattr(args, "backbone", section.backbone if section is not None else None)
-    weights = getattr(args, "backbone_weights", section.backbone_weights if section is not None else "imagenet")
+    """The run's ``(backbone, weights)`` for ``retrain()`` (see :func:`_training_settings`)."""
+    _, backbone, weights = _training_settings(args)
     return backbone, weights
 
 
@@ -274,10 +283,10 @@ def cmd_retrain(args: argparse.Namespace) -> int:
                 bar.close()
 
     try:
-        backbone, weights = _backbone(args)
+        train_config, backbone, weights = _training_settings(args)
         report = retrain(
             ws,
-            _train_config(args),
+            train_config,
             backbone=backbone,
             weights=weights,
             progress=progress,
