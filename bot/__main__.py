@@ -13,6 +13,9 @@ Flag names follow retrain.py / label_image.py (``--image_dir``, ``--how_many_tra
 ``--learning_rate``, ``--testing_percentage``, ``--validation_percentage``, ``--train_batch_size``,
 ``--bottleneck_dir``, ``--output_labels``, ``--output_graph``, ``--summaries_dir``,
 ``--architecture``, ``--flip_left_right``, ``--print_misclassified_test_images``, ``--top_k``).
+The training flags are named after their setting (a ``TrainConfig`` field, ``--backbone``,
+``--backbone_weights``), which is also the config file's ``[training]`` key; retrain.py's
+``--architecture`` and ``--weights`` are aliases of the last two.
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bot.config import TrainingConfig
+    from model_store.training import TrainConfig
 
 # TensorFlow's C++ start-up chatter (CUDA probing on CPU-only machines) is noise for CLI users.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -82,6 +90,57 @@ def _engine_settings(args: argparse.Namespace):
     return EngineSettings(engine or "litert", threads or 0)
 
 
+def _add_training_args(p: argparse.ArgumentParser) -> None:
+    """The retrain flags. Each is named after its setting: a ``TrainConfig`` field, ``backbone`` or
+    ``backbone_weights`` (also the ``[training]`` keys of the config file); retrain.py's
+    ``--architecture`` and ``--weights`` are aliases. A flag not given is absent from the parsed
+    arguments (no defaults here: they come from the config file or ``TrainConfig``)."""
+    group = p.add_argument_group("training settings (default: the config's [training] section, else TrainConfig's)")
+    group.add_argument(
+        "--backbone",
+        "--architecture",
+        dest="backbone",
+        default=argparse.SUPPRESS,
+        help="backbone: efficientnet_lite1 (default, shipped), efficientnet_lite0 (shipped, faster), "
+        "mobilenet_v2, mobilenet_v3_small, "
+        "mobilenet_v3_large, efficientnet_b0, inception_v3, xception, mobilenet_<alpha>_<size>, "
+        "or a path to a .keras / SavedModel feature extractor",
+    )
+    group.add_argument(
+        "--backbone_weights",
+        "--weights",
+        dest="backbone_weights",
+        default=argparse.SUPPRESS,
+        help="weights for a keras.applications backbone: imagenet (downloaded once) or a local file",
+    )
+    flags: list[tuple[str, dict]] = [
+        ("how_many_training_steps", {"type": int, "help": "gradient steps (overrides --epochs)"}),
+        ("epochs", {"type": int, "help": "maximum epochs (early stopping on validation loss)"}),
+        ("learning_rate", {"type": float}),
+        ("testing_percentage", {"type": float}),
+        ("validation_percentage", {"type": float}),
+        ("train_batch_size", {"type": int}),
+        ("min_images_per_label", {"type": int}),
+        ("hidden_units", {"type": int, "help": "0 for a single softmax layer as in retrain.py"}),
+        (
+            "flip_left_right",
+            {
+                "action": argparse.BooleanOptionalAction,
+                "help": "also train on mirrored images (cached bottlenecks); off by default",
+            },
+        ),
+        ("accuracy_floor", {"type": float}),
+        ("max_accuracy_drop", {"type": float}),
+        ("keep_versions", {"type": int}),
+        ("summaries_dir", {"help": "TensorBoard summaries folder"}),
+        ("export_savedmodel", {"action": "store_true", "help": "also write a SavedModel for TensorFlow Serving"}),
+        ("export_tflite", {"action": "store_true", "help": "also write model.tflite"}),
+        ("print_misclassified_test_images", {"action": "store_true"}),
+    ]
+    for name, kwargs in flags:
+        group.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, **kwargs)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bot", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,55 +151,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("retrain", help="retrain the final layer (retrain.py successor)")
     _add_store_args(p)
     p.add_argument("--image_dir", help="folder of labelled subfolders to import first (retrain.py layout)")
-    p.add_argument(
-        "--architecture",
-        "--backbone",
-        dest="architecture",
-        default=None,
-        help="backbone: efficientnet_lite1 (default, shipped), efficientnet_lite0 (shipped, faster), "
-        "mobilenet_v2, mobilenet_v3_small, "
-        "mobilenet_v3_large, efficientnet_b0, inception_v3, xception, mobilenet_<alpha>_<size>, "
-        "or a path to a .keras / SavedModel feature extractor",
-    )
-    p.add_argument(
-        "--weights",
-        default="imagenet",
-        help="weights for a keras.applications backbone: imagenet (downloaded once) or a local file",
-    )
-    p.add_argument(
-        "--how_many_training_steps", type=int, default=None, help="gradient steps (overrides --epochs)"
-    )
-    p.add_argument(
-        "--epochs", type=int, default=None, help="maximum epochs (early stopping on validation loss)"
-    )
-    p.add_argument("--learning_rate", type=float, default=None)
-    p.add_argument("--testing_percentage", type=float, default=None)
-    p.add_argument("--validation_percentage", type=float, default=None)
-    p.add_argument("--train_batch_size", type=int, default=None)
-    p.add_argument("--min_images_per_label", type=int, default=None)
-    p.add_argument(
-        "--hidden_units", type=int, default=None, help="0 for a single softmax layer as in retrain.py"
-    )
-    p.add_argument(
-        "--flip_left_right",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="also train on mirrored images (cached bottlenecks); off by default (config: training.flip)",
-    )
-    p.add_argument("--accuracy_floor", type=float, default=None)
-    p.add_argument("--max_accuracy_drop", type=float, default=None)
-    p.add_argument("--keep_versions", type=int, default=None)
+    _add_training_args(p)
     p.add_argument(
         "--bottleneck_dir", default=None, help="bottleneck cache folder (default: <store_dir>/bottlenecks)"
     )
-    p.add_argument("--summaries_dir", default=None, help="TensorBoard summaries folder")
     p.add_argument("--output_labels", default=None, help="also copy labels.txt of the new version here")
     p.add_argument("--output_graph", default=None, help="also copy model.keras of the new version here")
-    p.add_argument(
-        "--export_savedmodel", action="store_true", help="also write a SavedModel for TensorFlow Serving"
-    )
-    p.add_argument("--export_tflite", action="store_true", help="also write model.tflite")
-    p.add_argument("--print_misclassified_test_images", action="store_true")
     _add_engine_args(p)
     p.add_argument(
         "--json", action="store_true", help="JSON lines on stdout: progress events, then the result"
@@ -162,42 +178,41 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: retrain flags that set a TrainConfig field of the same name
-_TRAIN_FLAGS = (
-    "how_many_training_steps", "epochs", "learning_rate", "testing_percentage", "validation_percentage",
-    "train_batch_size", "min_images_per_label", "hidden_units", "flip_left_right", "accuracy_floor",
-    "max_accuracy_drop", "keep_versions", "summaries_dir",
-)  # fmt: skip
+def _training_section(args: argparse.Namespace) -> TrainingConfig | None:
+    """The config file's ``[training]`` section (``--config`` / ``$LABELGRAM_CONFIG``), or None without one."""
+    config_path = getattr(args, "config", None) or os.environ.get("LABELGRAM_CONFIG")
+    if not config_path:
+        return None
+    from bot.config import load_config
+
+    return load_config(config_path).training
 
 
-def _train_config(args: argparse.Namespace):
-    """TrainConfig from the config file's [training] section, overridden by explicit flags.
+def _training_settings(args: argparse.Namespace) -> tuple[TrainConfig, str | None, str]:
+    """``(TrainConfig, backbone, weights)`` of a retrain run: the flags given, else the config
+    file's ``[training]`` settings, else the library's defaults (``TrainConfig()``, the default
+    backbone (None), ``"imagenet"``). Each flag is named after its setting."""
+    from dataclasses import fields, replace
 
-    The config file is read through the same flags the bot passes to its training subprocess
-    (``bot.training_runner.training_flags``), so there is one mapping from config keys to settings.
-    """
     from model_store.training import TrainConfig
 
-    config_path = args.config or os.environ.get("LABELGRAM_CONFIG")
-    if config_path:
-        from bot.config import load_config
-        from bot.training_runner import training_flags
+    section = _training_section(args)
+    base = section.train_config() if section is not None else TrainConfig()
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    backbone = getattr(args, "backbone", section.backbone if section is not None else None)
+    weights = getattr(args, "backbone_weights", section.backbone_weights if section is not None else "imagenet")
+    return replace(base, **given), backbone, weights
 
-        defaults = _parser().parse_args(["retrain", *training_flags(load_config(config_path).training)])
-        for name in _TRAIN_FLAGS:
-            if getattr(args, name) is None:
-                setattr(args, name, getattr(defaults, name))
-        if args.architecture is None:
-            args.architecture, args.weights = defaults.architecture, defaults.weights
-    cfg = TrainConfig()
-    for name in _TRAIN_FLAGS:
-        value = getattr(args, name)
-        if value is not None:
-            setattr(cfg, name, value)
-    cfg.export_savedmodel = args.export_savedmodel
-    cfg.export_tflite = args.export_tflite
-    cfg.print_misclassified_test_images = args.print_misclassified_test_images
-    return cfg
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    """The run's ``TrainConfig`` (see :func:`_training_settings`)."""
+    return _training_settings(args)[0]
+
+
+def _backbone(args: argparse.Namespace) -> tuple[str | None, str]:
+    """The run's ``(backbone, weights)`` for ``retrain()`` (see :func:`_training_settings`)."""
+    _, backbone, weights = _training_settings(args)
+    return backbone, weights
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
@@ -207,30 +222,43 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         The exit code: 0 promoted or refused by the gate, 1 failed (``--json`` still ends with a
         ``{"event": "result", ...}`` line).
     """
+    from model_store.contract import (
+        Event,
+        ImportEvent,
+        ProgressEvent,
+        ResultEvent,
+        RetrainReport,
+        SkippedFile,
+        TrainingStatus,
+    )
     from model_store.pipeline import DISK_FULL_MESSAGE, is_disk_full, retrain
     from model_store.workspace import Workspace
 
     ws = Workspace(_store_dir(args))
     if args.bottleneck_dir:
         ws.bottleneck_dir = Path(args.bottleneck_dir)
-    emit = (lambda obj: print(json.dumps(obj, ensure_ascii=False), flush=True)) if args.json else None
+
+    def print_event(event: Event) -> None:
+        print(event.to_line(), flush=True)
+
+    emit = print_event if args.json else None
     if args.image_dir:
-        report = ws.store.import_tree(args.image_dir)
-        summary = {
-            "event": "import",
-            "added": report.added,
-            "duplicates": report.duplicates,
-            "skipped": [{"file": f, "reason": r} for f, r in report.skipped],
-        }
+        imported = ws.store.import_tree(args.image_dir)
         if emit:
-            emit(summary)
+            emit(
+                ImportEvent(
+                    added=imported.added,
+                    duplicates=imported.duplicates,
+                    skipped=[SkippedFile(file=str(f), reason=r) for f, r in imported.skipped],
+                )
+            )
         else:
             print(
-                f"Imported {args.image_dir}: {report.added} added, {report.duplicates} already present, "
-                f"{len(report.skipped)} skipped",
+                f"Imported {args.image_dir}: {imported.added} added, {imported.duplicates} already present, "
+                f"{len(imported.skipped)} skipped",
                 file=sys.stderr,
             )
-            for f, r in report.skipped:
+            for f, r in imported.skipped:
                 print(f"  skipped {f}: {r}", file=sys.stderr)
 
     bar = None
@@ -242,7 +270,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             now = time.monotonic()
             if stage != "bottlenecks" or done in (0, total) or now - last_emit >= 0.5:
                 last_emit = now
-                emit({"event": "progress", "stage": stage, "done": done, "total": total})
+                emit(ProgressEvent(stage=stage, done=done, total=total))
             return
         if stage == "bottlenecks" and total:
             if bar is None:
@@ -255,11 +283,12 @@ def cmd_retrain(args: argparse.Namespace) -> int:
                 bar.close()
 
     try:
+        train_config, backbone, weights = _training_settings(args)
         report = retrain(
             ws,
-            _train_config(args),
-            backbone=args.architecture,
-            weights=args.weights,
+            train_config,
+            backbone=backbone,
+            weights=weights,
             progress=progress,
             engine=_engine_settings(args),
         )
@@ -274,27 +303,17 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         if not emit:
             print(DISK_FULL_MESSAGE if disk_full else "The training crashed.", file=sys.stderr)
         else:
-            emit(
-                {
-                    "event": "result",
-                    "status": "failed",
-                    "message": DISK_FULL_MESSAGE if disk_full else "The training crashed; see the bot's log.",
-                    "version": None,
-                    "metrics": {},
-                    "confusion_png": None,
-                    "excluded_labels": [],
-                    "skipped_images": [],
-                }
-            )
+            message = DISK_FULL_MESSAGE if disk_full else "The training crashed; see the bot's log."
+            emit(ResultEvent(report=RetrainReport(TrainingStatus.FAILED, message)))
         return 1
-    if report.version and report.status in ("promoted", "refused"):
+    if report.version and report.completed:
         vdir = ws.registry.root / report.version
         if args.output_labels:
             shutil.copyfile(vdir / "labels.txt", args.output_labels)
         if args.output_graph:
             shutil.copyfile(vdir / "model.keras", args.output_graph)
     if emit:
-        emit({"event": "result", **report.to_dict()})
+        emit(ResultEvent(report=report))
     else:
         print(report.message)
         m = report.metrics
@@ -305,8 +324,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             for label, s in m["per_label"].items():
                 print(f"  {label:20s} {s['precision']:.3f} / {s['recall']:.3f}  (n={s['support']})")
             print(f"backbone: {m['backbone']['name']}; engine: {(m.get('engine') or {}).get('serving')}")
-            print(f"version folder: {ws.registry.root / report.version}")
-    return 1 if report.status == "failed" else 0
+            print(f"version folder: {ws.registry.root / (report.version or '')}")
+    return 1 if report.status == TrainingStatus.FAILED else 0
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
@@ -367,7 +386,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     ws = Workspace(_store_dir(args))
     cur = ws.registry.current()
-    info = {
+    info: dict[str, Any] = {
         "version": cur.name if cur else None,
         "accuracy": cur.metrics.get("accuracy") if cur else None,
         "backbone": (cur.metrics.get("backbone") or {}).get("name") if cur else None,

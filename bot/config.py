@@ -22,12 +22,14 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from apscheduler.triggers.cron import CronTrigger
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -40,6 +42,8 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 from telegram.constants import ChatID
 
 from bot.logsafe import redact
+from model_store.backbones import DEFAULT_BACKBONE
+from model_store.training import TrainConfig
 
 __all__ = [
     "BOT_API_DOWNLOAD_LIMIT",
@@ -175,25 +179,65 @@ class ClassifyConfig(_Section):
     album_wait_ms: float = Field(800.0, ge=0, le=60_000)
 
 
+#: the defaults of every training setting: the library's (one source of defaults)
+_TRAIN_DEFAULTS = TrainConfig()
+
+
 class TrainingConfig(_Section):
-    """``[training]``: when and how the model is retrained."""
+    """``[training]``: when and how the model is retrained.
+
+    The keys of the training settings are the field names of :class:`model_store.training.TrainConfig`
+    (and of the ``python -m bot retrain`` flags), with its defaults; :meth:`train_config` makes the
+    ``TrainConfig``. Older spellings keep working as aliases: ``batch_size`` (now
+    ``train_batch_size``) and ``flip`` (now ``flip_left_right``). ``backbone`` and
+    ``backbone_weights`` are the ``backbone`` / ``weights`` arguments of ``retrain()``.
+    """
+
+    #: the keys that are :class:`~model_store.training.TrainConfig` fields of the same name
+    TRAIN_CONFIG_KEYS: ClassVar[tuple[str, ...]] = (
+        "epochs", "learning_rate", "train_batch_size", "validation_percentage", "testing_percentage",
+        "min_images_per_label", "flip_left_right", "accuracy_floor", "max_accuracy_drop", "keep_versions",
+    )  # fmt: skip
 
     schedule: str = "0 3 * * *"
     timezone: str = "UTC"
     interval_seconds: float = Field(0, ge=0)
-    backbone: str = "efficientnet_lite1"
+    backbone: str = DEFAULT_BACKBONE
     backbone_weights: str = "imagenet"
-    epochs: int = Field(60, ge=1, le=100_000)
-    learning_rate: float = Field(0.004, gt=0, le=10)
-    batch_size: int = Field(256, ge=1, le=65_536)
-    validation_percentage: float = Field(10, ge=0, lt=100)
-    testing_percentage: float = Field(10, ge=0, lt=100)
-    min_images_per_label: int = Field(5, ge=1)
-    flip: bool = False
-    accuracy_floor: float = Field(0.5, ge=0, le=1)
-    max_accuracy_drop: float = Field(0.02, ge=0, le=1)
-    keep_versions: int = Field(5, ge=1)
+    epochs: int = Field(_TRAIN_DEFAULTS.epochs, ge=1, le=100_000)
+    learning_rate: float = Field(_TRAIN_DEFAULTS.learning_rate, gt=0, le=10)
+    train_batch_size: int = Field(
+        _TRAIN_DEFAULTS.train_batch_size,
+        ge=1,
+        le=65_536,
+        validation_alias=AliasChoices("train_batch_size", "batch_size"),
+    )
+    validation_percentage: float = Field(_TRAIN_DEFAULTS.validation_percentage, ge=0, lt=100)
+    testing_percentage: float = Field(_TRAIN_DEFAULTS.testing_percentage, ge=0, lt=100)
+    min_images_per_label: int = Field(_TRAIN_DEFAULTS.min_images_per_label, ge=1)
+    flip_left_right: bool = Field(
+        _TRAIN_DEFAULTS.flip_left_right, validation_alias=AliasChoices("flip_left_right", "flip")
+    )
+    accuracy_floor: float = Field(_TRAIN_DEFAULTS.accuracy_floor, ge=0, le=1)
+    max_accuracy_drop: float = Field(_TRAIN_DEFAULTS.max_accuracy_drop, ge=0, le=1)
+    keep_versions: int = Field(_TRAIN_DEFAULTS.keep_versions, ge=1)
     max_minutes: float = Field(180, gt=0)
+
+    #: older spellings of keys, still accepted (config files written before they were renamed)
+    OLD_KEYS: ClassVar[dict[str, str]] = {"batch_size": "train_batch_size", "flip": "flip_left_right"}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_spelling(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            for old, new in cls.OLD_KEYS.items():
+                if old in data and new in data:
+                    raise ValueError(f"{old}: is the older name of {new}; give only one of them")
+        return data
+
+    def train_config(self) -> TrainConfig:
+        """These settings as the library's :class:`~model_store.training.TrainConfig` (other fields: its defaults)."""
+        return replace(_TRAIN_DEFAULTS, **{key: getattr(self, key) for key in self.TRAIN_CONFIG_KEYS})
 
     @field_validator("timezone")
     @classmethod
@@ -255,6 +299,32 @@ class LoggingConfig(_Section):
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+
+class _CurrentKeyNames(PydanticBaseSettingsSource):
+    """A settings source whose ``[training]`` keys with an older name (``TrainingConfig.OLD_KEYS``)
+    are renamed to the current one, so that precedence between sources holds across spellings."""
+
+    def __init__(self, settings_cls: type[BaseSettings], source: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self._source = source
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        """Unused: :meth:`__call__` delegates to the wrapped source."""
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        data = self._source()
+        training = data.get("training")
+        if not isinstance(training, Mapping):
+            return data
+        training = dict(training)
+        for old, new in TrainingConfig.OLD_KEYS.items():
+            if old in training:
+                if new in training:
+                    raise ConfigError(f"config error: training.{old}: is the older name of {new}; give only one of them")
+                training[new] = training.pop(old)
+        return {**data, "training": training}
 
 
 class Config(BaseSettings):
@@ -322,8 +392,9 @@ class Config(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The environment beats the file; the file data comes in as init kwargs.
-        """Environment variables first, then the TOML data (passed as init kwargs)."""
-        return (env_settings, init_settings)
+        """Environment variables first, then the TOML data (passed as init kwargs); in both,
+        older key names are read as the current ones (so the environment still beats the file)."""
+        return (_CurrentKeyNames(settings_cls, env_settings), _CurrentKeyNames(settings_cls, init_settings))
 
     @property
     def token(self) -> str | None:

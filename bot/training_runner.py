@@ -3,8 +3,9 @@
 The bot never trains in its own process: TensorFlow's memory and the GIL would stall the photo
 replies. ``python -m bot retrain --store_dir DIR --json ...`` prints one JSON object per line on
 stdout (``{"event": "progress", "stage", "done", "total"}`` while working, then
-``{"event": "result", ...RetrainReport.to_dict()}``); this module reads them, hands progress to a
-callback, and turns the result into a :class:`TrainingOutcome`.
+``{"event": "result", ...RetrainReport.to_dict()}``); this module reads them with the models of
+:mod:`model_store.contract`, hands progress to a callback, and returns the result's
+:class:`~model_store.contract.RetrainReport` with its trigger and times filled in.
 
 :class:`Trainer` owns the one :class:`asyncio.Lock` that ``/retrain``, ``/rollback`` and the
 scheduled job share. After a completed run it records the store fingerprint in ``state.json``
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -24,13 +24,21 @@ import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from bot.config import Config, TrainingConfig
 from bot.logsafe import redact
 from bot.state import BotState
+from model_store.contract import (
+    ProgressEvent,
+    ResultEvent,
+    RetrainReport,
+    TrainingStatus,
+    TrainingTrigger,
+    parse_event,
+)
 
 __all__ = ["TrainingOutcome", "Trainer", "retrain_command", "training_flags"]
 
@@ -46,78 +54,26 @@ _SECRET_ENV_PREFIX = "LABELGRAM_TELEGRAM"
 _STDOUT_LINE_LIMIT = 64 * 1024 * 1024  # the result line carries all metrics (confusion matrix, ...)
 
 
-@dataclass
-class TrainingOutcome:
-    """What one training run produced.
-
-    Attributes:
-        status: "promoted", "refused" or "failed".
-        message: human summary, safe for chat.
-        version: the new version's name (None when failed).
-        metrics: the version's metrics (accuracy, per_label, gate, ...), {} when failed.
-        confusion_png: the confusion-matrix picture, if one was written.
-        trigger: "manual", "scheduled" or "startup".
-        started_at / finished_at: unix times.
-    """
-
-    status: str
-    message: str
-    version: str | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    confusion_png: Path | None = None
-    excluded_labels: list[str] = field(default_factory=list)
-    trigger: str = "manual"
-    started_at: float = 0.0
-    finished_at: float = 0.0
-
-    @property
-    def completed(self) -> bool:
-        """True when the training itself ran to the end (promoted or refused by the gate)."""
-        return self.status in ("promoted", "refused")
-
-    @classmethod
-    def from_result(cls, data: dict[str, Any], *, trigger: str, started_at: float) -> TrainingOutcome:
-        """Build an outcome from the subprocess's ``{"event": "result", ...}`` object (bad fields -> "failed" / empty)."""
-        status = str(data.get("status") or "failed")
-        if status not in ("promoted", "refused", "failed"):
-            status = "failed"
-        png = data.get("confusion_png")
-        metrics = data.get("metrics") if isinstance(data.get("metrics"), dict) else {}
-        excluded = data.get("excluded_labels") if isinstance(data.get("excluded_labels"), list) else []
-        return cls(
-            status=status,
-            message=str(data.get("message") or ""),
-            version=data.get("version") if isinstance(data.get("version"), str) else None,
-            metrics=metrics,
-            confusion_png=Path(png) if isinstance(png, str) and png else None,
-            excluded_labels=[str(x) for x in excluded],
-            trigger=trigger,
-            started_at=started_at,
-            finished_at=time.time(),
-        )
+TrainingOutcome = RetrainReport
+"""The bot's name for :class:`model_store.contract.RetrainReport` (the one report type)."""
 
 
 def training_flags(training: TrainingConfig) -> list[str]:
-    """The config's ``[training]`` section as ``python -m bot retrain`` flags (retrain.py names).
+    """The config's ``[training]`` settings as ``python -m bot retrain`` flags.
 
-    The one mapping from config keys to training flags: the bot's training subprocess gets these
-    on its command line, and ``retrain --config FILE`` reads a config file through them too.
+    Every flag is named after its key (``--<key> VALUE``, ``--<key>`` / ``--no-<key>`` for a
+    switch): ``backbone``, ``backbone_weights`` and the ``TrainConfig`` fields of
+    :attr:`TrainingConfig.TRAIN_CONFIG_KEYS`. The bot's training subprocess gets these on its
+    command line.
     """
-    t = training
-    return [
-        "--architecture", t.backbone,
-        "--weights", t.backbone_weights,
-        "--epochs", str(t.epochs),
-        "--learning_rate", repr(t.learning_rate),
-        "--train_batch_size", str(t.batch_size),
-        "--validation_percentage", repr(float(t.validation_percentage)),
-        "--testing_percentage", repr(float(t.testing_percentage)),
-        "--min_images_per_label", str(t.min_images_per_label),
-        "--accuracy_floor", repr(t.accuracy_floor),
-        "--max_accuracy_drop", repr(t.max_accuracy_drop),
-        "--keep_versions", str(t.keep_versions),
-        "--flip_left_right" if t.flip else "--no-flip_left_right",
-    ]  # fmt: skip
+    flags = ["--backbone", training.backbone, "--backbone_weights", training.backbone_weights]
+    for key in training.TRAIN_CONFIG_KEYS:
+        value = getattr(training, key)
+        if isinstance(value, bool):
+            flags.append(f"--{key}" if value else f"--no-{key}")
+        else:
+            flags += [f"--{key}", repr(value) if isinstance(value, float) else str(value)]
+    return flags
 
 
 def retrain_command(config: Config, *, store_dir: Path | str | None = None) -> list[str]:
@@ -190,7 +146,7 @@ class Trainer:
         self._after_promotion = after_promotion
         self.command = command or retrain_command(config)
         self.lock = asyncio.Lock()
-        self.current_trigger: str | None = None
+        self.current_trigger: TrainingTrigger | None = None
         self.started_at: float | None = None
         self.last_outcome: TrainingOutcome | None = None
         self._proc: asyncio.subprocess.Process | None = None
@@ -205,15 +161,27 @@ class Trainer:
         return self.lock.locked()
 
     async def run(
-        self, *, trigger: str = "manual", on_progress: ProgressCallback | None = None
+        self,
+        *,
+        trigger: TrainingTrigger | str = TrainingTrigger.MANUAL,
+        on_progress: ProgressCallback | None = None,
     ) -> TrainingOutcome:
-        """Train once (the caller holds :attr:`lock`). Never raises for a failed training."""
+        """Train once (the caller holds :attr:`lock`). Never raises for a failed training.
+
+        Args:
+            trigger: who started the run (a :class:`TrainingTrigger` or its value).
+            on_progress: awaited with each progress event of the subprocess.
+
+        Returns:
+            The run's report, with ``trigger``, ``started_at`` and ``finished_at`` set.
+        """
         if not self.lock.locked():
             raise RuntimeError("Trainer.run() must be called with trainer.lock held")
+        trigger = TrainingTrigger(trigger)
         started = time.time()
         if self.closing:
             return TrainingOutcome(
-                "failed",
+                TrainingStatus.FAILED,
                 "The bot is shutting down; no training was started.",
                 trigger=trigger,
                 started_at=started,
@@ -238,7 +206,7 @@ class Trainer:
                     },
                     last_failure_fingerprint=None,
                 )
-            if outcome.status == "promoted" and self._after_promotion is not None:
+            if outcome.status == TrainingStatus.PROMOTED and self._after_promotion is not None:
                 await self._after_promotion()
             self.last_outcome = outcome
             log.info("training (%s) finished: %s %s", trigger, outcome.status, outcome.version or "")
@@ -247,7 +215,7 @@ class Trainer:
             self.current_trigger, self.started_at = None, None
 
     async def _run_subprocess(
-        self, trigger: str, started: float, on_progress: ProgressCallback | None
+        self, trigger: TrainingTrigger, started: float, on_progress: ProgressCallback | None
     ) -> TrainingOutcome:
         limit = self.config.training.max_minutes * 60
         log.info("starting training (%s): %s", trigger, " ".join(self.command[1:]))
@@ -264,7 +232,7 @@ class Trainer:
         except OSError:
             log.exception("could not start the training process")
             return TrainingOutcome(
-                "failed",
+                TrainingStatus.FAILED,
                 "The training process could not be started; the bot's log has the details.",
                 trigger=trigger,
                 started_at=started,
@@ -273,17 +241,15 @@ class Trainer:
         self._proc = proc
         stderr_tail: deque[str] = deque(maxlen=40)
         stderr_task = asyncio.create_task(self._drain(proc.stderr, stderr_tail))
-        result: dict[str, Any] | None = None
+        result: RetrainReport | None = None
         try:
             async with asyncio.timeout(limit):
                 assert proc.stdout is not None
                 async for raw in proc.stdout:
-                    event = self._parse(raw)
-                    if event is None:
-                        continue
-                    if event.get("event") == "result":
-                        result = event
-                    elif event.get("event") == "progress" and on_progress is not None:
+                    event = parse_event(raw)
+                    if isinstance(event, ResultEvent):
+                        result = event.report
+                    elif isinstance(event, ProgressEvent) and on_progress is not None:
                         await self._report_progress(on_progress, event)
                 returncode = await proc.wait()
                 await stderr_task
@@ -296,7 +262,7 @@ class Trainer:
                 self.config.training.max_minutes,
             )
             return TrainingOutcome(
-                "failed",
+                TrainingStatus.FAILED,
                 f"The training took longer than {self.config.training.max_minutes:g} minutes and was stopped. "
                 "The current model keeps serving.",
                 trigger=trigger,
@@ -317,7 +283,7 @@ class Trainer:
                 "\n".join(stderr_tail),
             )
             return TrainingOutcome(
-                "failed",
+                TrainingStatus.FAILED,
                 f"The training process stopped unexpectedly (exit code {returncode}). "
                 "The current model keeps serving; the bot's log has the details.",
                 trigger=trigger,
@@ -326,31 +292,14 @@ class Trainer:
             )
         if returncode not in (0, 1):
             log.warning("training (%s) exited with code %s after reporting a result", trigger, returncode)
-        if result.get("status") == "failed" and stderr_tail:
+        if result.status == TrainingStatus.FAILED and stderr_tail:
             log.warning("training (%s) failed; last stderr lines:\n%s", trigger, "\n".join(stderr_tail))
-        return TrainingOutcome.from_result(result, trigger=trigger, started_at=started)
+        return replace(result, trigger=trigger, started_at=started, finished_at=time.time())
 
     @staticmethod
-    def _parse(raw: bytes) -> dict[str, Any] | None:
-        line = raw.decode("utf-8", "replace").strip()
-        if not line.startswith("{"):
-            if line:
-                log.debug("training output: %s", line[:500])
-            return None
+    async def _report_progress(on_progress: ProgressCallback, event: ProgressEvent) -> None:
         try:
-            event = json.loads(line)
-        except ValueError:
-            log.debug("training output (not JSON): %s", line[:500])
-            return None
-        return event if isinstance(event, dict) else None
-
-    @staticmethod
-    async def _report_progress(on_progress: ProgressCallback, event: dict[str, Any]) -> None:
-        try:
-            done, total = int(event.get("done", 0)), int(event.get("total", 0))
-            await on_progress(str(event.get("stage", "")), done, total)
-        except (TypeError, ValueError):
-            return
+            await on_progress(event.stage, event.done, event.total)
         except Exception:  # a failed progress edit must not stop the training
             log.exception("progress callback failed")
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from model_store.bottlenecks import DECODE_SIDE, decode_for_model
 from model_store.engine import EngineSettings
-from model_store.errors import NoModelError
+from model_store.errors import ModelProblem, NoModelError
 from model_store.preprocessing import to_model_input
 from model_store.registry import ModelRegistry, ModelVersion
 from model_store.serving import open_serving_model
@@ -188,7 +188,7 @@ class Classifier:
         self.reload_if_changed()
         loaded = self._loaded
         if loaded is None:
-            raise NoModelError("I haven't been trained yet.")
+            raise NoModelError(reason=ModelProblem.NOT_TRAINED)
         if not images:
             return []
         inputs = []

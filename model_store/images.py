@@ -64,7 +64,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from model_store.avif_header import AvifHeaderError, av1_frame_sizes
 from model_store.decode_budget import DECODE_BUDGET, DEFAULT_DECODE_BUDGET_BYTES, DecodeBudget
-from model_store.errors import ImageDecodeError
+from model_store.errors import DecodeProblem, ImageDecodeError
 from model_store.preprocessing import to_model_input  # imported from here by tests and benchmarks
 
 __all__ = [
@@ -156,14 +156,6 @@ _COST_WEBP = 18
 _COST_JPEG = 14  # per DCT-scaled pixel, plus the coefficient buffer of a progressive JPEG
 _FORMAT_NAMES = {"JPEG": "JPEG", "MPO": "JPEG", "WEBP": "WebP", "HEIF": "HEIC", "TIFF": "TIFF", "AVIF": "AVIF"}
 
-_MSG_EMPTY = "That file is empty."
-_MSG_NOT_IMAGE = (
-    "That doesn't look like an image I can read (JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC or AVIF)."
-)
-_MSG_INCOMPLETE = "That image file is incomplete; it may have been cut off while sending."
-_MSG_DAMAGED = "That image file is damaged and I can't read it."
-_MSG_COLOURS = "That image uses a colour format I can't read."
-_MSG_NO_MEMORY = "That image is too large for me to process right now."
 
 # Modes that carry an alpha channel (composited onto white).
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
@@ -212,13 +204,7 @@ def _bomb_limit(data: bytes, max_pixels: int, capacity: int) -> tuple[int, str]:
 
 
 def _too_large(limit: int, size: tuple[int, int] | None = None, what: str = "") -> ImageDecodeError:
-    limit_text = f"{limit / 1_000_000:.3g} megapixels"
-    if what:
-        limit_text += f" for {what} images"
-    if size is None:
-        return ImageDecodeError(f"That image is too large; the limit is {limit_text}.")
-    width, height = size
-    return ImageDecodeError(f"That image is too large ({width}×{height} pixels); the limit is {limit_text}.")
+    return ImageDecodeError(reason=DecodeProblem.TOO_LARGE, size=size, limit_pixels=limit, image_format=what)
 
 
 def _check_bytes(data: object) -> bytes:
@@ -236,7 +222,7 @@ def _open(data: bytes, max_pixels: int, capacity: int) -> Image.Image:
     error. ``max_pixels`` and ``capacity`` (the budget's) only word the "too large" message.
     """
     if not data:
-        raise ImageDecodeError(_MSG_EMPTY)
+        raise ImageDecodeError(reason=DecodeProblem.EMPTY)
     try:
         return Image.open(io.BytesIO(data), formats=_ALLOWED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -244,12 +230,12 @@ def _open(data: bytes, max_pixels: int, capacity: int) -> Image.Image:
         limit, what = _bomb_limit(data, max_pixels, capacity)
         raise _too_large(limit, what=what) from exc
     except UnidentifiedImageError as exc:
-        raise ImageDecodeError(_MSG_NOT_IMAGE) from exc
+        raise ImageDecodeError(reason=DecodeProblem.NOT_IMAGE) from exc
     except MemoryError as exc:
-        raise ImageDecodeError(_MSG_NO_MEMORY) from exc
+        raise ImageDecodeError(reason=DecodeProblem.NO_MEMORY) from exc
     except Exception as exc:  # a plugin recognised the header, then choked on what followed
         logger.debug("image header could not be parsed: %r", exc)
-        raise ImageDecodeError(_MSG_DAMAGED) from exc
+        raise ImageDecodeError(reason=DecodeProblem.DAMAGED) from exc
 
 
 @contextlib.contextmanager
@@ -349,7 +335,7 @@ def _tiff_buffer_bytes(im: Image.Image) -> int:
         tile_w, tile_h = _int(322, width), _int(323, height)
         for side, image_side in ((tile_w, width), (tile_h, height)):
             if side > max(-(-image_side // 16) * 16, _TIFF_MAX_OVERSIZED_TILE_SIDE):
-                raise ImageDecodeError(_MSG_DAMAGED)
+                raise ImageDecodeError(reason=DecodeProblem.DAMAGED)
         return tile_w * tile_h * pixel_bytes
     rows = min(_int(278, height), height)
     return width * rows * pixel_bytes
@@ -369,10 +355,10 @@ def _check_avif_frames(data: bytes, width: int, height: int) -> None:
         sizes = av1_frame_sizes(data)
     except AvifHeaderError as exc:
         logger.debug("AVIF container or AV1 sequence header unreadable: %s", exc)
-        raise ImageDecodeError(_MSG_DAMAGED) from exc
+        raise ImageDecodeError(reason=DecodeProblem.DAMAGED) from exc
     if not sizes or any(w > width or h > height for w, h in sizes):
         logger.debug("AVIF frames %s do not fit its declared size %dx%d", sizes, width, height)
-        raise ImageDecodeError(_MSG_DAMAGED)
+        raise ImageDecodeError(reason=DecodeProblem.DAMAGED)
 
 
 def _format_name(fmt: str) -> str:
@@ -471,7 +457,7 @@ def _plan(
     extra = _tiff_buffer_bytes(im)
     if pixels * bpp + extra > budget.capacity:
         if extra >= budget.capacity:
-            raise ImageDecodeError(_MSG_NO_MEMORY)
+            raise ImageDecodeError(reason=DecodeProblem.NO_MEMORY)
         raise _too_large((budget.capacity - extra) // bpp, (width, height), _format_name(fmt))
     if fmt == "WEBP":
         canvas, frames = _webp_frames(data)
@@ -482,7 +468,7 @@ def _plan(
             if w * h > limit:
                 raise _too_large(limit, (w, h), what)
             if x + w > cw or y + h > ch:
-                raise ImageDecodeError(_MSG_DAMAGED)
+                raise ImageDecodeError(reason=DecodeProblem.DAMAGED)
     return _Plan(1, (width, height), pixels * bpp + extra)
 
 
@@ -537,7 +523,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if mode in _WIDE_MODES:
         gray = _wide_to_uint8(np.asarray(im))
         if gray.ndim != 2:
-            raise ImageDecodeError(_MSG_COLOURS)
+            raise ImageDecodeError(reason=DecodeProblem.COLOURS)
         if isinstance(transparency, int) and mode != "F":
             alpha = np.where(np.asarray(im) == transparency, 0, 255).astype(np.uint8)
             im = Image.merge("LA", (Image.fromarray(gray, "L"), Image.fromarray(alpha, "L")))
@@ -654,7 +640,7 @@ def decode_image(
         try:
             width, height = im.size
             if width <= 0 or height <= 0:
-                raise ImageDecodeError(_MSG_DAMAGED)
+                raise ImageDecodeError(reason=DecodeProblem.DAMAGED)
             plan = _plan(im, data, max_pixels, budget, max_side)
             with budget.reserve(plan.cost):
                 try:
@@ -662,15 +648,15 @@ def decode_image(
                 except OSError as exc:
                     logger.debug("image data could not be decoded: %r", exc)
                     if "truncat" in str(exc).lower():
-                        raise ImageDecodeError(_MSG_INCOMPLETE) from exc
-                    raise ImageDecodeError(_MSG_DAMAGED) from exc
+                        raise ImageDecodeError(reason=DecodeProblem.INCOMPLETE) from exc
+                    raise ImageDecodeError(reason=DecodeProblem.DAMAGED) from exc
                 im = _reduced(im, max_side)
                 im = _exif_transposed(im)
                 try:
                     rgb_image = _to_rgb(im)
                 except ValueError as exc:  # "conversion not supported" for exotic modes
                     logger.debug("image mode %s could not be converted: %r", im.mode, exc)
-                    raise ImageDecodeError(_MSG_COLOURS) from exc
+                    raise ImageDecodeError(reason=DecodeProblem.COLOURS) from exc
                 rgb_image = _reduced(rgb_image, max_side)
                 rgb = _to_array(rgb_image)
                 del rgb_image
@@ -681,15 +667,15 @@ def decode_image(
             limit, what = _bomb_limit(data, max_pixels, budget.capacity)
             raise _too_large(limit, what=what) from exc
         except MemoryError as exc:
-            raise ImageDecodeError(_MSG_NO_MEMORY) from exc
+            raise ImageDecodeError(reason=DecodeProblem.NO_MEMORY) from exc
         except Exception as exc:  # any other decoder failure (ValueError, EOFError, struct.error, ...)
             logger.debug("image data could not be decoded: %r", exc)
-            raise ImageDecodeError(_MSG_DAMAGED) from exc
+            raise ImageDecodeError(reason=DecodeProblem.DAMAGED) from exc
         finally:
             im.close()
 
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ImageDecodeError(_MSG_DAMAGED)
+        raise ImageDecodeError(reason=DecodeProblem.DAMAGED)
     return np.ascontiguousarray(rgb)
 
 
@@ -721,4 +707,4 @@ def sniff_extension(data: bytes) -> str:
     try:
         return _FORMAT_EXTENSIONS[fmt or ""]
     except KeyError:
-        raise ImageDecodeError(_MSG_NOT_IMAGE) from None
+        raise ImageDecodeError(reason=DecodeProblem.NOT_IMAGE) from None

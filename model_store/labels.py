@@ -35,7 +35,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from model_store.errors import LabelError
+from model_store.errors import LabelError, LabelProblem
 
 __all__ = ["MAX_LABEL_BYTES", "MAX_LABEL_LENGTH", "label_key", "normalize_label"]
 
@@ -52,25 +52,11 @@ _WHITESPACE_RUN = re.compile(r"\s+")
 _RESERVED_DEVICE_NAMES = frozenset(
     ["con", "prn", "aux", "nul"] + [f"com{d}" for d in "123456789¹²³"] + [f"lpt{d}" for d in "123456789¹²³"]
 )
-_ALLOWED_HINT = (
-    "Labels may use letters of any language, digits, emoji, spaces and punctuation such as - _ ( ) &, "
-    f"up to {MAX_LABEL_LENGTH} characters."
-)
 
 
 def _is_noncharacter(ch: str) -> bool:
     cp = ord(ch)
     return 0xFDD0 <= cp <= 0xFDEF or (cp & 0xFFFE) == 0xFFFE
-
-
-def _describe(ch: str) -> str:
-    name = unicodedata.name(ch, "")
-    named = {"\n": "a line break", "\r": "a line break", "\t": "a tab", "\x00": "a NUL character"}
-    if ch in named:
-        return named[ch]
-    if name:
-        return f"an invisible or control character ({name.title()}, U+{ord(ch):04X})"
-    return f"an invisible or control character (U+{ord(ch):04X})"
 
 
 def _check_characters(text: str) -> None:
@@ -87,18 +73,13 @@ def _check_characters(text: str) -> None:
                 and (before not in _JOINERS and after not in _JOINERS)
             ):
                 continue
-            raise LabelError(
-                f"That label contains {_describe(ch)} in a place where it has no effect. {_ALLOWED_HINT}"
-            )
+            raise LabelError(reason=LabelProblem.MISPLACED_JOINER, label=text, characters=ch)
         if category in ("Cc", "Cf", "Cs", "Co") or ch in _LINE_SEPARATORS:
             if (ch.isspace() and category == "Cc") or ch in _LINE_SEPARATORS:
-                raise LabelError(
-                    f"A label must be a single line without tabs, but this one contains {_describe(ch)}. "
-                    f"{_ALLOWED_HINT}"
-                )
-            raise LabelError(f"That label contains {_describe(ch)}, which is not allowed. {_ALLOWED_HINT}")
+                raise LabelError(reason=LabelProblem.LINE_BREAK, label=text, characters=ch)
+            raise LabelError(reason=LabelProblem.CONTROL_CHARACTER, label=text, characters=ch)
         if category == "Cn" and _is_noncharacter(ch):
-            raise LabelError(f"That label contains {_describe(ch)}, which is not allowed. {_ALLOWED_HINT}")
+            raise LabelError(reason=LabelProblem.CONTROL_CHARACTER, label=text, characters=ch)
 
 
 def normalize_label(name: str) -> str:
@@ -119,38 +100,28 @@ def normalize_label(name: str) -> str:
         LabelError: the name is refused; ``.message`` says what is wrong and what is allowed.
     """
     if not isinstance(name, str):
-        raise LabelError(f"A label must be text. {_ALLOWED_HINT}")
+        raise LabelError(reason=LabelProblem.NOT_TEXT)
     text = unicodedata.normalize("NFC", name)
     _check_characters(text)
     text = _WHITESPACE_RUN.sub(" ", text).strip()
     if not text:
-        raise LabelError(f"The label is empty. Please type a name for it. {_ALLOWED_HINT}")
+        raise LabelError(reason=LabelProblem.EMPTY, label=text)
     if len(text) > MAX_LABEL_LENGTH:
-        raise LabelError(
-            f"That label is {len(text)} characters long; please keep it to {MAX_LABEL_LENGTH} characters or fewer."
-        )
+        raise LabelError(reason=LabelProblem.TOO_LONG, label=text, length=len(text), limit=MAX_LABEL_LENGTH)
     if len(text.encode("utf-8")) > MAX_LABEL_BYTES:
         raise LabelError(
-            "That label is too long to store (it uses many multi-byte characters such as emoji); "
-            "please make it shorter."
+            reason=LabelProblem.TOO_MANY_BYTES, label=text, length=len(text.encode("utf-8")), limit=MAX_LABEL_BYTES
         )
     bad = sorted({ch for ch in text if ch in _FORBIDDEN_CHARS})
     if bad:
-        shown = " ".join(bad)
-        raise LabelError(
-            f"Labels cannot contain these characters: {shown} (they have a special meaning in file paths). "
-            f"{_ALLOWED_HINT}"
-        )
+        raise LabelError(reason=LabelProblem.FORBIDDEN_CHARACTERS, label=text, characters="".join(bad))
     if text.startswith("."):
-        raise LabelError(f"A label cannot start with a dot. {_ALLOWED_HINT}")
+        raise LabelError(reason=LabelProblem.LEADING_DOT, label=text)
     if text.endswith("."):
-        raise LabelError(f"A label cannot end with a dot. {_ALLOWED_HINT}")
+        raise LabelError(reason=LabelProblem.TRAILING_DOT, label=text)
     device = text.split(".", 1)[0].rstrip(" ").casefold()
     if device in _RESERVED_DEVICE_NAMES:
-        raise LabelError(
-            f"“{text}” is a reserved device name on Windows (like CON, PRN, AUX, NUL, COM1 or LPT1), "
-            "so it cannot be used as a label. Please choose another name."
-        )
+        raise LabelError(reason=LabelProblem.RESERVED_NAME, label=text)
     return text
 
 

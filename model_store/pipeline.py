@@ -19,11 +19,10 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from model_store.backbones import Backbone, load_backbone
+from model_store.contract import RetrainReport
 from model_store.engine import EngineSettings
 from model_store.errors import LabelgramError, TrainingError
 from model_store.fs import DISK_FULL_ERRNOS, LockHeld, file_lock
@@ -36,43 +35,6 @@ from model_store.workspace import Workspace
 __all__ = ["DISK_FULL_MESSAGE", "Progress", "RetrainReport", "is_disk_full", "retrain", "training_lock"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RetrainReport:
-    """Outcome of :func:`retrain`.
-
-    Attributes:
-        status: ``"promoted"`` (new version serving), ``"refused"`` (written but the gate kept the
-            old model) or ``"failed"`` (nothing written; ``message`` says why).
-        message: one or two human sentences, safe to show in chat.
-        version: the new version's name (None when failed).
-        metrics: the version's ``metrics.json`` content (accuracy, per_label, confusion_matrix,
-            labels, gate, timings, ...); {} when failed.
-        confusion_png: path of the confusion-matrix plot, or None.
-        excluded_labels: labels left out for having too few images.
-        skipped_images: ``[(sha256, reason)]`` images that could not be read.
-    """
-
-    status: str
-    message: str
-    version: str | None = None
-    metrics: dict = field(default_factory=dict)
-    confusion_png: Path | None = None
-    excluded_labels: list[str] = field(default_factory=list)
-    skipped_images: list[tuple[str, str]] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        """JSON-safe dict (paths as strings)."""
-        return {
-            "status": self.status,
-            "message": self.message,
-            "version": self.version,
-            "metrics": self.metrics,
-            "confusion_png": str(self.confusion_png) if self.confusion_png else None,
-            "excluded_labels": self.excluded_labels,
-            "skipped_images": [list(x) for x in self.skipped_images],
-        }
 
 
 def retrain(

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from model_store.errors import NoModelError
+from model_store.errors import ModelProblem, NoModelError
 from model_store.fs import TMP_PREFIX, publish_dir, write_atomic
 
 # ``write_atomic`` lives in model_store.fs; it is listed here only because bot/state.py imports it
@@ -114,7 +114,7 @@ class ModelRegistry:
     def get(self, name: str) -> ModelVersion:
         """A version by name. Raises NoModelError if it does not exist or is incomplete."""
         if not self._is_complete(name) or "/" in name or name.startswith("."):
-            raise NoModelError(f"There is no model version {name!r}.")
+            raise NoModelError(reason=ModelProblem.NO_SUCH_VERSION, version=name)
         return ModelVersion(name, self.root / name)
 
     def current(self) -> ModelVersion | None:
@@ -147,7 +147,7 @@ class ModelRegistry:
     def promote(self, version: ModelVersion) -> None:
         """Make ``version`` the serving one (atomic pointer swap); the old one becomes the rollback target."""
         if not self._is_complete(version.name):
-            raise NoModelError(f"Model version {version.name!r} is not complete; not promoting it.")
+            raise NoModelError(reason=ModelProblem.INCOMPLETE_VERSION, version=version.name)
         state = self._read_pointer()
         history = [state["version"], *state["history"]] if state["version"] else state["history"]
         history = [h for h in history if h != version.name][:20]
@@ -166,7 +166,7 @@ class ModelRegistry:
         state = self._read_pointer()
         history = [h for h in state["history"] if self._is_complete(h)]
         if not history:
-            raise NoModelError("There is no earlier model version to roll back to.")
+            raise NoModelError(reason=ModelProblem.NOTHING_TO_ROLL_BACK)
         target, rest = history[0], history[1:]
         write_atomic(self.pointer_path(), json.dumps({"version": target, "history": rest}).encode())
         log.info("rolled back model from %s to %s", state["version"], target)

@@ -36,6 +36,10 @@ TRAINING, VALIDATION, TESTING = "training", "validation", "testing"
 class TrainConfig:
     """Retraining settings; names follow retrain.py's flags where one exists.
 
+    The field names are also the ``[training]`` keys of the bot's config file
+    (``bot.config.TrainingConfig.TRAIN_CONFIG_KEYS``) and the ``python -m bot retrain`` flags; the
+    defaults below are the only ones (the config and the CLI take theirs from here).
+
     Attributes:
         epochs: passes over the training bottlenecks (upper bound; early stopping may end sooner).
         how_many_training_steps: retrain.py's step count; when set, overrides ``epochs`` as
