@@ -16,7 +16,7 @@ import pytest
 
 from model_store.backbones import SHIPPED_BACKBONES, load_backbone
 from model_store.images import decode_image, to_model_input
-from tests.modelstore_fixtures import DATA
+from tests.auxil.modelstore import DATA
 from tools.convert_backbone import DEFAULT_ATOL, FIXTURE_CROP, ParityError, check_parity, fixture_inputs
 
 FIXTURES = DATA / "backbone_parity"

@@ -20,10 +20,7 @@ from model_store.backbones import (
 )
 from model_store.errors import BackboneUnavailableError
 from model_store.images import decode_image, to_model_input
-from tests import modelstore_fixtures as fx
-from tests.modelstore_fixtures import clothing_photos
-
-backbone = fx.backbone  # the shared session fixture (the real shipped backbone)
+from tests.auxil.modelstore import clothing_photos
 
 
 def _model_inputs(paths, size) -> np.ndarray:

@@ -13,9 +13,8 @@ import pytest
 
 from bot.app import NO_TOKEN_HELP, run
 from bot.logsafe import REDACTED, TokenRedactingFilter
+from tests.auxil.bot_harness import ADMIN, ROOT, USER, bot_config, labels_in, photos, running_bot
 from tests.botapi_standin import BotApiStandIn
-from tests.conftest import ADMIN, ROOT, USER, bot_config, photos, running_bot
-from tests.test_bot_classify import labels_in
 
 TOKEN = "7312345678:AAHsecretTOKENvalue-for_tests"
 

@@ -17,9 +17,8 @@ from bot.state import BotState
 from model_store.backbones import DEFAULT_BACKBONE
 from model_store.dataset import ImageStore
 from model_store.registry import ModelRegistry
+from tests.auxil.bot_harness import ADMIN, OTHER_ADMIN, USER, bot_config, labels_in, photos, running_bot
 from tests.botapi_standin import BotApiStandIn, Call
-from tests.conftest import ADMIN, OTHER_ADMIN, USER, bot_config, photos, running_bot
-from tests.test_bot_classify import labels_in
 
 
 def is_report(call: Call, chat: int, start: str) -> bool:

@@ -12,9 +12,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.auxil.bot_harness import ADMIN, ROOT, USER, labels_in, photos
 from tests.botapi_standin import BotApiStandIn
-from tests.conftest import ADMIN, ROOT, USER, photos
-from tests.test_bot_classify import labels_in
 
 TOKEN = "424242:WebhookTestTokenAbcdef"
 SECRET = "hook_secret_123456"

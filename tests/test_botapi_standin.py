@@ -36,7 +36,6 @@ from telegram.ext import (
     filters,
 )
 
-from tests.botapi_fixtures import botapi  # noqa: F401  (fixture)
 from tests.botapi_standin import FILE_DOWNLOAD, BotApiStandIn, Call
 
 
@@ -107,7 +106,7 @@ async def test_photo_update_is_downloaded_and_answered_by_a_real_application() -
 
 
 async def test_command_edited_message_channel_post_and_document_reach_handlers(
-    botapi: BotApiStandIn,  # noqa: F811
+    botapi: BotApiStandIn,
 ) -> None:
     seen: list[str] = []
 
@@ -179,7 +178,7 @@ async def test_rate_limiter_retries_after_injected_429() -> None:
         assert len(api.sent_calls("sendMessage")) == 1
 
 
-async def test_callback_query_is_answered_and_message_edited(botapi: BotApiStandIn) -> None:  # noqa: F811
+async def test_callback_query_is_answered_and_message_edited(botapi: BotApiStandIn) -> None:
     async def on_button(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         query = update.callback_query
         await query.answer(text=f"got {query.data}")
@@ -215,7 +214,7 @@ def _bot(api: BotApiStandIn, token: str | None = None) -> Bot:
     return Bot(token or api.token, base_url=api.base_url, base_file_url=api.base_file_url)
 
 
-async def test_get_me_and_wrong_token(botapi: BotApiStandIn) -> None:  # noqa: F811
+async def test_get_me_and_wrong_token(botapi: BotApiStandIn) -> None:
     async with _bot(botapi) as bot:
         me = await bot.get_me()
         assert (me.id, me.username, me.is_bot) == (123, "labelgram_test_bot", True)
@@ -229,7 +228,7 @@ async def test_get_me_and_wrong_token(botapi: BotApiStandIn) -> None:  # noqa: F
     await app.bot.shutdown()  # a failed Application.initialize leaves PTB's HTTP clients open
 
 
-async def test_set_my_commands_is_stored_per_scope(botapi: BotApiStandIn) -> None:  # noqa: F811
+async def test_set_my_commands_is_stored_per_scope(botapi: BotApiStandIn) -> None:
     scope = BotCommandScopeChat(chat_id=77)
     async with _bot(botapi) as bot:
         assert await bot.set_my_commands([BotCommand("label", "Label a photo")], scope=scope)
@@ -247,7 +246,7 @@ async def test_set_my_commands_is_stored_per_scope(botapi: BotApiStandIn) -> Non
     assert botapi.commands({"type": "chat", "chat_id": 77}) == [{"command": "label", "description": "Label a photo"}]
 
 
-async def test_send_photo_upload_is_recorded_with_its_bytes(botapi: BotApiStandIn) -> None:  # noqa: F811
+async def test_send_photo_upload_is_recorded_with_its_bytes(botapi: BotApiStandIn) -> None:
     image = _png(320, 200, "blue")
     botapi.add_chat(9, username="bob")
     async with _bot(botapi) as bot:
@@ -278,7 +277,7 @@ async def test_send_photo_upload_is_recorded_with_its_bytes(botapi: BotApiStandI
     assert botapi.sent_calls("sendDocument")[0].params["document"] == b"a,b\n1,2\n"
 
 
-async def test_text_rules_parse_modes_edits_and_deletes(botapi: BotApiStandIn) -> None:  # noqa: F811
+async def test_text_rules_parse_modes_edits_and_deletes(botapi: BotApiStandIn) -> None:
     async with _bot(botapi) as bot:
         ok = await bot.send_message(3, r"*bold* and 0\.93", parse_mode=ParseMode.MARKDOWN_V2)
         assert ok.text == "bold and 0.93"
@@ -320,7 +319,7 @@ async def test_text_rules_parse_modes_edits_and_deletes(botapi: BotApiStandIn) -
 # ----------------------------------------------------------------------------------------------
 
 
-async def test_wire_formats_unknown_method_and_file_route(botapi: BotApiStandIn) -> None:  # noqa: F811
+async def test_wire_formats_unknown_method_and_file_route(botapi: BotApiStandIn) -> None:
     base = f"{botapi.base_url}{botapi.token}"
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{base}/sendMessage", json={"chat_id": 4, "text": "json"}) as r:
@@ -353,7 +352,7 @@ async def test_wire_formats_unknown_method_and_file_route(botapi: BotApiStandIn)
     assert [c.method for c in botapi.calls if not c.ok] == ["frobnicate", "getMe"]
 
 
-async def test_long_polling_offset_limit_and_allowed_updates(botapi: BotApiStandIn) -> None:  # noqa: F811
+async def test_long_polling_offset_limit_and_allowed_updates(botapi: BotApiStandIn) -> None:
     url = f"{botapi.base_url}{botapi.token}/getUpdates"
     async with aiohttp.ClientSession() as http:
 
@@ -398,7 +397,7 @@ async def test_long_polling_offset_limit_and_allowed_updates(botapi: BotApiStand
         assert first_poll["error_code"] == 409 and "terminated by other getUpdates" in first_poll["description"]
 
 
-async def test_webhook_is_recorded_and_blocks_get_updates(botapi: BotApiStandIn) -> None:  # noqa: F811
+async def test_webhook_is_recorded_and_blocks_get_updates(botapi: BotApiStandIn) -> None:
     botapi.push_update(botapi.make_text_update(2, 2, "queued"))
     async with _bot(botapi) as bot:
         assert await bot.set_webhook("https://example.org/hook", max_connections=5)
@@ -412,7 +411,7 @@ async def test_webhook_is_recorded_and_blocks_get_updates(botapi: BotApiStandIn)
     assert botapi.webhook is None and botapi.closed_calls == 1
 
 
-async def test_latency_injection_and_wait_for_helpers(botapi: BotApiStandIn) -> None:  # noqa: F811
+async def test_latency_injection_and_wait_for_helpers(botapi: BotApiStandIn) -> None:
     botapi.set_latency("getMe", 0.3)
     async with _bot(botapi) as bot:
         t0 = time.monotonic()

@@ -12,10 +12,7 @@ import pytest
 from model_store.backbones import Backbone
 from model_store.bottlenecks import PREPROCESSING_MODE, BottleneckCache, make_views, parse_view, view_name
 from model_store.images import decode_image, to_model_input
-from tests import modelstore_fixtures as fx
-from tests.modelstore_fixtures import CASES, clothing_photos
-
-backbone = fx.backbone  # the shared session fixture (the real shipped backbone)
+from tests.auxil.modelstore import CASES, clothing_photos
 
 #: two centre-crop scales and their mirror images (the default training views)
 VIEWS4 = ("crop875", "crop875-flip", "crop1000", "crop1000-flip")

@@ -10,8 +10,7 @@ import pytest
 
 from model_store.backbones import DEFAULT_BACKBONE
 from model_store.registry import ModelRegistry
-from tests import modelstore_fixtures as fx
-from tests.modelstore_fixtures import (
+from tests.auxil.modelstore import (
     CASES,
     CLOTHING,
     TrainedStore,
@@ -20,8 +19,6 @@ from tests.modelstore_fixtures import (
     json_lines,
     run_cli,
 )
-
-clothing_store_v2 = fx.clothing_store_v2  # shared session fixture
 
 STAGES = ["bottlenecks", "training", "evaluating", "saving"]
 

@@ -20,8 +20,9 @@ from telegram import Bot
 from bot.reports import fits_as_photo, send_report
 from bot.training_runner import TrainingOutcome
 from model_store.training import PLOT_MAX_LABELS, evaluate, most_confused, plot_confusion_matrix
+from tests.auxil import modelstore as fx
+from tests.auxil.bot_harness import ADMIN
 from tests.botapi_standin import BotApiStandIn
-from tests.conftest import ADMIN
 from tests.crafted_images import solid_png
 
 HOSTILE = ["price $5_$10", "a$^$b", "$", "$$", r"\frac{a}{b}", "_^", "x" * 300, "new\nline", "=cmd()", "Розы 👗"]
@@ -103,10 +104,6 @@ async def test_a_report_that_cannot_be_a_photo_is_sent_as_a_document(tmp_path: P
 
 
 # -------------------------------------------------------------------- a real training with them
-from tests import modelstore_fixtures as fx  # noqa: E402
-
-clothing_store = fx.clothing_store
-
 
 @pytest.mark.filterwarnings("ignore:Glyph .* missing from font")
 def test_a_training_with_labels_full_of_dollars_and_carets_succeeds(

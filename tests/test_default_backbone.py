@@ -13,7 +13,7 @@ from model_store.classifier import Classifier
 from model_store.images import decode_image
 from model_store.pipeline import retrain
 from model_store.workspace import Workspace
-from tests.modelstore_fixtures import clothing_photos, train_config
+from tests.auxil.modelstore import clothing_photos, train_config
 
 LABELS = ("shoes", "pants", "hat")
 

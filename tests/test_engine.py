@@ -25,11 +25,8 @@ from model_store.classifier import (
 from model_store.engine import EngineSettings, open_frozen
 from model_store.images import decode_image
 from model_store.pipeline import retrain
-from tests import modelstore_fixtures as fx
-from tests.modelstore_fixtures import TrainedStore, clothing_photos, copy_store
-
-backbone = fx.backbone
-clothing_store = fx.clothing_store
+from tests.auxil import modelstore as fx
+from tests.auxil.modelstore import TrainedStore, clothing_photos, copy_store
 
 TWO = EngineSettings("litert", 2)
 

@@ -41,14 +41,18 @@ from model_store.classifier import Classifier
 from model_store.dataset import ImageStore
 from model_store.images import decode_image
 from model_store.registry import ModelRegistry
-from tests.conftest import ADMIN, CLOTHING, ROOT, TRAIN_PER_LABEL, USER, bot_config, photos
-from tests.hardening_support import (
-    HardenedStandIn,
-    api_fixture,  # noqa: F401  (the api fixture)
-    catalog_matches_folders,
-    serving_bot,
+from tests.auxil.bot_harness import (
+    ADMIN,
+    CLOTHING,
+    ROOT,
+    TRAIN_PER_LABEL,
+    USER,
+    bot_config,
+    labels_in,
+    photos,
 )
-from tests.test_bot_classify import labels_in
+from tests.auxil.standin_extras import HardenedStandIn, serving_bot
+from tests.auxil.store_checks import catalog_matches_folders
 
 ADD_LOOP = """
 import sys

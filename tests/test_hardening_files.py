@@ -23,16 +23,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from tests.conftest import ADMIN, CASES, TRAIN_PER_LABEL, USER, bot_config, photos
-from tests.hardening_support import (
-    HardenedStandIn,
-    api_fixture,  # noqa: F401  (the api fixture)
+from tests.auxil.bot_harness import ADMIN, CASES, TRAIN_PER_LABEL, USER, bot_config, labels_in, photos
+from tests.auxil.standin_extras import HardenedStandIn
+from tests.auxil.store_checks import (
     assert_no_traceback,
     assert_store_contained,
     catalog_matches_folders,
     store_state,
 )
-from tests.test_bot_classify import labels_in
 
 MIME = {
     "jpg": "image/jpeg",
@@ -197,7 +195,7 @@ async def test_an_admin_adding_every_kind_of_file_stores_exactly_the_readable_on
 
 
 def _bot(api: HardenedStandIn, store: Path):
-    from tests.conftest import running_bot
+    from tests.auxil.bot_harness import running_bot
 
     # one user sends ~70 files in a row here: the per-user limits are lifted (they have their own tests)
     limits = {"photos_per_minute": 0, "messages_per_minute": 0, "min_free_disk_mb": 0}

@@ -33,10 +33,18 @@ from telegram.error import RetryAfter
 
 from bot.ratelimit import ChatRetryRateLimiter
 from model_store.dataset import ImageStore
+from tests.auxil.bot_harness import (
+    ADMIN,
+    ROOT,
+    TRAIN_PER_LABEL,
+    USER,
+    bot_config,
+    labels_in,
+    photos,
+    running_bot,
+)
+from tests.auxil.standin_extras import HardenedStandIn
 from tests.botapi_standin import Call
-from tests.conftest import ADMIN, ROOT, TRAIN_PER_LABEL, USER, bot_config, photos, running_bot
-from tests.hardening_support import HardenedStandIn, api_fixture  # noqa: F401  (the api fixture)
-from tests.test_bot_classify import labels_in
 
 #: how long the 50 chats keep sending (the issue's 60 s)
 LOAD_SECONDS = 60.0

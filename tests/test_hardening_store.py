@@ -41,9 +41,9 @@ from model_store.dataset import ImageStore
 from model_store.pipeline import retrain, training_lock
 from model_store.registry import ModelRegistry
 from model_store.workspace import Workspace
-from tests import modelstore_fixtures as fx
+from tests.auxil import modelstore as fx
+from tests.auxil.bot_harness import ADMIN, ROOT, bot_config, photos, running_bot
 from tests.botapi_standin import BotApiStandIn
-from tests.conftest import ADMIN, ROOT, bot_config, photos, running_bot
 
 
 # ------------------------------------------------------------------------------ helpers

@@ -27,8 +27,8 @@ from model_store.pipeline import retrain
 from model_store.registry import ModelRegistry
 from model_store.training import TRAINING, assign_split
 from model_store.workspace import Workspace
-from tests import modelstore_fixtures as fx
-from tests.modelstore_fixtures import (
+from tests.auxil import modelstore as fx
+from tests.auxil.modelstore import (
     BASE_CONFIG,
     CASES,
     PYTHON,
@@ -40,11 +40,6 @@ from tests.modelstore_fixtures import (
     copy_store,
     train_config,
 )
-
-# the shared session fixtures (real shipped backbone, trained stores)
-backbone = fx.backbone
-clothing_store = fx.clothing_store
-clothing_store_v2 = fx.clothing_store_v2
 
 STAGES = ["bottlenecks", "training", "evaluating", "saving"]
 
