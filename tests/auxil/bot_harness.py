@@ -25,7 +25,7 @@ from bot.config import Config
 from bot.services import SERVICES_KEY, Services
 from tests.botapi_standin import BotApiStandIn, Call
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"
 CLOTHING = DATA / "clothing"
 CASES = DATA / "cases"

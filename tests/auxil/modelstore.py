@@ -24,8 +24,8 @@ from model_store.pipeline import RetrainReport, retrain
 from model_store.training import TrainConfig
 from model_store.workspace import Workspace
 
-REPO = Path(__file__).resolve().parent.parent
-DATA = Path(__file__).resolve().parent / "data"
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / "tests" / "data"
 CLOTHING = DATA / "clothing"
 CASES = DATA / "cases"
 PYTHON = sys.executable
