@@ -44,6 +44,7 @@ def test_every_shipped_backbone_has_a_reference_fixture() -> None:
     assert set(SHIPPED_BACKBONES) == {p.stem for p in FIXTURES.glob("*.npy")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SHIPPED_BACKBONES))
 def test_shipped_backbone_reproduces_the_pytorch_reference_features(name: str) -> None:
     backbone = _shipped(name)
@@ -59,6 +60,7 @@ def test_shipped_backbone_reproduces_the_pytorch_reference_features(name: str) -
     assert np.abs(reference - reference.mean(axis=0)).max() > 100 * DEFAULT_ATOL
 
 
+@pytest.mark.slow
 def test_parity_check_rejects_a_slightly_perturbed_network() -> None:
     backbone = _shipped("efficientnet_lite0")
     reference = np.load(FIXTURES / "efficientnet_lite0.npy")

@@ -83,6 +83,7 @@ async def test_the_token_never_reaches_the_logs(
     assert any(r.levelno == logging.ERROR and "error while handling update" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 async def test_python_m_bot_run_answers_photos_and_stops_cleanly(
     tmp_path: Path, store_copy: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:

@@ -25,6 +25,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 async def test_webhook_mode_registers_its_url_and_answers_posted_updates(
     tmp_path: Path, store_copy: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:

@@ -163,6 +163,7 @@ async def test_command_edited_message_channel_post_and_document_reach_handlers(
     assert botapi.message(11, first["message"]["message_id"])["text"] == "fixed"
 
 
+@pytest.mark.slow
 async def test_rate_limiter_retries_after_injected_429() -> None:
     async with BotApiStandIn() as api:
         app = _builder(api).rate_limiter(AIORateLimiter(max_retries=2)).build()

@@ -227,6 +227,7 @@ def test_bytes_and_path_sources_give_the_same_bottleneck(
     np.testing.assert_allclose(from_bytes[0], feats[3], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_entries_are_namespaced_by_backbone_id(warm_cache, photo_items, backbone: Backbone) -> None:
     root, feats, _, _, _ = warm_cache
     other = Backbone(

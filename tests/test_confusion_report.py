@@ -46,6 +46,7 @@ def test_labels_with_mathtext_syntax_are_plotted_as_plain_text(tmp_path: Path) -
         assert im.format == "PNG" and im.width + im.height <= 10_000
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Glyph .* missing from font")
 def test_a_hundred_labels_give_a_bounded_picture_and_the_full_matrix_as_csv(tmp_path: Path) -> None:
     labels = [f"label {i}" for i in range(97)] + HOSTILE[:3]
@@ -105,6 +106,7 @@ async def test_a_report_that_cannot_be_a_photo_is_sent_as_a_document(tmp_path: P
 
 # -------------------------------------------------------------------- a real training with them
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Glyph .* missing from font")
 def test_a_training_with_labels_full_of_dollars_and_carets_succeeds(
     clothing_store: fx.TrainedStore, tmp_path: Path

@@ -7,6 +7,7 @@ proves the default works end to end with its own input size. Kept small: 3 label
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from model_store.backbones import DEFAULT_BACKBONE, SHIPPED_BACKBONES
 from model_store.classifier import Classifier
@@ -18,6 +19,7 @@ from tests.auxil.modelstore import clothing_photos, train_config
 LABELS = ("shoes", "pants", "hat")
 
 
+@pytest.mark.slow
 def test_retrain_promote_classify_on_the_default_backbone(tmp_path) -> None:
     assert DEFAULT_BACKBONE == "efficientnet_lite1" and DEFAULT_BACKBONE in SHIPPED_BACKBONES
     photos = clothing_photos()

@@ -113,6 +113,7 @@ def _catalog(root: Path) -> set[tuple[str, str]]:
         return set(conn.execute("SELECT sha256, label FROM images"))
 
 
+@pytest.mark.slow
 def test_sigkill_while_adding_images_loses_no_acknowledged_image(many_photos: list[Path], tmp_path: Path) -> None:
     root = tmp_path / "store"
     script = tmp_path / "add_loop.py"
@@ -298,6 +299,7 @@ async def test_power_cut_while_the_bot_writes_a_new_version(api: HardenedStandIn
     assert [p.name for p in registry.root.iterdir() if p.name.startswith(".tmp-")] == [], "prune removed the leftover"
 
 
+@pytest.mark.slow
 def test_sigkill_during_promotion_always_leaves_a_complete_serving_version(store_copy: Path, tmp_path: Path) -> None:
     registry = ModelRegistry(store_copy / "models")
     (first,) = registry.versions()

@@ -21,6 +21,7 @@ import io
 import random
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from tests.auxil.bot_harness import ADMIN, CASES, TRAIN_PER_LABEL, USER, bot_config, labels_in, photos
@@ -101,6 +102,7 @@ def is_refusal(text: str) -> bool:
     return not labels_in(text) and 10 < len(text) < 400 and text.rstrip().endswith((".", "!", ")"))
 
 
+@pytest.mark.slow
 async def test_a_user_sending_every_kind_of_file_gets_labels_or_a_sentence(api: HardenedStandIn, store_copy: Path) -> None:
     cases = all_cases()
     before = store_state(store_copy)
@@ -135,6 +137,7 @@ async def test_a_user_sending_every_kind_of_file_gets_labels_or_a_sentence(api: 
     assert store_state(store_copy) == before, "asking for labels never stores anything"
 
 
+@pytest.mark.slow
 async def test_an_admin_adding_every_kind_of_file_stores_exactly_the_readable_ones(
     api: HardenedStandIn, store_copy: Path, tmp_path: Path
 ) -> None:

@@ -98,6 +98,7 @@ async def _silent(api: HardenedStandIn, bot: Any, chat: int, mids: list[int], *,
         assert api.replies_to(chat, mid) == [], f"message {mid} in chat {chat} was answered"
 
 
+@pytest.mark.slow
 async def test_hostile_labels_typed_in_chat_are_accepted_cleanly_or_refused_clearly(
     api: HardenedStandIn, store_copy: Path, tmp_path: Path
 ) -> None:

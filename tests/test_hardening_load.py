@@ -312,6 +312,7 @@ async def test_a_user_flooding_commands_buttons_and_captions_is_cut_off_politely
     assert {i.name: i.count for i in ImageStore(store_copy).labels()} == {"pants": 6, "shoes": 6, "t-shirt": 6}
 
 
+@pytest.mark.slow
 async def test_the_rate_limiter_pauses_one_chat_or_everything_and_gives_up_after_its_retries() -> None:
     limiter = ChatRetryRateLimiter(overall_max_rate=0, overall_time_period=0, max_retries=1)
     calls: list[str] = []

@@ -155,6 +155,7 @@ async def test_the_floor_reached_in_the_middle_of_an_album(
     assert not [p for p in store_copy.rglob("*") if p.name.startswith(".tmp-")]
 
 
+@pytest.mark.slow
 def test_versions_and_bottleneck_cache_stay_within_their_limits(store_copy: Path) -> None:
     ws = Workspace(store_copy)
     registry = ws.registry

@@ -413,6 +413,7 @@ def test_gate_skips_test_images_deleted_during_the_training(tmp_path: Path) -> N
     assert result is not None and result["images"] == 0 and result["current_accuracy"] is None
 
 
+@pytest.mark.slow
 async def test_scheduled_training_skips_quietly_while_a_cli_retrain_holds_the_store(
     botapi: BotApiStandIn, tmp_path: Path
 ) -> None:

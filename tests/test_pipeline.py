@@ -121,6 +121,7 @@ def test_retrain_reports_progress_in_stage_order(clothing_store: TrainedStore) -
     assert events[-1] == ("saving", 1, 1)
 
 
+@pytest.mark.slow
 def test_classifier_serves_the_trained_model(clothing_store: TrainedStore) -> None:
     ws = Workspace(clothing_store.root)
     clf = Classifier(ws.registry)
@@ -230,6 +231,7 @@ def test_second_retrain_reuses_every_bottleneck(clothing_store_v2: TrainedStore)
     _assert_versions_complete(ws)
 
 
+@pytest.mark.slow
 def test_gate_accuracy_floor_refuses_and_the_old_model_keeps_serving(
     clothing_store: TrainedStore, tmp_path: Path
 ) -> None:
@@ -255,6 +257,7 @@ def test_gate_accuracy_floor_refuses_and_the_old_model_keeps_serving(
     assert clf.classify([_shoes_photo().read_bytes()], top_k=1)[0][0][0] == "shoes"
 
 
+@pytest.mark.slow
 def test_gate_accuracy_drop_refuses_with_the_comparison_in_the_reason(
     clothing_store: TrainedStore, tmp_path: Path
 ) -> None:
@@ -304,6 +307,7 @@ def test_rollback_is_picked_up_by_a_running_classifier(
     assert _pointer(ws) == {"version": v2, "history": [v1]}
 
 
+@pytest.mark.slow
 def test_prune_keeps_keep_versions_plus_the_rollback_target(
     clothing_store_v2: TrainedStore, tmp_path: Path
 ) -> None:
@@ -326,6 +330,7 @@ def test_prune_keeps_keep_versions_plus_the_rollback_target(
     _assert_versions_complete(ws)
 
 
+@pytest.mark.slow
 def test_an_unreadable_file_placed_by_hand_is_skipped_and_reported(
     clothing_store: TrainedStore, tmp_path: Path
 ) -> None:
