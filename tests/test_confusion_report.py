@@ -22,8 +22,8 @@ from bot.training_runner import TrainingOutcome
 from model_store.training import PLOT_MAX_LABELS, evaluate, most_confused, plot_confusion_matrix
 from tests.auxil import modelstore as fx
 from tests.auxil.bot_harness import ADMIN
+from tests.auxil.crafted_images import solid_png
 from tests.botapi_standin import BotApiStandIn
-from tests.crafted_images import solid_png
 
 HOSTILE = ["price $5_$10", "a$^$b", "$", "$$", r"\frac{a}{b}", "_^", "x" * 300, "new\nline", "=cmd()", "Розы 👗"]
 

@@ -32,7 +32,7 @@ from model_store.images import (
     decode_image,
     sniff_extension,
 )
-from tests.crafted_images import animated_webp, solid_jpeg, solid_png, striped_tiff, tiled_tiff
+from tests.auxil.crafted_images import animated_webp, solid_jpeg, solid_png, striped_tiff, tiled_tiff
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024
@@ -243,7 +243,7 @@ def test_avifs_with_alpha_and_image_sequences_still_decode() -> None:
 _PEAK_SCRIPT = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
-from tests.crafted_images import animated_webp, solid_jpeg, solid_png, striped_tiff, tiled_tiff
+from tests.auxil.crafted_images import animated_webp, solid_jpeg, solid_png, striped_tiff, tiled_tiff
 from model_store.images import DECODE_BUDGET, decode_image
 from model_store.errors import ImageDecodeError
 import io

@@ -1,6 +1,6 @@
 """A full retrain -> promote -> classify on the shipped default backbone (EfficientNet-Lite1, 240x240).
 
-The other pipeline tests use the fast shipped Lite0 (``tests.modelstore_fixtures``); this one
+The other pipeline tests use the fast shipped Lite0 (``tests.auxil.modelstore``); this one
 proves the default works end to end with its own input size. Kept small: 3 labels x 6 photos.
 """
 

@@ -1,7 +1,7 @@
 """End to end: retrain -> version on disk -> gate -> promote -> classify; rollback, prune, failures, crashes.
 
 Real TensorFlow, the shipped backbone, the 80 clothing photos. The trained stores come from
-``tests.modelstore_fixtures`` (built once per session, read-only); tests that change a store work on
+``tests.auxil.modelstore`` (built once per session, read-only); tests that change a store work on
 a copy.
 """
 

@@ -8,4 +8,5 @@ Modules here are plain Python (constants, builders, checks): import from them. F
 * :mod:`tests.auxil.standin_extras`: the Bot API stand-in with a download log and per-chat
   failures, and update builders for unusual senders.
 * :mod:`tests.auxil.store_checks`: the store as seen from outside, and what the bot said.
+* :mod:`tests.auxil.crafted_images`: hostile and huge image files made on the fly.
 """

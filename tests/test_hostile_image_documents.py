@@ -23,8 +23,8 @@ import psutil
 import pytest
 
 from tests.auxil.bot_harness import ADMIN, ROOT, labels_in
+from tests.auxil.crafted_images import animated_webp, solid_jpeg, solid_png
 from tests.auxil.standin_extras import HardenedStandIn
-from tests.crafted_images import animated_webp, solid_jpeg, solid_png
 
 #: the issue's functional limits
 RSS_LIMIT_MB = 1500
