@@ -24,11 +24,17 @@ Wire format notes (what PTB really sends):
 
 * PTB posts ``application/x-www-form-urlencoded`` bodies in which every non-string value is
   JSON-encoded (``chat_id=5``, ``reply_parameters={"message_id": 3}``) while strings are sent raw,
-  and ``multipart/form-data`` when a file is uploaded. JSON bodies and GET query strings are
-  accepted too. The stand-in decodes form values per parameter name, like the real server does.
+  and ``multipart/form-data`` when a file is uploaded (the only bodies the stand-in reads). It
+  decodes form values per parameter name, like the real server does.
 * PTB v22 always sends ``reply_parameters`` (it converts ``reply_to_message_id`` itself).
 * Method names are case-insensitive, as on the real server; calls are recorded under their
   canonical spelling (``sendMessage``).
+
+Scope: the Bot API methods and parameters the bot and PTB's ``Application`` use (polling, webhook
+registration, commands, plain-text messages with inline keyboards, photo and document uploads,
+chat actions, callback answers and edits, file downloads), with the real server's checks on them.
+No ``parse_mode`` / ``entities`` emulation (the bot sends plain text): a call using them fails with
+400, so a change that starts using them shows up here instead of passing unchecked.
 
 This module deliberately does not import pytest: benchmarks import it as well.
 """
@@ -39,7 +45,6 @@ import asyncio
 import contextlib
 import copy
 import hashlib
-import html
 import io
 import itertools
 import json
@@ -57,11 +62,7 @@ __all__ = [
     "Call",
     "StoredFile",
     "UploadedFile",
-    "FILE_DOWNLOAD",
 ]
-
-#: Pseudo method name for ``set_latency`` / ``fail_next`` that targets file downloads.
-FILE_DOWNLOAD = "file"
 
 _MAX_GET_FILE_SIZE = 20 * 1024 * 1024  # getFile refuses files above 20 MB on the real server
 _MAX_UPLOAD_SIZE = 50 * 1024 * 1024
@@ -74,76 +75,15 @@ _STRING_PARAMS = frozenset(
     {
         "text",
         "caption",
-        "parse_mode",
         "callback_query_id",
         "action",
         "url",
-        "language_code",
-        "inline_message_id",
         "secret_token",
         "ip_address",
-        "business_connection_id",
-        "message_effect_id",
+        "language_code",
         "file_id",
         "photo",
         "document",
-        "audio",
-        "video",
-        "voice",
-        "animation",
-        "video_note",
-        "sticker",
-        "thumbnail",
-        "certificate",
-        "emoji",
-        "title",
-        "description",
-        "short_description",
-        "name",
-        "query",
-        "data",
-        "address",
-        "first_name",
-        "last_name",
-        "vcard",
-        "phone_number",
-        "question",
-        "explanation",
-        "payload",
-        "provider_token",
-        "currency",
-        "start_parameter",
-        "foursquare_id",
-        "foursquare_type",
-        "google_place_id",
-        "google_place_type",
-        "custom_emoji_id",
-        "file_name",
-    }
-)
-
-_DEFAULT_UPDATE_TYPES = frozenset(
-    {
-        "message",
-        "edited_message",
-        "channel_post",
-        "edited_channel_post",
-        "business_connection",
-        "business_message",
-        "edited_business_message",
-        "deleted_business_messages",
-        "inline_query",
-        "chosen_inline_result",
-        "callback_query",
-        "shipping_query",
-        "pre_checkout_query",
-        "purchased_paid_media",
-        "poll",
-        "poll_answer",
-        "my_chat_member",
-        "chat_join_request",
-        "chat_boost",
-        "removed_chat_boost",
     }
 )
 
@@ -218,7 +158,6 @@ class Call:
     error_code: int | None = None
     description: str | None = None
     files: dict[str, UploadedFile] = field(default_factory=dict)
-    http_method: str = "POST"
 
     @property
     def chat_id(self) -> int | str | None:
@@ -240,10 +179,6 @@ class _ApiError(Exception):
         self.code = code
         self.description = description
         self.parameters = parameters
-
-
-class _EntityError(Exception):
-    pass
 
 
 @dataclass
@@ -269,10 +204,6 @@ class _Waiter:
 
 def _u16(s: str) -> int:
     return len(s.encode("utf-16-le")) // 2
-
-
-def _byte_offset(text: str, index: int) -> int:
-    return len(text[:index].encode("utf-8"))
 
 
 def _norm_chat_id(value: Any) -> int | str | None:
@@ -346,352 +277,11 @@ def _thumbnail(data: bytes) -> tuple[bytes, int, int] | None:
         return None
 
 
-# ----------------------------------------------------------------------------------------------
-# parse_mode handling (HTML, MarkdownV2, legacy Markdown) -> (plain text, entities)
-# ----------------------------------------------------------------------------------------------
-
-
-class _TextBuilder:
-    def __init__(self) -> None:
-        self.parts: list[str] = []
-        self.u16 = 0
-        self.entities: list[dict[str, Any]] = []
-
-    def add(self, s: str) -> None:
-        self.parts.append(s)
-        self.u16 += _u16(s)
-
-    def entity(self, etype: str, start: int, **extra: Any) -> None:
-        length = self.u16 - start
-        if length > 0:
-            ent: dict[str, Any] = {"type": etype, "offset": start, "length": length}
-            ent.update({k: v for k, v in extra.items() if v is not None})
-            self.entities.append(ent)
-
-    def result(self) -> tuple[str, list[dict[str, Any]]]:
-        ents = sorted(self.entities, key=lambda e: (e["offset"], -e["length"]))
-        return "".join(self.parts), ents
-
-
-_HTML_TAGS = {
-    "b": "bold",
-    "strong": "bold",
-    "i": "italic",
-    "em": "italic",
-    "u": "underline",
-    "ins": "underline",
-    "s": "strikethrough",
-    "strike": "strikethrough",
-    "del": "strikethrough",
-    "tg-spoiler": "spoiler",
-    "span": "spoiler",
-    "a": "text_link",
-    "code": "code",
-    "pre": "pre",
-    "blockquote": "blockquote",
-    "tg-emoji": "custom_emoji",
-}
-_HTML_ATTR_RE = re.compile(r"""([a-zA-Z_-]+)(?:\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>]+)))?""")
-_HTML_ENTITY_RE = re.compile(r"&(#[0-9]+|#[xX][0-9a-fA-F]+|[a-zA-Z]+);")
-
-
-def _parse_html(text: str) -> tuple[str, list[dict[str, Any]]]:
-    b = _TextBuilder()
-    stack: list[tuple[str, int, dict[str, str]]] = []
-    i, n = 0, len(text)
-    while i < n:
-        ch = text[i]
-        if ch == "<":
-            j = text.find(">", i)
-            if j < 0:
-                raise _EntityError(f"Unclosed start tag at byte offset {_byte_offset(text, i)}")
-            inner = text[i + 1 : j]
-            if inner.startswith("/"):
-                name = inner[1:].strip().lower()
-                if not stack:
-                    raise _EntityError(f"Unexpected end tag at byte offset {_byte_offset(text, i)}")
-                tag, start, attrs = stack.pop()
-                if name != tag:
-                    raise _EntityError(
-                        f'Unmatched end tag at byte offset {_byte_offset(text, i)}, expected "</{tag}>", '
-                        f'found "</{name}>"'
-                    )
-                _close_html_tag(b, stack, tag, start, attrs)
-            else:
-                m = re.match(r"[a-zA-Z][a-zA-Z0-9-]*", inner)
-                name = m.group(0).lower() if m else inner.split(" ")[0]
-                if name not in _HTML_TAGS:
-                    raise _EntityError(
-                        f'Unsupported start tag "{name}" at byte offset {_byte_offset(text, i)}'
-                    )
-                attrs = {}
-                for am in _HTML_ATTR_RE.finditer(inner[len(name) :]):
-                    value = next((g for g in am.groups()[1:] if g is not None), "")
-                    attrs[am.group(1).lower()] = html.unescape(value)
-                if name == "span" and attrs.get("class") != "tg-spoiler":
-                    raise _EntityError(
-                        f'Tag "span" must have class "tg-spoiler" at byte offset {_byte_offset(text, i)}'
-                    )
-                stack.append((name, b.u16, attrs))
-            i = j + 1
-            continue
-        if ch == "&":
-            m = _HTML_ENTITY_RE.match(text, i)
-            if m:
-                b.add(html.unescape(m.group(0)))
-                i = m.end()
-                continue
-        b.add(ch)
-        i += 1
-    if stack:
-        raise _EntityError(f'Can\'t find end tag corresponding to start tag "{stack[-1][0]}"')
-    return b.result()
-
-
-def _close_html_tag(
-    b: _TextBuilder,
-    stack: list[tuple[str, int, dict[str, str]]],
-    tag: str,
-    start: int,
-    attrs: dict[str, str],
-) -> None:
-    etype = _HTML_TAGS[tag]
-    if tag == "code" and stack and stack[-1][0] == "pre":
-        lang = attrs.get("class", "")
-        if lang.startswith("language-"):
-            stack[-1][2]["_language"] = lang[len("language-") :]
-            return
-    if tag == "pre":
-        b.entity("pre", start, language=attrs.get("_language"))
-    elif tag == "a":
-        href = attrs.get("href")
-        if not href:
-            return
-        m = re.fullmatch(r"tg://user\?id=(\d+)", href)
-        if m:
-            b.entity("text_mention", start, user={"id": int(m.group(1)), "is_bot": False, "first_name": ""})
-        else:
-            b.entity("text_link", start, url=href)
-    elif tag == "blockquote":
-        b.entity("expandable_blockquote" if "expandable" in attrs else "blockquote", start)
-    elif tag == "tg-emoji":
-        b.entity("custom_emoji", start, custom_emoji_id=attrs.get("emoji-id"))
-    else:
-        b.entity(etype, start)
-
-
-_MDV2_RESERVED = frozenset("_*[]()~`>#+-=|{}.!")
-_MDV2_NAMES = {
-    "bold": "Bold",
-    "italic": "Italic",
-    "underline": "Underline",
-    "strikethrough": "Strikethrough",
-    "spoiler": "Spoiler",
-    "text_link": "TextUrl",
-    "custom_emoji": "CustomEmoji",
-    "blockquote": "BlockQuote",
-}
-
-
-def _find_unescaped(text: str, token: str, start: int) -> int:
-    i = start
-    while i < len(text):
-        if text[i] == "\\":
-            i += 2
-            continue
-        if text.startswith(token, i):
-            return i
-        i += 1
-    return -1
-
-
-def _unescape_md(s: str) -> str:
-    return re.sub(r"\\([\x01-\x7e])", r"\1", s)
-
-
-def _parse_markdown_v2(text: str) -> tuple[str, list[dict[str, Any]]]:
-    b = _TextBuilder()
-    stack: list[tuple[str, int, int]] = []  # (entity type, utf-16 offset, byte offset)
-    i, n = 0, len(text)
-    line_start = True
-
-    def toggle(etype: str, at: int) -> None:
-        if stack and stack[-1][0] == etype:
-            _, start, _ = stack.pop()
-            b.entity(etype, start)
-        elif any(s[0] == etype for s in stack):
-            raise _EntityError(
-                f"Can't find end of {_MDV2_NAMES[etype]} entity at byte offset {_byte_offset(text, at)}"
-            )
-        else:
-            stack.append((etype, b.u16, _byte_offset(text, at)))
-
-    while i < n:
-        ch = text[i]
-        if ch == "\\" and i + 1 < n and 0 < ord(text[i + 1]) <= 126:
-            b.add(text[i + 1])
-            i += 2
-            line_start = False
-            continue
-        if ch == "`":
-            if text.startswith("```", i):
-                end = _find_unescaped(text, "```", i + 3)
-                if end < 0:
-                    raise _EntityError(f"Can't find end of Pre entity at byte offset {_byte_offset(text, i)}")
-                body = text[i + 3 : end]
-                lang = None
-                nl = body.find("\n")
-                if nl > 0 and not any(c.isspace() for c in body[:nl]):
-                    lang, body = body[:nl], body[nl + 1 :]
-                start = b.u16
-                b.add(_unescape_md(body))
-                b.entity("pre", start, language=lang)
-                i = end + 3
-            else:
-                end = _find_unescaped(text, "`", i + 1)
-                if end < 0:
-                    raise _EntityError(
-                        f"Can't find end of Code entity at byte offset {_byte_offset(text, i)}"
-                    )
-                start = b.u16
-                b.add(_unescape_md(text[i + 1 : end]))
-                b.entity("code", start)
-                i = end + 1
-            line_start = False
-            continue
-        if ch == "_" and text.startswith("__", i):
-            toggle("underline", i)
-            i += 2
-            continue
-        if ch == "|" and text.startswith("||", i):
-            toggle("spoiler", i)
-            i += 2
-            continue
-        if ch in "_*~":
-            toggle({"_": "italic", "*": "bold", "~": "strikethrough"}[ch], i)
-            i += 1
-            continue
-        if ch == "[" or (ch == "!" and text.startswith("![", i)):
-            etype = "text_link" if ch == "[" else "custom_emoji"
-            stack.append((etype, b.u16, _byte_offset(text, i)))
-            i += 1 if ch == "[" else 2
-            line_start = False
-            continue
-        if ch == "]" and stack and stack[-1][0] in ("text_link", "custom_emoji"):
-            if i + 1 >= n or text[i + 1] != "(":
-                raise _EntityError(
-                    f"Can't find end of {_MDV2_NAMES[stack[-1][0]]} entity at byte offset {stack[-1][2]}"
-                )
-            end = _find_unescaped(text, ")", i + 2)
-            if end < 0:
-                raise _EntityError(f"Can't find end of a URL at byte offset {_byte_offset(text, i + 1)}")
-            target = _unescape_md(text[i + 2 : end])
-            etype, start, _ = stack.pop()
-            if etype == "text_link":
-                b.entity("text_link", start, url=target)
-            else:
-                m = re.search(r"id=(\d+)", target)
-                b.entity("custom_emoji", start, custom_emoji_id=m.group(1) if m else target)
-            i = end + 1
-            continue
-        if ch == ">" and line_start:
-            if not (stack and stack[-1][0] == "blockquote"):
-                stack.append(("blockquote", b.u16, _byte_offset(text, i)))
-            i += 1
-            line_start = False
-            continue
-        if ch == "\n":
-            if stack and stack[-1][0] == "blockquote" and not text.startswith(">", i + 1):
-                _, start, _ = stack.pop()
-                b.entity("blockquote", start)
-            b.add("\n")
-            i += 1
-            line_start = True
-            continue
-        if ch in _MDV2_RESERVED:
-            raise _EntityError(f"Character '{ch}' is reserved and must be escaped with the preceding '\\'")
-        b.add(ch)
-        i += 1
-        line_start = False
-    if stack and stack[-1][0] == "blockquote":
-        _, start, _ = stack.pop()
-        b.entity("blockquote", start)
-    if stack:
-        etype, _, at = stack[-1]
-        raise _EntityError(f"Can't find end of {_MDV2_NAMES[etype]} entity at byte offset {at}")
-    return b.result()
-
-
-def _parse_markdown(text: str) -> tuple[str, list[dict[str, Any]]]:
-    b = _TextBuilder()
-    i, n = 0, len(text)
-    while i < n:
-        ch = text[i]
-        if ch == "\\" and i + 1 < n and text[i + 1] in "_*`[":
-            b.add(text[i + 1])
-            i += 2
-            continue
-        if ch in "*_" or ch == "`":
-            token = "```" if text.startswith("```", i) else ch
-            end = text.find(token, i + len(token))
-            if end < 0:
-                raise _EntityError(
-                    f"Can't find end of the entity starting at byte offset {_byte_offset(text, i)}"
-                )
-            body = text[i + len(token) : end]
-            lang = None
-            if token == "```":
-                nl = body.find("\n")
-                if nl > 0 and not any(c.isspace() for c in body[:nl]):
-                    lang, body = body[:nl], body[nl + 1 :]
-            start = b.u16
-            b.add(body)
-            etype = {"*": "bold", "_": "italic", "`": "code", "```": "pre"}[token]
-            b.entity(etype, start, language=lang)
-            i = end + len(token)
-            continue
-        if ch == "[":
-            close = text.find("]", i + 1)
-            if close < 0:
-                raise _EntityError(
-                    f"Can't find end of the entity starting at byte offset {_byte_offset(text, i)}"
-                )
-            start = b.u16
-            b.add(text[i + 1 : close])
-            if close + 1 < n and text[close + 1] == "(":
-                url_end = text.find(")", close + 2)
-                if url_end < 0:
-                    raise _EntityError(
-                        f"Can't find end of a URL at byte offset {_byte_offset(text, close + 1)}"
-                    )
-                b.entity("text_link", start, url=text[close + 2 : url_end])
-                i = url_end + 1
-            else:
-                i = close + 1
-            continue
-        b.add(ch)
-        i += 1
-    return b.result()
-
-
-def _render_text(text: str, parse_mode: Any, entities: Any) -> tuple[str, list[dict[str, Any]] | None]:
-    """Apply ``parse_mode`` like the real server: strip markup, return text and entities."""
-    if parse_mode in (None, ""):
-        ents = entities if isinstance(entities, list) and entities else None
-        return text, ents
-    mode = str(parse_mode).lower()
-    try:
-        if mode == "html":
-            out, ents = _parse_html(text)
-        elif mode == "markdownv2":
-            out, ents = _parse_markdown_v2(text)
-        elif mode == "markdown":
-            out, ents = _parse_markdown(text)
-        else:
-            raise _ApiError(400, f"Bad Request: unsupported parse_mode {parse_mode}")
-    except _EntityError as exc:
-        raise _ApiError(400, f"Bad Request: can't parse entities: {exc}") from None
-    return out, (ents or None)
+def _plain_text(params: dict[str, Any], *formatting: str) -> None:
+    """Refuse formatting the stand-in does not emulate (the bot sends plain text)."""
+    for name in ("parse_mode", *formatting):
+        if params.get(name) not in (None, "", []):
+            raise _ApiError(400, f"Bad Request: the stand-in does not emulate {name}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -718,10 +308,9 @@ class BotApiStandIn:
         host / port: where to listen; ``port=0`` picks a free port (read ``.port`` after start).
         bot_username / bot_first_name: what ``getMe`` reports.
         first_update_id: the first ``update_id`` handed out by ``push_update``.
-        auto_create_chats: if true, sending to a never-seen chat id creates it (private chat for
-            positive ids, supergroup for negative ones); if false it is 400 "chat not found".
-        latency: initial per-method artificial latency in seconds (``"*"`` = every method,
-            ``FILE_DOWNLOAD`` = file downloads).
+
+    Sending to a never-seen chat id creates it (private chat for positive ids, supergroup for
+    negative ones).
     """
 
     def __init__(
@@ -733,8 +322,6 @@ class BotApiStandIn:
         bot_username: str = "labelgram_test_bot",
         bot_first_name: str = "Labelgram Test",
         first_update_id: int = 100_000,
-        auto_create_chats: bool = True,
-        latency: dict[str, float] | None = None,
     ) -> None:
         self.token = token
         self.host = host
@@ -748,18 +335,16 @@ class BotApiStandIn:
             "first_name": bot_first_name,
             "username": bot_username,
         }
-        self.auto_create_chats = auto_create_chats
 
         self._lock = threading.RLock()
         self.sent: list[Call] = []  # successful calls, except getUpdates
         self.calls: list[Call] = []  # every request, including failures and getUpdates
         self.pushed_at: dict[int, float] = {}  # update_id -> time.monotonic() of push_update
         self.webhook: dict[str, Any] | None = None
-        self.closed_calls = 0
 
         self._updates: list[dict[str, Any]] = []
         self._next_update_id = first_update_id
-        self._allowed_updates: frozenset[str] = _DEFAULT_UPDATE_TYPES
+        self._allowed_updates: frozenset[str] | None = None  # None: every update type
         self._poll_generation = 0
 
         self._files: dict[str, StoredFile] = {}
@@ -772,7 +357,6 @@ class BotApiStandIn:
         self._callback_counter = itertools.count(1)
         self._commands: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._failures: dict[str, list[_Failure]] = {}
-        self._latency: dict[str, float] = {k.lower(): v for k, v in (latency or {}).items()}
         self._waiters: list[_Waiter] = []
 
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -787,10 +371,7 @@ class BotApiStandIn:
             ("getUpdates", self._m_get_updates),
             ("setWebhook", self._m_set_webhook),
             ("deleteWebhook", self._m_delete_webhook),
-            ("getWebhookInfo", self._m_get_webhook_info),
             ("setMyCommands", self._m_set_my_commands),
-            ("getMyCommands", self._m_get_my_commands),
-            ("deleteMyCommands", self._m_delete_my_commands),
             ("sendMessage", self._m_send_message),
             ("sendPhoto", self._m_send_photo),
             ("sendDocument", self._m_send_document),
@@ -798,10 +379,7 @@ class BotApiStandIn:
             ("editMessageText", self._m_edit_message_text),
             ("editMessageReplyMarkup", self._m_edit_message_reply_markup),
             ("answerCallbackQuery", self._m_answer_callback_query),
-            ("deleteMessage", self._m_delete_message),
             ("getFile", self._m_get_file),
-            ("close", self._m_close),
-            ("logOut", self._m_log_out),
         ):
             self._methods[name.lower()] = (name, fn)
 
@@ -818,21 +396,8 @@ class BotApiStandIn:
         return f"http://{self.host}:{self.port}/file/bot"
 
     @property
-    def supported_methods(self) -> list[str]:
-        """The Bot API methods implemented (canonical spelling; lookup is case-insensitive)."""
-        return [name for name, _ in self._methods.values()]
-
-    @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
-
-    def application_builder(self) -> Any:
-        """A PTB ``ApplicationBuilder`` already pointed at this stand-in (token and both URLs)."""
-        from telegram.ext import Application
-
-        return (
-            Application.builder().token(self.token).base_url(self.base_url).base_file_url(self.base_file_url)
-        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -844,7 +409,7 @@ class BotApiStandIn:
         self._wakeup = self._loop.create_future()
         self._closing = False
         app = web.Application(client_max_size=_MAX_UPLOAD_SIZE + 1024 * 1024)
-        app.router.add_route("*", "/bot{token}/{method}", self._handle_method)
+        app.router.add_route("POST", "/bot{token}/{method}", self._handle_method)
         app.router.add_route("GET", "/file/bot{token}/{file_path:.+}", self._handle_file)
         runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0, access_log=None)
         await runner.setup()
@@ -983,15 +548,7 @@ class BotApiStandIn:
                 _Failure(error_code, description, parameters, count)
             )
 
-    def set_latency(self, method: str, seconds: float) -> None:
-        """Delay responses of ``method`` (``"*"`` = all methods, ``FILE_DOWNLOAD`` = downloads)."""
-        with self._lock:
-            if seconds <= 0:
-                self._latency.pop(method.lower(), None)
-            else:
-                self._latency[method.lower()] = seconds
-
-    def add_chat(
+    def _add_chat(
         self,
         chat_id: int,
         *,
@@ -1013,31 +570,6 @@ class BotApiStandIn:
         return copy.deepcopy(chat)
 
     # ------------------------------------------------------------------ test-side: files
-
-    def add_file(
-        self,
-        data: bytes,
-        *,
-        file_unique_id: str | None = None,
-        file_path: str | None = None,
-        file_size: int | None = None,
-        kind: str = "documents",
-        extension: str | None = None,
-    ) -> tuple[str, str]:
-        """Register downloadable bytes; returns ``(file_id, file_path)``.
-
-        ``file_size`` overrides the size reported by ``getFile`` (e.g. claim 25 MB without
-        storing it; getFile then refuses with "file is too big" like the real server).
-        """
-        stored = self._store_file(
-            data,
-            file_unique_id=file_unique_id,
-            file_path=file_path,
-            file_size=file_size,
-            kind=kind,
-            extension=extension,
-        )
-        return stored.file_id, stored.file_path
 
     def _store_file(
         self,
@@ -1115,7 +647,7 @@ class BotApiStandIn:
         with self._lock:
             chat = self._chats.get(chat_id)
             if chat is None or chat.get("type") != chat_type:
-                chat = self.add_chat(
+                chat = self._add_chat(
                     chat_id, chat_type=chat_type, username=username if chat_type == "private" else None
                 )
             return copy.deepcopy(chat)
@@ -1342,7 +874,7 @@ class BotApiStandIn:
         with self._lock:
             chat = self._chats.get(chat_id)
         if chat is None or chat.get("type") != "channel":
-            chat = self.add_chat(chat_id, chat_type="channel", title=title, username=username)
+            chat = self._add_chat(chat_id, chat_type="channel", title=title, username=username)
         msg: dict[str, Any] = {
             "message_id": self._next_message_id(chat_id),
             "sender_chat": copy.deepcopy(chat),
@@ -1552,20 +1084,10 @@ class BotApiStandIn:
         return self._json_response(payload, status=err.code)
 
     async def _read_params(self, request: web.Request) -> tuple[dict[str, Any], dict[str, UploadedFile]]:
-        params: dict[str, Any] = {k: _decode_form_value(k, v) for k, v in request.query.items()}
+        """The form fields (PTB posts url-encoded forms, multipart ones when it uploads a file)."""
+        params: dict[str, Any] = {}
         files: dict[str, UploadedFile] = {}
-        if not request.body_exists:
-            return params, files
-        ctype = request.content_type
-        if ctype == "application/json":
-            try:
-                body = await request.json()
-            except ValueError:
-                raise _ApiError(400, "Bad Request: can't parse JSON") from None
-            if not isinstance(body, dict):
-                raise _ApiError(400, "Bad Request: JSON body must be an object")
-            params.update(body)
-        elif ctype in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        if request.body_exists and request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
             form = await request.post()
             for key, value in form.items():
                 if isinstance(value, web.FileField):
@@ -1579,17 +1101,11 @@ class BotApiStandIn:
         with self._lock:
             return _consume_failure(self._failures.get(method_key))
 
-    async def _apply_latency(self, method_key: str) -> None:
-        with self._lock:
-            delay = self._latency.get(method_key, self._latency.get("*", 0.0))
-        if delay > 0:
-            await asyncio.sleep(delay)
-
     async def _handle_method(self, request: web.Request) -> web.Response:
         received = time.monotonic()
         raw_method = request.match_info["method"]
         canonical, handler = self._methods.get(raw_method.lower(), (raw_method, None))
-        call = Call(method=canonical, params={}, timestamp=received, http_method=request.method)
+        call = Call(method=canonical, params={}, timestamp=received)
         try:
             if request.match_info["token"] != self.token:
                 raise _ApiError(401, "Unauthorized")
@@ -1599,10 +1115,6 @@ class BotApiStandIn:
             call.params, call.files = params, files
             for name, up in files.items():
                 params[name] = up.data
-            for name, value in list(params.items()):  # attach://name references
-                if isinstance(value, str) and value.startswith("attach://") and value[9:] in files:
-                    params[name] = files[value[9:]].data
-            await self._apply_latency(canonical.lower())
             failure = self._take_failure(canonical.lower())
             if failure is not None:
                 raise failure
@@ -1620,10 +1132,6 @@ class BotApiStandIn:
     async def _handle_file(self, request: web.Request) -> web.Response:
         if request.match_info["token"] != self.token:
             return self._error_response(_ApiError(401, "Unauthorized"))
-        await self._apply_latency(FILE_DOWNLOAD)
-        failure = self._take_failure(FILE_DOWNLOAD)
-        if failure is not None:
-            return self._error_response(failure)
         with self._lock:
             stored = self._files_by_path.get(request.match_info["file_path"])
         if stored is None:
@@ -1634,20 +1142,12 @@ class BotApiStandIn:
 
     def _chat(self, chat_ref: Any) -> dict[str, Any]:
         chat_id = _norm_chat_id(chat_ref)
-        if chat_id is None or chat_id == "":
-            raise _ApiError(400, "Bad Request: chat_id is empty")
+        if not isinstance(chat_id, int):
+            raise _ApiError(400, "Bad Request: chat not found")  # the bot only sends to numeric ids
         with self._lock:
-            if isinstance(chat_id, str):
-                wanted = chat_id.lstrip("@").lower()
-                for chat in self._chats.values():
-                    if str(chat.get("username", "")).lower() == wanted:
-                        return copy.deepcopy(chat)
-                raise _ApiError(400, "Bad Request: chat not found")
             chat = self._chats.get(chat_id)
             if chat is None:
-                if not self.auto_create_chats:
-                    raise _ApiError(400, "Bad Request: chat not found")
-                chat = self.add_chat(chat_id, chat_type="private" if chat_id > 0 else "supergroup")
+                chat = self._add_chat(chat_id, chat_type="private" if chat_id > 0 else "supergroup")
             return copy.deepcopy(chat)
 
     @staticmethod
@@ -1664,18 +1164,7 @@ class BotApiStandIn:
             raise _ApiError(
                 400, 'Bad Request: field "inline_keyboard" of the InlineKeyboardMarkup must be an Array'
             )
-        actions = (
-            "url",
-            "callback_data",
-            "web_app",
-            "login_url",
-            "switch_inline_query",
-            "switch_inline_query_current_chat",
-            "switch_inline_query_chosen_chat",
-            "copy_text",
-            "callback_game",
-            "pay",
-        )
+        actions = ("url", "callback_data")  # the kinds of inline button the bot sends
         for row in rows:
             for button in row:
                 if not isinstance(button, dict) or not button.get("text"):
@@ -1688,25 +1177,14 @@ class BotApiStandIn:
         return copy.deepcopy(markup)
 
     def _reply_target(self, chat_id: int | str, params: dict[str, Any]) -> dict[str, Any] | None:
+        """The message replied to (``reply_parameters``: PTB v22 always sends those), or None."""
         rp = params.get("reply_parameters")
-        if isinstance(rp, str):
-            try:
-                rp = json.loads(rp)
-            except ValueError:
-                raise _ApiError(400, "Bad Request: can't parse reply parameters JSON object") from None
-        allow_without = _as_bool(params.get("allow_sending_without_reply", False))
-        target_chat: Any = chat_id
-        if isinstance(rp, dict) and rp.get("message_id") is not None:
-            target_id = _as_int(rp["message_id"], "message_id")
-            allow_without = allow_without or _as_bool(rp.get("allow_sending_without_reply", False))
-            if rp.get("chat_id") is not None:
-                target_chat = self._chat(rp["chat_id"])["id"]
-        elif params.get("reply_to_message_id") is not None:
-            target_id = _as_int(params["reply_to_message_id"], "reply_to_message_id")
-        else:
+        if not isinstance(rp, dict) or rp.get("message_id") is None:
             return None
+        target_id = _as_int(rp["message_id"], "message_id")
+        allow_without = _as_bool(rp.get("allow_sending_without_reply", False))
         with self._lock:
-            target = self._messages.get((target_chat, target_id))
+            target = self._messages.get((chat_id, target_id))
         if target is None:
             if allow_without:
                 return None
@@ -1723,11 +1201,6 @@ class BotApiStandIn:
             "chat": chat,
             "date": int(time.time()),
         }
-        if chat["type"] == "channel":
-            message.pop("from")
-            message["sender_chat"] = copy.deepcopy(chat)
-        if params.get("message_thread_id") is not None:
-            message["message_thread_id"] = _as_int(params["message_thread_id"], "message_thread_id")
         reply = self._reply_target(chat["id"], params)
         if reply is not None:
             message["reply_to_message"] = reply
@@ -1745,34 +1218,22 @@ class BotApiStandIn:
         caption = params.get("caption")
         if caption in (None, ""):
             return
-        text, entities = _render_text(str(caption), params.get("parse_mode"), params.get("caption_entities"))
+        _plain_text(params, "caption_entities")
+        text = str(caption)
         if len(text) > _MAX_CAPTION:
             raise _ApiError(400, "Bad Request: message caption is too long")
-        if text:
-            message["caption"] = text
-        if entities:
-            message["caption_entities"] = entities
+        message["caption"] = text
 
-    def _input_file(
-        self, params: dict[str, Any], files: dict[str, UploadedFile], name: str
-    ) -> tuple[StoredFile | None, UploadedFile | None, bytes]:
-        value = params.get(name)
-        if value is None or value == "":
+    def _upload(self, params: dict[str, Any], files: dict[str, UploadedFile], name: str) -> UploadedFile:
+        """The uploaded file ``name`` (the bot uploads every photo and document it sends)."""
+        upload = files.get(name)
+        if upload is None:
             raise _ApiError(400, f"Bad Request: there is no {name} in the request")
-        if isinstance(value, bytes):
-            upload = files.get(name) or next((f for f in files.values() if f.data is value), None)
-            if not value:
-                raise _ApiError(400, "Bad Request: file must be non-empty")
-            return None, upload, value
-        with self._lock:
-            stored = self._files.get(str(value))
-        if stored is None:
-            raise _ApiError(400, "Bad Request: wrong file identifier/HTTP URL specified")
-        return stored, None, stored.data
+        if not upload.data:
+            raise _ApiError(400, "Bad Request: file must be non-empty")
+        return upload
 
     def _stored_message(self, params: dict[str, Any]) -> tuple[dict[str, Any], tuple[int | str, int]]:
-        if params.get("inline_message_id"):
-            raise _ApiError(400, "Bad Request: MESSAGE_ID_INVALID")
         chat = self._chat(params.get("chat_id"))
         if params.get("message_id") is None:
             raise _ApiError(400, "Bad Request: message identifier is not specified")
@@ -1781,7 +1242,7 @@ class BotApiStandIn:
             msg = self._messages.get(key)
         if msg is None:
             raise _ApiError(400, "Bad Request: message to edit not found")
-        if msg.get("from", {}).get("id") != self.bot_id and "sender_chat" not in msg:
+        if msg.get("from", {}).get("id") != self.bot_id:
             raise _ApiError(400, "Bad Request: message can't be edited")
         return copy.deepcopy(msg), key
 
@@ -1834,7 +1295,7 @@ class BotApiStandIn:
                 allowed = p["allowed_updates"]
                 if isinstance(allowed, str):
                     allowed = json.loads(allowed) if allowed.strip() else []
-                self._allowed_updates = frozenset(allowed) if allowed else _DEFAULT_UPDATE_TYPES
+                self._allowed_updates = frozenset(allowed) if allowed else None
             self._poll_generation += 1
             generation = self._poll_generation
             if offset > 0:
@@ -1847,7 +1308,8 @@ class BotApiStandIn:
         while True:
             wakeup = self._wakeup
             with self._lock:
-                self._updates = [u for u in self._updates if self._update_type(u) in self._allowed_updates]
+                if self._allowed_updates is not None:  # like the server: other types are dropped
+                    self._updates = [u for u in self._updates if self._update_type(u) in self._allowed_updates]
                 batch = copy.deepcopy(self._updates[:limit])
                 superseded = generation != self._poll_generation
             if batch or self._closing:
@@ -1889,22 +1351,6 @@ class BotApiStandIn:
                 self._updates.clear()
         return True
 
-    def _m_get_webhook_info(self, p: dict[str, Any], f: dict[str, UploadedFile]) -> dict[str, Any]:
-        with self._lock:
-            hook = self.webhook or {}
-            info: dict[str, Any] = {
-                "url": hook.get("url", ""),
-                "has_custom_certificate": "certificate" in hook,
-                "pending_update_count": len(self._updates),
-            }
-            if hook.get("max_connections") is not None:
-                info["max_connections"] = hook["max_connections"]
-            if hook.get("allowed_updates"):
-                info["allowed_updates"] = list(hook["allowed_updates"])
-            if hook.get("ip_address"):
-                info["ip_address"] = hook["ip_address"]
-        return info
-
     def _m_set_my_commands(self, p: dict[str, Any], f: dict[str, UploadedFile]) -> bool:
         commands = p.get("commands")
         if isinstance(commands, str):
@@ -1935,61 +1381,36 @@ class BotApiStandIn:
                 self._commands.pop(key, None)
         return True
 
-    def _m_get_my_commands(self, p: dict[str, Any], f: dict[str, UploadedFile]) -> list[dict[str, Any]]:
-        key = self._scope_key(p.get("scope"), p.get("language_code"))
-        with self._lock:
-            return copy.deepcopy(self._commands.get(key, []))
-
-    def _m_delete_my_commands(self, p: dict[str, Any], f: dict[str, UploadedFile]) -> bool:
-        key = self._scope_key(p.get("scope"), p.get("language_code"))
-        with self._lock:
-            self._commands.pop(key, None)
-        return True
-
     def _m_send_message(self, p: dict[str, Any], f: dict[str, UploadedFile]) -> dict[str, Any]:
         raw = p.get("text")
         if raw is None or str(raw) == "":
             raise _ApiError(400, "Bad Request: message text is empty")
-        message, chat = self._new_bot_message(p)
-        text, entities = _render_text(str(raw), p.get("parse_mode"), p.get("entities"))
+        _plain_text(p, "entities")
+        text = str(raw)
         if not text.strip():
             raise _ApiError(400, "Bad Request: message text is empty")
         if len(text) > _MAX_TEXT:
             raise _ApiError(400, "Bad Request: message is too long")
+        message, chat = self._new_bot_message(p)
         message["text"] = text
-        if entities:
-            message["entities"] = entities
-        if isinstance(p.get("link_preview_options"), dict):
-            message["link_preview_options"] = p["link_preview_options"]
         return self._finish_bot_message(message, chat)
 
     def _m_send_photo(self, p: dict[str, Any], f: dict[str, UploadedFile]) -> dict[str, Any]:
-        stored, upload, data = self._input_file(p, f, "photo")
+        upload = self._upload(p, f, "photo")
+        if _image_size(upload.data) == (0, 0):
+            raise _ApiError(400, "Bad Request: IMAGE_PROCESS_FAILED")
         message, chat = self._new_bot_message(p)
-        if stored is not None:
-            message["photo"] = self._photo_sizes(stored.data)
-        else:
-            if _image_size(data) == (0, 0):
-                raise _ApiError(400, "Bad Request: IMAGE_PROCESS_FAILED")
-            message["photo"] = self._photo_sizes(data)
+        message["photo"] = self._photo_sizes(upload.data)
         self._apply_caption(message, p)
-        if _as_bool(p.get("has_spoiler", False)):
-            message["has_media_spoiler"] = True
         return self._finish_bot_message(message, chat)
 
     def _m_send_document(self, p: dict[str, Any], f: dict[str, UploadedFile]) -> dict[str, Any]:
-        stored, upload, data = self._input_file(p, f, "document")
+        upload = self._upload(p, f, "document")
         message, chat = self._new_bot_message(p)
-        if stored is None:
-            filename = (upload.filename if upload else None) or "document"
-            ext = filename.rsplit(".", 1)[-1] if "." in filename else "bin"
-            mime = (upload.content_type if upload else None) or "application/octet-stream"
-            stored = self._store_file(
-                data, kind="documents", extension=ext, mime_type=mime, file_name=filename
-            )
-        else:
-            filename = stored.file_name or stored.file_path.rsplit("/", 1)[-1]
-            mime = stored.mime_type or "application/octet-stream"
+        filename = upload.filename or "document"
+        ext = filename.rsplit(".", 1)[-1] if "." in filename else "bin"
+        mime = upload.content_type or "application/octet-stream"
+        stored = self._store_file(upload.data, kind="documents", extension=ext, mime_type=mime, file_name=filename)
         message["document"] = {
             "file_id": stored.file_id,
             "file_unique_id": stored.file_unique_id,
@@ -2010,23 +1431,21 @@ class BotApiStandIn:
         raw = p.get("text")
         if raw is None or str(raw) == "":
             raise _ApiError(400, "Bad Request: message text is empty")
+        _plain_text(p, "entities")
         msg, _ = self._stored_message(p)
         if "text" not in msg:
             raise _ApiError(400, "Bad Request: there is no text in the message to edit")
-        text, entities = _render_text(str(raw), p.get("parse_mode"), p.get("entities"))
+        text = str(raw)
         if len(text) > _MAX_TEXT:
             raise _ApiError(400, "Bad Request: message is too long")
         markup = self._check_markup(p.get("reply_markup"))
-        if text == msg.get("text") and entities == msg.get("entities") and markup == msg.get("reply_markup"):
+        if text == msg.get("text") and markup == msg.get("reply_markup"):
             raise _ApiError(
                 400,
                 "Bad Request: message is not modified: specified new message content and reply "
                 "markup are exactly the same as a current content and reply markup of the message",
             )
         msg["text"] = text
-        msg.pop("entities", None)
-        if entities:
-            msg["entities"] = entities
         msg.pop("reply_markup", None)  # like Telegram: editing without reply_markup drops the keyboard
         if markup is not None:
             msg["reply_markup"] = markup
@@ -2065,14 +1484,6 @@ class BotApiStandIn:
             entry["answer"] = {k: v for k, v in p.items()}
         return True
 
-    def _m_delete_message(self, p: dict[str, Any], f: dict[str, UploadedFile]) -> bool:
-        chat = self._chat(p.get("chat_id"))
-        key = (chat["id"], _as_int(p.get("message_id"), "message_id"))
-        with self._lock:
-            if self._messages.pop(key, None) is None:
-                raise _ApiError(400, "Bad Request: message to delete not found")
-        return True
-
     def _m_get_file(self, p: dict[str, Any], f: dict[str, UploadedFile]) -> dict[str, Any]:
         file_id = str(p.get("file_id", ""))
         with self._lock:
@@ -2087,11 +1498,3 @@ class BotApiStandIn:
             "file_size": stored.file_size,
             "file_path": stored.file_path,
         }
-
-    def _m_close(self, p: dict[str, Any], f: dict[str, UploadedFile]) -> bool:
-        with self._lock:
-            self.closed_calls += 1
-        return True
-
-    def _m_log_out(self, p: dict[str, Any], f: dict[str, UploadedFile]) -> bool:
-        return True

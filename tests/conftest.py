@@ -1,47 +1,38 @@
-"""Shared fixtures for the bot tests.
+"""Fixtures shared by every test module (found by pytest here: test modules never import them).
 
-* ``botapi`` (from tests/botapi_fixtures.py): the local Bot API stand-in on 127.0.0.1.
-* ``trained_store``: a store with a model trained ONCE per session (real TensorFlow, shipped
-  backbone) on 6 photos each of shoes, pants and t-shirt; ``store_copy`` gives each test its own
-  copy (images, bottleneck cache, models) so tests never interfere.
-* ``bot_config(...)`` builds a real :class:`bot.config.Config` pointed at the stand-in;
-  ``running_bot(...)`` starts the real Application the way ``run_polling`` does (initialize,
-  post_init, start, long polling) and yields a :class:`BotHarness` that sends updates and waits
-  for the bot's replies over HTTP.
+Helpers (constants, builders, checks) live in ``tests/auxil/``; import those.
+
+Bot API stand-in (tests/botapi_standin.py, on 127.0.0.1, in the test's event loop):
+
+* ``botapi``: a running :class:`~tests.botapi_standin.BotApiStandIn`;
+* ``api``: a running :class:`~tests.auxil.standin_extras.HardenedStandIn` (download log,
+  failures injected for one chat).
+
+Stores (real TensorFlow, the shipped EfficientNet-Lite0, built once per session, read-only):
+
+* ``trained_store``: one promoted model trained on 6 photos each of shoes, pants and t-shirt;
+  ``store_copy`` gives each test its own copy (images, bottleneck cache, models);
+* ``backbone``: the shipped Lite0 feature extractor;
+* ``clothing_store`` / ``clothing_store_v2``: the 80 clothing photos with one / two promoted
+  versions (change a copy: ``tests.auxil.modelstore.copy_store``).
+
+Every test runs without the developer's ``LABELGRAM_*`` / ``TELEGRAM_BOT_TOKEN`` variables.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-from telegram.ext import Application
 
-from bot.app import ALLOWED_UPDATES, build_application
-from bot.config import Config
-from bot.services import SERVICES_KEY, Services
-from tests.botapi_fixtures import botapi  # noqa: F401  (fixture re-exported for every test module)
-from tests.botapi_standin import BotApiStandIn, Call
-from tests.modelstore_fixtures import shared_backbone
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "tests" / "data"
-CLOTHING = DATA / "clothing"
-CASES = DATA / "cases"
-
-ADMIN = 1001
-OTHER_ADMIN = 1002
-USER = 2002
-
-#: labels of the session-trained model; photos [:6] train it, [6:] are never stored there
-TRAINED_LABELS = ("shoes", "pants", "t-shirt")
-TRAIN_PER_LABEL = 6
+from model_store.backbones import Backbone
+from tests.auxil import modelstore
+from tests.auxil.bot_harness import ADMIN, TRAIN_PER_LABEL, TRAINED_LABELS, photos
+from tests.auxil.standin_extras import HardenedStandIn
+from tests.botapi_standin import BotApiStandIn
 
 _BOT_ENV_PREFIXES = ("LABELGRAM_", "TELEGRAM_BOT_TOKEN")
 
@@ -54,16 +45,31 @@ def _clean_bot_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name, raising=False)
 
 
-def photos(label: str) -> list[Path]:
-    """The test photos of one clothing label, in a stable order."""
-    return sorted((CLOTHING / label).glob("*.jpg"))
+# ------------------------------------------------------------------------------ Bot API stand-in
+@pytest.fixture
+async def botapi() -> AsyncIterator[BotApiStandIn]:
+    """A running ``BotApiStandIn`` on 127.0.0.1 (ephemeral port) in the test's event loop.
+
+    Point the bot at it with ``tests.auxil.bot_harness.bot_config(botapi, store)``, or PTB with
+    ``.token(botapi.token).base_url(botapi.base_url).base_file_url(botapi.base_file_url)``.
+    """
+    async with BotApiStandIn() as stand_in:
+        yield stand_in
 
 
+@pytest.fixture
+async def api() -> AsyncIterator[HardenedStandIn]:
+    """A running :class:`HardenedStandIn` in the test's event loop."""
+    async with HardenedStandIn() as stand_in:
+        yield stand_in
+
+
+# ---------------------------------------------------------------------------------------- stores
 @pytest.fixture(scope="session")
 def trained_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A store folder with one promoted model, trained once per test session.
 
-    Trained on the shipped Lite0 (the fast choice, as ``shared_backbone``) to keep CI fast; the
+    Trained on the shipped Lite0 (the fast choice, as ``backbone``) to keep CI fast; the
     default backbone is trained and served end to end in tests/test_default_backbone.py.
     """
     from model_store.pipeline import retrain
@@ -76,7 +82,9 @@ def trained_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for path in photos(label)[:TRAIN_PER_LABEL]:
             ws.store.add(path.read_bytes(), label, added_by=ADMIN, chat_id=ADMIN)
     report = retrain(
-        ws, TrainConfig(epochs=20, accuracy_floor=0.0, max_accuracy_drop=1.0), backbone=shared_backbone()
+        ws,
+        TrainConfig(epochs=20, accuracy_floor=0.0, max_accuracy_drop=1.0),
+        backbone=modelstore.shared_backbone(),
     )
     assert report.status == "promoted", report.message
     return root
@@ -91,139 +99,19 @@ def store_copy(trained_store: Path, tmp_path: Path) -> Path:
     return target
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+@pytest.fixture(scope="session")
+def backbone() -> Backbone:
+    """The real shipped EfficientNet-Lite0 feature extractor (shared, do not mutate)."""
+    return modelstore.shared_backbone()
 
 
-def bot_config(api: BotApiStandIn, store_dir: Path, **overrides: Any) -> Config:
-    """A real Config for a bot talking to ``api``; keyword sections are merged in."""
-    data: dict[str, Any] = {
-        "telegram": {"token": api.token, "base_url": api.base_url, "base_file_url": api.base_file_url},
-        "admins": [ADMIN, OTHER_ADMIN],
-        "store_dir": str(store_dir),
-        "classify": {"album_wait_ms": 300},
-        "training": {"epochs": 20, "accuracy_floor": 0.0, "max_accuracy_drop": 1.0, "max_minutes": 5},
-        "limits": {"min_free_disk_mb": 0},
-    }
-    return Config(**_merge(data, overrides))
+@pytest.fixture(scope="session")
+def clothing_store(tmp_path_factory: pytest.TempPathFactory) -> modelstore.TrainedStore:
+    """A store with the clothing photos and one promoted model version (read-only)."""
+    return modelstore.shared_trained_store(tmp_path_factory)
 
 
-@dataclass
-class BotHarness:
-    """The running bot plus helpers to talk to it through the stand-in."""
-
-    api: BotApiStandIn
-    app: Application[Any, Any, Any, Any, Any, Any]
-
-    @property
-    def svc(self) -> Services:
-        return self.app.bot_data[SERVICES_KEY]
-
-    def send_photo(
-        self,
-        user: int,
-        image: Path | bytes,
-        *,
-        chat: int | None = None,
-        caption: str | None = None,
-        media_group_id: str | None = None,
-        reply_to: int | None = None,
-    ) -> int:
-        """Push a photo message; returns its message id."""
-        data = image.read_bytes() if isinstance(image, Path) else image
-        update = self.api.make_photo_update(
-            chat if chat is not None else user,
-            user,
-            data,
-            caption=caption,
-            media_group_id=media_group_id,
-            reply_to=reply_to,
-        )
-        self.api.push_update(update)
-        return update["message"]["message_id"]
-
-    def send_document(
-        self,
-        user: int,
-        data: bytes,
-        *,
-        file_name: str,
-        mime_type: str,
-        chat: int | None = None,
-        caption: str | None = None,
-        file_size: int | None = None,
-    ) -> int:
-        update = self.api.make_document_update(
-            chat if chat is not None else user,
-            user,
-            data,
-            mime_type=mime_type,
-            file_name=file_name,
-            caption=caption,
-            file_size=file_size,
-        )
-        self.api.push_update(update)
-        return update["message"]["message_id"]
-
-    def send_text(self, user: int, text: str, *, chat: int | None = None, reply_to: int | None = None) -> int:
-        update = self.api.make_text_update(
-            chat if chat is not None else user, user, text, reply_to_message=reply_to
-        )
-        self.api.push_update(update)
-        return update["message"]["message_id"]
-
-    async def reply(self, chat: int, message_id: int, timeout: float = 30.0) -> Call:
-        """The bot's (first) reply to one message."""
-        return await self.api.wait_for_reply(chat, message_id, timeout=timeout)
-
-    async def reply_text(self, chat: int, message_id: int, timeout: float = 30.0) -> str:
-        call = await self.reply(chat, message_id, timeout)
-        assert call.method == "sendMessage", call
-        return str(call.params["text"])
-
-    async def ask(
-        self, user: int, text: str, *, chat: int | None = None, timeout: float = 30.0, **kw: Any
-    ) -> str:
-        """Send a text (command) and return the bot's reply text."""
-        chat_id = chat if chat is not None else user
-        return await self.reply_text(chat_id, self.send_text(user, text, chat=chat, **kw), timeout)
-
-
-@contextlib.asynccontextmanager
-async def running_bot(
-    api: BotApiStandIn,
-    config: Config,
-    *,
-    allowed_updates: list[str] | None = ALLOWED_UPDATES,
-    **build_kwargs: Any,
-) -> AsyncIterator[BotHarness]:
-    """Build the real Application and run it like ``run_polling`` does, against the stand-in.
-
-    ``allowed_updates=None`` delivers every update type (as a webhook set up without the list
-    would, or updates that were queued before the bot restricted the list).
-    """
-    app = build_application(config, **build_kwargs)
-    await app.initialize()
-    if app.post_init is not None:
-        await app.post_init(app)
-    await app.start()
-    assert app.updater is not None
-    await app.updater.start_polling(poll_interval=0, timeout=1, allowed_updates=allowed_updates)
-    try:
-        yield BotHarness(api, app)
-    finally:
-        if app.updater.running:
-            await app.updater.stop()
-        if app.running:
-            await app.stop()
-        if app.post_stop is not None:
-            await app.post_stop(app)
-        await app.shutdown()
-        if app.post_shutdown is not None:
-            await app.post_shutdown(app)
+@pytest.fixture(scope="session")
+def clothing_store_v2(tmp_path_factory: pytest.TempPathFactory) -> modelstore.TrainedStore:
+    """A store with two promoted versions, the second serving (read-only)."""
+    return modelstore.shared_two_version_store(tmp_path_factory)

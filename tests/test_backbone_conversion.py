@@ -16,7 +16,7 @@ import pytest
 
 from model_store.backbones import SHIPPED_BACKBONES, load_backbone
 from model_store.images import decode_image, to_model_input
-from tests.modelstore_fixtures import DATA
+from tests.auxil.modelstore import DATA
 from tools.convert_backbone import DEFAULT_ATOL, FIXTURE_CROP, ParityError, check_parity, fixture_inputs
 
 FIXTURES = DATA / "backbone_parity"
@@ -44,6 +44,7 @@ def test_every_shipped_backbone_has_a_reference_fixture() -> None:
     assert set(SHIPPED_BACKBONES) == {p.stem for p in FIXTURES.glob("*.npy")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SHIPPED_BACKBONES))
 def test_shipped_backbone_reproduces_the_pytorch_reference_features(name: str) -> None:
     backbone = _shipped(name)
@@ -59,6 +60,7 @@ def test_shipped_backbone_reproduces_the_pytorch_reference_features(name: str) -
     assert np.abs(reference - reference.mean(axis=0)).max() > 100 * DEFAULT_ATOL
 
 
+@pytest.mark.slow
 def test_parity_check_rejects_a_slightly_perturbed_network() -> None:
     backbone = _shipped("efficientnet_lite0")
     reference = np.load(FIXTURES / "efficientnet_lite0.npy")

@@ -20,10 +20,7 @@ from model_store.backbones import (
 )
 from model_store.errors import BackboneUnavailableError
 from model_store.images import decode_image, to_model_input
-from tests import modelstore_fixtures as fx
-from tests.modelstore_fixtures import clothing_photos
-
-backbone = fx.backbone  # the shared session fixture (the real shipped backbone)
+from tests.auxil.modelstore import clothing_photos
 
 
 def _model_inputs(paths, size) -> np.ndarray:
@@ -52,6 +49,7 @@ def test_shipped_lite0_loads_with_the_documented_shape(backbone: Backbone) -> No
     assert tuple(backbone.model.output_shape) == (None, 1280)
 
 
+@pytest.mark.slow
 def test_shipped_default_is_lite1_at_its_own_input_size_with_a_stable_id() -> None:
     default = load_backbone()
     by_name = load_backbone(DEFAULT_BACKBONE)
@@ -63,6 +61,7 @@ def test_shipped_default_is_lite1_at_its_own_input_size_with_a_stable_id() -> No
     assert default.id == by_name.id and default is not by_name  # really loaded twice
 
 
+@pytest.mark.slow
 def test_shipped_lite0_id_is_stable_across_loads(backbone: Backbone) -> None:
     again = load_backbone("efficientnet_lite0")
     assert again.id == backbone.id
@@ -92,6 +91,7 @@ def test_features_of_an_empty_batch(backbone: Backbone) -> None:
 
 
 # --------------------------------------------------------------------------- keras.applications
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("spec", "size", "dim", "expected_id"),
     [

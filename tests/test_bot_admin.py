@@ -9,8 +9,8 @@ import pytest
 
 from bot.app import ADMIN_COMMANDS, PUBLIC_COMMANDS
 from model_store.dataset import ImageStore
+from tests.auxil.bot_harness import ADMIN, CASES, OTHER_ADMIN, USER, bot_config, photos, running_bot
 from tests.botapi_standin import BotApiStandIn, Call
-from tests.conftest import ADMIN, CASES, OTHER_ADMIN, USER, bot_config, photos, running_bot
 
 
 def stored(store_dir: Path) -> dict[str, int]:

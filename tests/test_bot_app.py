@@ -13,9 +13,8 @@ import pytest
 
 from bot.app import NO_TOKEN_HELP, run
 from bot.logsafe import REDACTED, TokenRedactingFilter
+from tests.auxil.bot_harness import ADMIN, ROOT, USER, bot_config, labels_in, photos, running_bot
 from tests.botapi_standin import BotApiStandIn
-from tests.conftest import ADMIN, ROOT, USER, bot_config, photos, running_bot
-from tests.test_bot_classify import labels_in
 
 TOKEN = "7312345678:AAHsecretTOKENvalue-for_tests"
 
@@ -84,6 +83,7 @@ async def test_the_token_never_reaches_the_logs(
     assert any(r.levelno == logging.ERROR and "error while handling update" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 async def test_python_m_bot_run_answers_photos_and_stops_cleanly(
     tmp_path: Path, store_copy: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:

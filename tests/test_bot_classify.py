@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 
 from bot.handlers import format_predictions
+from tests.auxil.bot_harness import ADMIN, CASES, TRAIN_PER_LABEL, USER, bot_config, photos, running_bot
 from tests.botapi_standin import BotApiStandIn
-from tests.conftest import ADMIN, CASES, TRAIN_PER_LABEL, USER, bot_config, photos, running_bot
 
 LINE = re.compile(r"^(?P<label>.+) — (?P<pct><?\d+%)$")
 

@@ -9,6 +9,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from bot.config import Config
@@ -17,15 +18,15 @@ from bot.state import BotState
 from model_store.backbones import DEFAULT_BACKBONE
 from model_store.dataset import ImageStore
 from model_store.registry import ModelRegistry
+from tests.auxil.bot_harness import ADMIN, OTHER_ADMIN, USER, bot_config, labels_in, photos, running_bot
 from tests.botapi_standin import BotApiStandIn, Call
-from tests.conftest import ADMIN, OTHER_ADMIN, USER, bot_config, photos, running_bot
-from tests.test_bot_classify import labels_in
 
 
 def is_report(call: Call, chat: int, start: str) -> bool:
     return call.method == "sendMessage" and call.chat_id == chat and str(call.params["text"]).startswith(start)
 
 
+@pytest.mark.slow
 async def test_admin_teaches_three_labels_retrains_and_a_new_photo_is_answered(
     botapi: BotApiStandIn, tmp_path: Path
 ) -> None:
@@ -85,6 +86,7 @@ def _add_directly(store: Path, label: str, paths: list[Path]) -> None:
         images.add(path.read_bytes(), label, added_by=ADMIN, chat_id=ADMIN)
 
 
+@pytest.mark.slow
 async def test_scheduled_job_retrains_and_the_next_answer_comes_from_the_new_version(
     botapi: BotApiStandIn, store_copy: Path
 ) -> None:
@@ -145,6 +147,7 @@ def _near_duplicates(source: Path, n: int) -> list[bytes]:
     return out
 
 
+@pytest.mark.slow
 async def test_missed_run_catches_up_at_start_and_a_refused_model_is_explained(
     botapi: BotApiStandIn, store_copy: Path
 ) -> None:

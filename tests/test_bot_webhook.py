@@ -12,9 +12,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.auxil.bot_harness import ADMIN, ROOT, USER, labels_in, photos
 from tests.botapi_standin import BotApiStandIn
-from tests.conftest import ADMIN, ROOT, USER, photos
-from tests.test_bot_classify import labels_in
 
 TOKEN = "424242:WebhookTestTokenAbcdef"
 SECRET = "hook_secret_123456"
@@ -26,6 +25,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 async def test_webhook_mode_registers_its_url_and_answers_posted_updates(
     tmp_path: Path, store_copy: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:

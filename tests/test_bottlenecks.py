@@ -12,10 +12,7 @@ import pytest
 from model_store.backbones import Backbone
 from model_store.bottlenecks import PREPROCESSING_MODE, BottleneckCache, make_views, parse_view, view_name
 from model_store.images import decode_image, to_model_input
-from tests import modelstore_fixtures as fx
-from tests.modelstore_fixtures import CASES, clothing_photos
-
-backbone = fx.backbone  # the shared session fixture (the real shipped backbone)
+from tests.auxil.modelstore import CASES, clothing_photos
 
 #: two centre-crop scales and their mirror images (the default training views)
 VIEWS4 = ("crop875", "crop875-flip", "crop1000", "crop1000-flip")
@@ -230,6 +227,7 @@ def test_bytes_and_path_sources_give_the_same_bottleneck(
     np.testing.assert_allclose(from_bytes[0], feats[3], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_entries_are_namespaced_by_backbone_id(warm_cache, photo_items, backbone: Backbone) -> None:
     root, feats, _, _, _ = warm_cache
     other = Backbone(

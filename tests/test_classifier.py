@@ -9,11 +9,7 @@ import numpy as np
 
 from model_store.classifier import Classifier, Prepared
 from model_store.images import decode_image
-from tests import modelstore_fixtures as fx
-from tests.modelstore_fixtures import TrainedStore, copy_store
-
-backbone = fx.backbone
-clothing_store = fx.clothing_store
+from tests.auxil.modelstore import TrainedStore, copy_store
 
 PHOTOS = sorted((Path(__file__).parent / "data" / "clothing").glob("*/*.jpg"))[:6]
 

@@ -10,8 +10,7 @@ import pytest
 
 from model_store.backbones import DEFAULT_BACKBONE
 from model_store.registry import ModelRegistry
-from tests import modelstore_fixtures as fx
-from tests.modelstore_fixtures import (
+from tests.auxil.modelstore import (
     CASES,
     CLOTHING,
     TrainedStore,
@@ -20,8 +19,6 @@ from tests.modelstore_fixtures import (
     json_lines,
     run_cli,
 )
-
-clothing_store_v2 = fx.clothing_store_v2  # shared session fixture
 
 STAGES = ["bottlenecks", "training", "evaluating", "saving"]
 
@@ -60,6 +57,7 @@ def _result(cli_trained: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------- retrain
+@pytest.mark.slow
 def test_retrain_json_lines_import_progress_result(cli_trained: dict) -> None:
     proc = cli_trained["proc"]
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -92,6 +90,7 @@ def test_retrain_json_lines_import_progress_result(cli_trained: dict) -> None:
     assert result["excluded_labels"] == [] and result["skipped_images"] == []
 
 
+@pytest.mark.slow
 def test_retrain_writes_the_version_output_labels_and_graph(cli_trained: dict) -> None:
     result = _result(cli_trained)
     registry = ModelRegistry(cli_trained["store"] / "models")
@@ -106,6 +105,7 @@ def test_retrain_writes_the_version_output_labels_and_graph(cli_trained: dict) -
     assert sorted(p.name for p in (cli_trained["store"] / "images").iterdir()) == sorted(clothing_labels())
 
 
+@pytest.mark.slow
 def test_retrain_with_one_label_exits_1_with_a_failed_result(tmp_path: Path) -> None:
     src = tmp_path / "src" / "hat"
     src.mkdir(parents=True)
@@ -143,6 +143,7 @@ def test_retrain_with_impossible_percentages_reports_an_error_not_a_traceback(tm
 
 
 # ------------------------------------------------------------------------------------ classify
+@pytest.mark.slow
 def test_classify_json_one_object_per_file_and_exit_1_when_one_fails(cli_trained: dict) -> None:
     shoe = clothing_photos()["shoes"][0]
     missing = cli_trained["tmp"] / "no_such_photo.jpg"
@@ -176,6 +177,7 @@ def test_classify_json_one_object_per_file_and_exit_1_when_one_fails(cli_trained
     assert "cannot read the file" in gone["error"]
 
 
+@pytest.mark.slow
 def test_classify_text_output_and_exit_0(cli_trained: dict) -> None:
     files = [clothing_photos()["shoes"][1], CASES / "photo.heic", CASES / "animated.gif", CASES / "cmyk.jpg"]
     proc = run_cli("classify", *files, "--store_dir", cli_trained["store"], "--top_k", "2")
@@ -200,6 +202,7 @@ def test_classify_without_a_model_exits_1_with_a_hint(tmp_path: Path) -> None:
 
 
 # -------------------------------------------------------------------------------------- status
+@pytest.mark.slow
 def test_status_json(cli_trained: dict) -> None:
     proc = run_cli("status", "--store_dir", cli_trained["store"], "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -213,6 +216,7 @@ def test_status_json(cli_trained: dict) -> None:
     assert info["engine"] == result["metrics"]["engine"]["serving"] and info["engine"].startswith("LiteRT/XNNPACK")
 
 
+@pytest.mark.slow
 def test_status_text_and_before_training(cli_trained: dict, tmp_path: Path) -> None:
     proc = run_cli("status", "--store_dir", cli_trained["store"])
     assert proc.returncode == 0
@@ -233,6 +237,7 @@ def test_status_text_and_before_training(cli_trained: dict, tmp_path: Path) -> N
 
 
 # ------------------------------------------------------------------------------------ rollback
+@pytest.mark.slow
 def test_rollback_with_only_one_version_exits_1(cli_trained: dict) -> None:
     pointer = cli_trained["store"] / "models" / "CURRENT"
     before = pointer.read_bytes()

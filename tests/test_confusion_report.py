@@ -20,9 +20,10 @@ from telegram import Bot
 from bot.reports import fits_as_photo, send_report
 from bot.training_runner import TrainingOutcome
 from model_store.evaluation import PLOT_MAX_LABELS, evaluate, most_confused, plot_confusion_matrix
+from tests.auxil import modelstore as fx
+from tests.auxil.bot_harness import ADMIN
+from tests.auxil.crafted_images import solid_png
 from tests.botapi_standin import BotApiStandIn
-from tests.conftest import ADMIN
-from tests.crafted_images import solid_png
 
 HOSTILE = ["price $5_$10", "a$^$b", "$", "$$", r"\frac{a}{b}", "_^", "x" * 300, "new\nline", "=cmd()", "Розы 👗"]
 
@@ -45,6 +46,7 @@ def test_labels_with_mathtext_syntax_are_plotted_as_plain_text(tmp_path: Path) -
         assert im.format == "PNG" and im.width + im.height <= 10_000
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Glyph .* missing from font")
 def test_a_hundred_labels_give_a_bounded_picture_and_the_full_matrix_as_csv(tmp_path: Path) -> None:
     labels = [f"label {i}" for i in range(97)] + HOSTILE[:3]
@@ -103,11 +105,8 @@ async def test_a_report_that_cannot_be_a_photo_is_sent_as_a_document(tmp_path: P
 
 
 # -------------------------------------------------------------------- a real training with them
-from tests import modelstore_fixtures as fx  # noqa: E402
 
-clothing_store = fx.clothing_store
-
-
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Glyph .* missing from font")
 def test_a_training_with_labels_full_of_dollars_and_carets_succeeds(
     clothing_store: fx.TrainedStore, tmp_path: Path

@@ -138,6 +138,7 @@ def test_valid_unusual_labels_stay_inside_images(tmp_path: Path, photos: dict[st
     assert_contained(tmp_path, store)
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(name=st.text(max_size=70))
 def test_any_label_text_is_refused_or_stored_inside_images(name: str) -> None:

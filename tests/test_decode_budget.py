@@ -32,7 +32,7 @@ from model_store.images import (
     decode_image,
     sniff_extension,
 )
-from tests.crafted_images import animated_webp, solid_jpeg, solid_png, striped_tiff, tiled_tiff
+from tests.auxil.crafted_images import animated_webp, solid_jpeg, solid_png, striped_tiff, tiled_tiff
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024
@@ -147,6 +147,7 @@ def test_progressive_jpegs_have_the_phone_photo_limit() -> None:
         decode_image(bytes(data))
 
 
+@pytest.mark.slow
 def test_a_48_megapixel_progressive_jpeg_decodes_dct_scaled() -> None:
     # 8000x6000 progressive (what some phones and editors save) was refused: "the limit is 40 megapixels".
     budget = DecodeBudget(576 * MB)
@@ -154,6 +155,7 @@ def test_a_48_megapixel_progressive_jpeg_decodes_dct_scaled() -> None:
     assert rgb.shape == (3000, 4000, 3) and budget.peak <= 320 * MB  # the coefficients + 12 Mpx
 
 
+@pytest.mark.slow
 def test_48_megapixel_heic_and_avif_decode_at_full_size_within_their_estimate() -> None:
     # Refused as "too large (8064×6048 pixels); the limit is 40 megapixels" on the old code.
     for case in ("heic_48mp", "avif_48mp"):
@@ -165,6 +167,7 @@ def test_48_megapixel_heic_and_avif_decode_at_full_size_within_their_estimate() 
 # --- big and modern photos ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("width", "height"), [(8000, 6000), (16320, 12240)])
 def test_48_to_200_megapixel_jpegs_decode_dct_scaled(width: int, height: int) -> None:
     data = solid_jpeg(width, height)
@@ -240,7 +243,7 @@ def test_avifs_with_alpha_and_image_sequences_still_decode() -> None:
 _PEAK_SCRIPT = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
-from tests.crafted_images import animated_webp, solid_jpeg, solid_png, striped_tiff, tiled_tiff
+from tests.auxil.crafted_images import animated_webp, solid_jpeg, solid_png, striped_tiff, tiled_tiff
 from model_store.images import DECODE_BUDGET, decode_image
 from model_store.errors import ImageDecodeError
 import io
@@ -296,6 +299,7 @@ def _peak(case: str, **kwargs: object) -> dict:
     return report
 
 
+@pytest.mark.slow
 def test_peak_memory_of_one_decode_is_bounded_by_what_is_decoded() -> None:
     webp = _peak("webp_6000_canvas_1x1_frame")
     assert isinstance(webp["result"], str) and webp["peak_mb"] < 20  # 550 MB on the old code
@@ -332,6 +336,7 @@ def test_tiff_tiles_are_counted_in_the_estimate_and_normal_tiles_decode() -> Non
             decode_image(tiled_tiff((64, 64), tile, real_tile=False), budget=budget)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("case", "size"),
     [("tiff_float_33mp", 5760), ("tiff_int32_33mp", 5760), ("tiff_cmyk_40mp", 6300)],

@@ -1,23 +1,25 @@
 """A full retrain -> promote -> classify on the shipped default backbone (EfficientNet-Lite1, 240x240).
 
-The other pipeline tests use the fast shipped Lite0 (``tests.modelstore_fixtures``); this one
+The other pipeline tests use the fast shipped Lite0 (``tests.auxil.modelstore``); this one
 proves the default works end to end with its own input size. Kept small: 3 labels x 6 photos.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from model_store.backbones import DEFAULT_BACKBONE, SHIPPED_BACKBONES
 from model_store.classifier import Classifier
 from model_store.images import decode_image
 from model_store.pipeline import retrain
 from model_store.workspace import Workspace
-from tests.modelstore_fixtures import clothing_photos, train_config
+from tests.auxil.modelstore import clothing_photos, train_config
 
 LABELS = ("shoes", "pants", "hat")
 
 
+@pytest.mark.slow
 def test_retrain_promote_classify_on_the_default_backbone(tmp_path) -> None:
     assert DEFAULT_BACKBONE == "efficientnet_lite1" and DEFAULT_BACKBONE in SHIPPED_BACKBONES
     photos = clothing_photos()

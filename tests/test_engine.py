@@ -20,11 +20,8 @@ from model_store.engine import EngineSettings, open_frozen
 from model_store.images import decode_image
 from model_store.pipeline import retrain
 from model_store.serving import BACKBONE_CACHE_NAME, SERVING_CACHE_NAME, NumpyHead, open_serving_model
-from tests import modelstore_fixtures as fx
-from tests.modelstore_fixtures import TrainedStore, clothing_photos, copy_store
-
-backbone = fx.backbone
-clothing_store = fx.clothing_store
+from tests.auxil import modelstore as fx
+from tests.auxil.modelstore import TrainedStore, clothing_photos, copy_store
 
 TWO = EngineSettings("litert", 2)
 
@@ -66,6 +63,7 @@ def lite0_litert(tmp_path_factory, backbone: Backbone):
     return open_frozen(backbone.model, key=backbone.id, cache_dir=tmp_path_factory.mktemp("engine"), settings=TWO)
 
 
+@pytest.mark.slow
 def test_litert_features_match_keras_on_real_photos(backbone: Backbone, lite0_litert) -> None:
     assert lite0_litert.engine == "litert", lite0_litert.description
     assert lite0_litert.description == "LiteRT/XNNPACK, 2 threads"
@@ -81,6 +79,7 @@ def test_litert_features_match_keras_on_real_photos(backbone: Backbone, lite0_li
     assert np.isfinite(out).all() and not np.allclose(out[0], out[2])
 
 
+@pytest.mark.slow
 def test_bottleneck_cache_runs_the_backbone_on_litert_and_caches_it_by_backbone_id(
     tmp_path: Path, backbone: Backbone
 ) -> None:
@@ -99,6 +98,7 @@ def test_bottleneck_cache_runs_the_backbone_on_litert_and_caches_it_by_backbone_
 
 
 # ---------------------------------------------------------------------------- cache and keying
+@pytest.mark.slow
 def test_cache_is_reused_for_the_same_key_and_redone_for_another(tmp_path: Path, monkeypatch) -> None:
     calls: list[str] = []
     real_convert = engine_module.convert
@@ -118,6 +118,7 @@ def test_cache_is_reused_for_the_same_key_and_redone_for_another(tmp_path: Path,
     assert not list(tmp_path.glob(".tmp-*")), "temp files left behind"
 
 
+@pytest.mark.slow
 def test_a_changed_backbone_file_gets_a_new_id_and_a_new_conversion(tmp_path: Path) -> None:
     path = tmp_path / "extractor.keras"
     _tiny(seed=0).save(path)
@@ -135,6 +136,7 @@ def test_a_changed_backbone_file_gets_a_new_id_and_a_new_conversion(tmp_path: Pa
     np.testing.assert_allclose(feats[0, 0], np.asarray(new.model(rgb[None]))[0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "garbage_with_its_checksum", "bad_record"])
 def test_a_corrupted_cache_is_converted_again_logged_once_and_correct(
     tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
@@ -211,6 +213,7 @@ def test_settings_validate_and_default_to_every_available_core() -> None:
 
 
 # ------------------------------------------------------------------------------------- serving
+@pytest.mark.slow
 def test_serving_on_litert_gives_the_tensorflow_top_k(clothing_store: TrainedStore, tmp_path: Path) -> None:
     ws = copy_store(clothing_store.root, tmp_path / "store")
     current = ws.registry.current()
@@ -230,6 +233,7 @@ def test_serving_on_litert_gives_the_tensorflow_top_k(clothing_store: TrainedSto
         np.testing.assert_allclose([p for _, p in x], [p for _, p in y], atol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("state", ["trained_before_the_engine", "backbone_copy_corrupt"])
 def test_a_version_without_a_usable_conversion_is_converted_at_load_and_keeps_serving(
     clothing_store: TrainedStore, tmp_path: Path, state: str
@@ -252,6 +256,7 @@ def test_a_version_without_a_usable_conversion_is_converted_at_load_and_keeps_se
 
 
 # --------------------------------------------------------------------------------------- pruning
+@pytest.mark.slow
 def test_retraining_prunes_the_caches_of_backbones_no_longer_in_use(
     clothing_store: TrainedStore, tmp_path: Path, backbone: Backbone
 ) -> None:

@@ -36,7 +36,7 @@ from model_store.images import (
     sniff_extension,
     to_model_input,
 )
-from tests.crafted_images import solid_jpeg
+from tests.auxil.crafted_images import solid_jpeg
 
 DATA = Path(__file__).resolve().parent / "data"
 CASES_DIR = DATA / "cases"

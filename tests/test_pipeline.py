@@ -1,7 +1,7 @@
 """End to end: retrain -> version on disk -> gate -> promote -> classify; rollback, prune, failures, crashes.
 
 Real TensorFlow, the shipped backbone, the 80 clothing photos. The trained stores come from
-``tests.modelstore_fixtures`` (built once per session, read-only); tests that change a store work on
+``tests.auxil.modelstore`` (built once per session, read-only); tests that change a store work on
 a copy.
 """
 
@@ -27,8 +27,8 @@ from model_store.pipeline import retrain
 from model_store.registry import ModelRegistry
 from model_store.training import TRAINING, assign_split
 from model_store.workspace import Workspace
-from tests import modelstore_fixtures as fx
-from tests.modelstore_fixtures import (
+from tests.auxil import modelstore as fx
+from tests.auxil.modelstore import (
     BASE_CONFIG,
     CASES,
     PYTHON,
@@ -40,11 +40,6 @@ from tests.modelstore_fixtures import (
     copy_store,
     train_config,
 )
-
-# the shared session fixtures (real shipped backbone, trained stores)
-backbone = fx.backbone
-clothing_store = fx.clothing_store
-clothing_store_v2 = fx.clothing_store_v2
 
 STAGES = ["bottlenecks", "training", "evaluating", "saving"]
 
@@ -126,6 +121,7 @@ def test_retrain_reports_progress_in_stage_order(clothing_store: TrainedStore) -
     assert events[-1] == ("saving", 1, 1)
 
 
+@pytest.mark.slow
 def test_classifier_serves_the_trained_model(clothing_store: TrainedStore) -> None:
     ws = Workspace(clothing_store.root)
     clf = Classifier(ws.registry)
@@ -235,6 +231,7 @@ def test_second_retrain_reuses_every_bottleneck(clothing_store_v2: TrainedStore)
     _assert_versions_complete(ws)
 
 
+@pytest.mark.slow
 def test_gate_accuracy_floor_refuses_and_the_old_model_keeps_serving(
     clothing_store: TrainedStore, tmp_path: Path
 ) -> None:
@@ -260,6 +257,7 @@ def test_gate_accuracy_floor_refuses_and_the_old_model_keeps_serving(
     assert clf.classify([_shoes_photo().read_bytes()], top_k=1)[0][0][0] == "shoes"
 
 
+@pytest.mark.slow
 def test_gate_accuracy_drop_refuses_with_the_comparison_in_the_reason(
     clothing_store: TrainedStore, tmp_path: Path
 ) -> None:
@@ -309,6 +307,7 @@ def test_rollback_is_picked_up_by_a_running_classifier(
     assert _pointer(ws) == {"version": v2, "history": [v1]}
 
 
+@pytest.mark.slow
 def test_prune_keeps_keep_versions_plus_the_rollback_target(
     clothing_store_v2: TrainedStore, tmp_path: Path
 ) -> None:
@@ -331,6 +330,7 @@ def test_prune_keeps_keep_versions_plus_the_rollback_target(
     _assert_versions_complete(ws)
 
 
+@pytest.mark.slow
 def test_an_unreadable_file_placed_by_hand_is_skipped_and_reported(
     clothing_store: TrainedStore, tmp_path: Path
 ) -> None:

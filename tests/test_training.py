@@ -304,6 +304,7 @@ def _blobs(n_per: int, c: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarra
     return x.astype(np.float32), y.astype(np.int64)
 
 
+@pytest.mark.slow
 def test_train_head_learns_separable_bottlenecks() -> None:
     x, y = _blobs(40, 4, 32, seed=0)
     vx, vy = _blobs(10, 4, 32, seed=0)

@@ -42,9 +42,9 @@ from model_store.pipeline import retrain, training_lock
 from model_store.registry import ModelRegistry
 from model_store.stages.gate import gate_against_current
 from model_store.workspace import Workspace
-from tests import modelstore_fixtures as fx
+from tests.auxil import modelstore as fx
+from tests.auxil.bot_harness import ADMIN, ROOT, bot_config, photos, running_bot
 from tests.botapi_standin import BotApiStandIn
-from tests.conftest import ADMIN, ROOT, bot_config, photos, running_bot
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -414,6 +414,7 @@ def test_gate_skips_test_images_deleted_during_the_training(tmp_path: Path) -> N
     assert result is not None and result["images"] == 0 and result["current_accuracy"] is None
 
 
+@pytest.mark.slow
 async def test_scheduled_training_skips_quietly_while_a_cli_retrain_holds_the_store(
     botapi: BotApiStandIn, tmp_path: Path
 ) -> None:

@@ -20,17 +20,9 @@ import pytest
 
 from bot import admin
 from model_store.registry import ModelRegistry
-from tests.conftest import ADMIN, TRAIN_PER_LABEL, USER, bot_config, photos
-from tests.hardening_support import (
-    HardenedStandIn,
-    api_fixture,  # noqa: F401  (the api fixture)
-    assert_no_traceback,
-    push,
-    serving_bot,
-    store_state,
-    with_sender,
-)
-from tests.test_bot_classify import labels_in
+from tests.auxil.bot_harness import ADMIN, TRAIN_PER_LABEL, USER, bot_config, labels_in, photos
+from tests.auxil.standin_extras import HardenedStandIn, push, serving_bot, with_sender
+from tests.auxil.store_checks import assert_no_traceback, store_state
 
 BOT = "labelgram_test_bot"
 GROUP = -1005555

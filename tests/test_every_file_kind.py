@@ -21,18 +21,17 @@ import io
 import random
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
-from tests.conftest import ADMIN, CASES, TRAIN_PER_LABEL, USER, bot_config, photos
-from tests.hardening_support import (
-    HardenedStandIn,
-    api_fixture,  # noqa: F401  (the api fixture)
+from tests.auxil.bot_harness import ADMIN, CASES, TRAIN_PER_LABEL, USER, bot_config, labels_in, photos
+from tests.auxil.standin_extras import HardenedStandIn
+from tests.auxil.store_checks import (
     assert_no_traceback,
     assert_store_contained,
     catalog_matches_folders,
     store_state,
 )
-from tests.test_bot_classify import labels_in
 
 MIME = {
     "jpg": "image/jpeg",
@@ -103,6 +102,7 @@ def is_refusal(text: str) -> bool:
     return not labels_in(text) and 10 < len(text) < 400 and text.rstrip().endswith((".", "!", ")"))
 
 
+@pytest.mark.slow
 async def test_a_user_sending_every_kind_of_file_gets_labels_or_a_sentence(api: HardenedStandIn, store_copy: Path) -> None:
     cases = all_cases()
     before = store_state(store_copy)
@@ -137,6 +137,7 @@ async def test_a_user_sending_every_kind_of_file_gets_labels_or_a_sentence(api: 
     assert store_state(store_copy) == before, "asking for labels never stores anything"
 
 
+@pytest.mark.slow
 async def test_an_admin_adding_every_kind_of_file_stores_exactly_the_readable_ones(
     api: HardenedStandIn, store_copy: Path, tmp_path: Path
 ) -> None:
@@ -197,7 +198,7 @@ async def test_an_admin_adding_every_kind_of_file_stores_exactly_the_readable_on
 
 
 def _bot(api: HardenedStandIn, store: Path):
-    from tests.conftest import running_bot
+    from tests.auxil.bot_harness import running_bot
 
     # one user sends ~70 files in a row here: the per-user limits are lifted (they have their own tests)
     limits = {"photos_per_minute": 0, "messages_per_minute": 0, "min_free_disk_mb": 0}

@@ -22,10 +22,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import ADMIN, ROOT
-from tests.crafted_images import animated_webp, solid_jpeg, solid_png
-from tests.hardening_support import HardenedStandIn, api_fixture  # noqa: F401  (the api fixture)
-from tests.test_bot_classify import labels_in
+from tests.auxil.bot_harness import ADMIN, ROOT, labels_in
+from tests.auxil.crafted_images import animated_webp, solid_jpeg, solid_png
+from tests.auxil.standin_extras import HardenedStandIn
 
 #: the issue's functional limits
 RSS_LIMIT_MB = 1500

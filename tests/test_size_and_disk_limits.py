@@ -26,17 +26,10 @@ from model_store.pipeline import retrain
 from model_store.registry import ModelRegistry
 from model_store.training import TrainConfig
 from model_store.workspace import Workspace
-from tests.conftest import ADMIN, CASES, TRAIN_PER_LABEL, USER, bot_config, photos
-from tests.hardening_support import (
-    HardenedStandIn,
-    api_fixture,  # noqa: F401  (the api fixture)
-    assert_no_traceback,
-    push,
-    serving_bot,
-    store_state,
-)
-from tests.modelstore_fixtures import shared_backbone
-from tests.test_bot_classify import labels_in
+from tests.auxil.bot_harness import ADMIN, CASES, TRAIN_PER_LABEL, USER, bot_config, labels_in, photos
+from tests.auxil.modelstore import shared_backbone
+from tests.auxil.standin_extras import HardenedStandIn, push, serving_bot
+from tests.auxil.store_checks import assert_no_traceback, store_state
 
 LIMIT = 100_000  # bytes; big_6x.jpg is 535 kB, the clothing photos are under 10 kB
 
@@ -162,6 +155,7 @@ async def test_the_floor_reached_in_the_middle_of_an_album(
     assert not [p for p in store_copy.rglob("*") if p.name.startswith(".tmp-")]
 
 
+@pytest.mark.slow
 def test_versions_and_bottleneck_cache_stay_within_their_limits(store_copy: Path) -> None:
     ws = Workspace(store_copy)
     registry = ws.registry

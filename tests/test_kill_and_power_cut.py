@@ -41,14 +41,18 @@ from model_store.classifier import Classifier
 from model_store.dataset import ImageStore
 from model_store.images import decode_image
 from model_store.registry import ModelRegistry
-from tests.conftest import ADMIN, CLOTHING, ROOT, TRAIN_PER_LABEL, USER, bot_config, photos
-from tests.hardening_support import (
-    HardenedStandIn,
-    api_fixture,  # noqa: F401  (the api fixture)
-    catalog_matches_folders,
-    serving_bot,
+from tests.auxil.bot_harness import (
+    ADMIN,
+    CLOTHING,
+    ROOT,
+    TRAIN_PER_LABEL,
+    USER,
+    bot_config,
+    labels_in,
+    photos,
 )
-from tests.test_bot_classify import labels_in
+from tests.auxil.standin_extras import HardenedStandIn, serving_bot
+from tests.auxil.store_checks import catalog_matches_folders
 
 ADD_LOOP = """
 import sys
@@ -109,6 +113,7 @@ def _catalog(root: Path) -> set[tuple[str, str]]:
         return set(conn.execute("SELECT sha256, label FROM images"))
 
 
+@pytest.mark.slow
 def test_sigkill_while_adding_images_loses_no_acknowledged_image(many_photos: list[Path], tmp_path: Path) -> None:
     root = tmp_path / "store"
     script = tmp_path / "add_loop.py"
@@ -294,6 +299,7 @@ async def test_power_cut_while_the_bot_writes_a_new_version(api: HardenedStandIn
     assert [p.name for p in registry.root.iterdir() if p.name.startswith(".tmp-")] == [], "prune removed the leftover"
 
 
+@pytest.mark.slow
 def test_sigkill_during_promotion_always_leaves_a_complete_serving_version(store_copy: Path, tmp_path: Path) -> None:
     registry = ModelRegistry(store_copy / "models")
     (first,) = registry.versions()

@@ -1,17 +1,9 @@
-"""Shared fixtures and helpers for the model_store / CLI tests (real TensorFlow, real photos, real files).
+"""Model-store helpers for the store / pipeline / CLI tests (real TensorFlow, real photos, real files).
 
-Import the fixtures explicitly in a test module (an assignment, so ruff does not see the test
-arguments of the same name as redefinitions)::
-
-    from tests import modelstore_fixtures as fx
-
-    backbone = fx.backbone
-    clothing_store = fx.clothing_store
-
-Session-scoped fixtures imported into several modules become one fixture definition per module in
-pytest, so the expensive objects (the loaded shipped backbone, the trained store folders) are kept in
-module-level caches here and built once per test session whichever module asks first. They are
-read-only: a test that changes a store works on a :func:`copy_store` copy.
+The trained stores are built once per test session, whichever test asks first: through the
+``backbone``, ``clothing_store`` and ``clothing_store_v2`` fixtures (tests/conftest.py) or, inside a
+test, through :func:`shared_backbone` and friends. They are read-only: a test that changes a store
+works on a :func:`copy_store` copy.
 """
 
 from __future__ import annotations
@@ -32,8 +24,8 @@ from model_store.pipeline import RetrainReport, retrain
 from model_store.training import TrainConfig
 from model_store.workspace import Workspace
 
-REPO = Path(__file__).resolve().parent.parent
-DATA = Path(__file__).resolve().parent / "data"
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / "tests" / "data"
 CLOTHING = DATA / "clothing"
 CASES = DATA / "cases"
 PYTHON = sys.executable
@@ -154,25 +146,6 @@ def shared_two_version_store(tmp_path_factory: pytest.TempPathFactory) -> Traine
     if "two" not in _CACHE:
         _CACHE["two"] = _build_two_version_store(tmp_path_factory)
     return _CACHE["two"]  # type: ignore[return-value]
-
-
-# -------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="session")
-def backbone() -> Backbone:
-    """The real shipped EfficientNet-Lite0 feature extractor (shared, do not mutate)."""
-    return shared_backbone()
-
-
-@pytest.fixture(scope="session")
-def clothing_store(tmp_path_factory: pytest.TempPathFactory) -> TrainedStore:
-    """A store with the clothing photos and one promoted model version (read-only)."""
-    return shared_trained_store(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def clothing_store_v2(tmp_path_factory: pytest.TempPathFactory) -> TrainedStore:
-    """A store with two promoted versions, the second serving (read-only)."""
-    return shared_two_version_store(tmp_path_factory)
 
 
 # ------------------------------------------------------------------------------------------- CLI

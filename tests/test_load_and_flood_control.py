@@ -33,10 +33,18 @@ from telegram.error import RetryAfter
 
 from bot.ratelimit import ChatRetryRateLimiter
 from model_store.dataset import ImageStore
+from tests.auxil.bot_harness import (
+    ADMIN,
+    ROOT,
+    TRAIN_PER_LABEL,
+    USER,
+    bot_config,
+    labels_in,
+    photos,
+    running_bot,
+)
+from tests.auxil.standin_extras import HardenedStandIn
 from tests.botapi_standin import Call
-from tests.conftest import ADMIN, ROOT, TRAIN_PER_LABEL, USER, bot_config, photos, running_bot
-from tests.hardening_support import HardenedStandIn, api_fixture  # noqa: F401  (the api fixture)
-from tests.test_bot_classify import labels_in
 
 #: how long the 50 chats keep sending (the issue's 60 s)
 LOAD_SECONDS = 60.0
@@ -304,6 +312,7 @@ async def test_a_user_flooding_commands_buttons_and_captions_is_cut_off_politely
     assert {i.name: i.count for i in ImageStore(store_copy).labels()} == {"pants": 6, "shoes": 6, "t-shirt": 6}
 
 
+@pytest.mark.slow
 async def test_the_rate_limiter_pauses_one_chat_or_everything_and_gives_up_after_its_retries() -> None:
     limiter = ChatRetryRateLimiter(overall_max_rate=0, overall_time_period=0, max_retries=1)
     calls: list[str] = []

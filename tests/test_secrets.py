@@ -25,8 +25,8 @@ from bot.config import ConfigError, load_config
 from bot.logsafe import REDACTED, TokenRedactingFilter, redact
 from bot.state import BotState
 from bot.training_runner import Trainer
+from tests.auxil.bot_harness import bot_config
 from tests.botapi_standin import BotApiStandIn
-from tests.conftest import bot_config
 
 TOKEN = "987654321:AAHsecretPartOfTheToken_x-Y"
 HALF = TOKEN.split(":", 1)[1]

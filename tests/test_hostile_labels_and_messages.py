@@ -25,20 +25,15 @@ from bot import admin
 from bot.app import ALLOWED_UPDATES
 from model_store.dataset import ImageStore
 from model_store.labels import label_key
-from tests.botapi_standin import Call
-from tests.conftest import ADMIN, OTHER_ADMIN, TRAIN_PER_LABEL, USER, bot_config, photos
-from tests.hardening_support import (
-    HardenedStandIn,
-    api_fixture,  # noqa: F401  (the api fixture)
+from tests.auxil.bot_harness import ADMIN, OTHER_ADMIN, TRAIN_PER_LABEL, USER, bot_config, labels_in, photos
+from tests.auxil.standin_extras import HardenedStandIn, forwarded, push, serving_bot
+from tests.auxil.store_checks import (
     assert_no_traceback,
     assert_store_contained,
     catalog_matches_folders,
-    forwarded,
-    push,
-    serving_bot,
     store_state,
 )
-from tests.test_bot_classify import labels_in
+from tests.botapi_standin import Call
 
 BOT = "labelgram_test_bot"  # the stand-in's bot username
 GROUP = -1001234
@@ -103,6 +98,7 @@ async def _silent(api: HardenedStandIn, bot: Any, chat: int, mids: list[int], *,
         assert api.replies_to(chat, mid) == [], f"message {mid} in chat {chat} was answered"
 
 
+@pytest.mark.slow
 async def test_hostile_labels_typed_in_chat_are_accepted_cleanly_or_refused_clearly(
     api: HardenedStandIn, store_copy: Path, tmp_path: Path
 ) -> None:
