@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from model_store.backbones import Backbone, load_backbone
-from model_store.contract import RetrainReport
+from model_store.contract import RetrainReport, TrainingStatus
 from model_store.engine import EngineSettings
 from model_store.errors import LabelgramError, TrainingError
 from model_store.fs import DISK_FULL_ERRNOS, LockHeld, file_lock
@@ -69,12 +69,12 @@ def retrain(
             return _retrain(ws, config, backbone, weights, progress, engine or EngineSettings())
     except LabelgramError as exc:
         log.warning("retrain failed: %s", exc.message)
-        return _report("failed", exc.message)
+        return _report(TrainingStatus.FAILED, exc.message)
     except Exception as exc:  # ENOSPC, also wrapped (h5py, TensorFlow): not a crash
         if not is_disk_full(exc):
             raise
         log.error("retrain failed: the disk is full (%s)", exc)
-        return _report("failed", DISK_FULL_MESSAGE)
+        return _report(TrainingStatus.FAILED, DISK_FULL_MESSAGE)
 
 
 DISK_FULL_MESSAGE = (
@@ -142,7 +142,7 @@ def training_lock(ws: Workspace) -> Iterator[None]:
         lock.release()
 
 
-def _report(status: str, message: str, **fields: Any) -> RetrainReport:
+def _report(status: TrainingStatus, message: str, **fields: Any) -> RetrainReport:
     """The one place a :class:`RetrainReport` is built (``status``, ``message``, the rest by name)."""
     return RetrainReport(status, message, **fields)
 

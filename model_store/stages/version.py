@@ -15,6 +15,7 @@ from pathlib import Path
 
 from model_store.backbones import Backbone
 from model_store.bottlenecks import PREPROCESSING_MODE, BottleneckCache
+from model_store.contract import TrainingStatus
 from model_store.engine import EngineSettings, copy_cache, inference_function
 from model_store.errors import TrainingError
 from model_store.evaluation import Evaluation, plot_confusion_matrix
@@ -180,18 +181,18 @@ def write_version(
 
 def promote_or_refuse(
     ws: Workspace, version: ModelVersion, gate: Gate, evaluation: Evaluation, snap: Snapshot, config: TrainConfig
-) -> tuple[str, str]:
+) -> tuple[TrainingStatus, str]:
     """Promote the version if the gate passed. Returns ``(status, message)`` for the report."""
     name = version.name
     if gate.passed:
         ws.registry.promote(version)
-        status = "promoted"
+        status = TrainingStatus.PROMOTED
         message = (
             f"New model {name} is serving: test accuracy {evaluation.accuracy:.1%} on {evaluation.count} images, "
             f"{len(snap.labels)} labels."
         )
     else:
-        status = "refused"
+        status = TrainingStatus.REFUSED
         message = f"New model {name} was not promoted: {'; '.join(gate.reasons)}. The current model keeps serving."
     if snap.excluded:
         message += (
