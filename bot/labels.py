@@ -140,7 +140,10 @@ async def on_delete(update: Update, context: Context) -> None:
 async def on_delete_button(update: Update, context: Context) -> None:
     """An admin pressed a ``/delete`` button: honoured once, for the admin who asked, in time."""
     query = update.callback_query
-    if query is None or not isinstance(query.data, DeleteChoice):
+    if query is None:
+        return
+    if not isinstance(query.data, DeleteChoice):  # a press without data: PTB's type pattern lets it through
+        await on_unknown_button(update, context)
         return
     choice = query.data
     user_id = query.from_user.id
