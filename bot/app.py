@@ -105,10 +105,12 @@ class LabelgramApplication(Application):  # type: ignore[type-arg]
     """An Application that stops a running training before waiting for its handlers to finish."""
 
     async def stop(self) -> None:
-        """Kill a running training subprocess first, then stop as usual."""
+        """Kill a running training subprocess first, answer the albums still waiting, then stop as usual."""
         trainer = getattr(self.bot_data, "trainer", None)
         if trainer is not None:
             await trainer.aclose()
+        if self.running:
+            await teaching.finish_albums_now(self)
         await super().stop()
 
 

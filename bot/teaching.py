@@ -18,7 +18,7 @@ from collections import Counter
 from typing import Any
 
 from telegram import Message, Update
-from telegram.ext import BaseHandler, CommandHandler, MessageHandler, filters
+from telegram.ext import Application, BaseHandler, CommandHandler, MessageHandler, filters
 
 from bot.classifying import classify_message
 from bot.context import Album, AlbumKey, Context
@@ -44,6 +44,7 @@ __all__ = [
     "add_from_caption",
     "add_images",
     "collect_album_item",
+    "finish_albums_now",
     "handlers",
     "on_add",
     "on_undo",
@@ -138,8 +139,11 @@ async def on_add(update: Update, context: Context) -> None:
     await reply(message, await add_images(context, [ref], label, user_id=user_id, chat_id=message.chat_id))
 
 
+_ALBUM_JOB_PREFIX = "album:"
+
+
 def _album_job_name(key: AlbumKey) -> str:
-    return f"album:{key[0]}:{key[1]}:{key[2]}"
+    return f"{_ALBUM_JOB_PREFIX}{key[0]}:{key[1]}:{key[2]}"
 
 
 async def on_album_item(update: Update, context: Context) -> None:
@@ -210,6 +214,21 @@ async def _finish_album(context: Context) -> None:
         await _answer_album(context, album)
     except Exception as exc:  # reported like a handler's error: logged, and an apology to the first photo
         await context.application.process_error(update, exc, job=context.job)
+
+
+async def finish_albums_now(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
+    """Answer every album still waiting for photos, now (at shutdown: no more photos will come).
+
+    Without it, stopping the JobQueue would drop them; before albums were jobs, Application.stop
+    waited for the handler that was holding the album.
+    """
+    job_queue = application.job_queue
+    if job_queue is None:
+        return
+    for job in job_queue.jobs():
+        if job.name is not None and job.name.startswith(_ALBUM_JOB_PREFIX) and not job.removed:
+            job.schedule_removal()
+            await job.run(application)
 
 
 async def _answer_album(context: Context, album: Album) -> None:

@@ -199,3 +199,14 @@ def test_formatters() -> None:
         warnings.simplefilter("error")  # reading it shows no deprecation warning
         assert retry_after_seconds(as_int) == 3.0
         assert retry_after_seconds(as_delta) == 1.5
+
+
+async def test_an_album_still_waiting_at_shutdown_is_answered_not_dropped(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    async with offline_bot(store, admins=(ADMIN,), classify={"album_wait_ms": 60_000}) as bot:
+        album = [bot.photo_message(ADMIN, jpeg(i=i), media_group_id="g2", caption="/add hat" if i == 0 else None)
+                 for i in range(2)]
+        for message in album:
+            await bot.push({"message": message})
+        assert not bot.request.sent()
+    assert bot.reply_to(album[0]) == "Added 2 images to hat (2 images in total)."
