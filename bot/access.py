@@ -18,7 +18,7 @@ sending rate that every other chat shares. Photos are also limited on their own
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from telegram import Update
@@ -96,7 +96,7 @@ class ButtonsFrom(CallbackQueryHandler[Any, Any]):
 
     def __init__(
         self,
-        callback: Callable[[Update, Context], Awaitable[None]],
+        callback: Callable[[Update, Context], Coroutine[Any, Any, None]],
         users: filters.User,
         *,
         admins: bool,

@@ -112,9 +112,9 @@ class BotData:
 
 
 #: The context type of every handler and job callback of the bot.
-Context: TypeAlias = CallbackContext[ExtBot[None], dict[Any, Any], dict[Any, Any], BotData]
+Context: TypeAlias = CallbackContext[ExtBot[Any], dict[Any, Any], dict[Any, Any], BotData]
 
 #: Passed to ``ApplicationBuilder.context_types``.
-CONTEXT_TYPES: ContextTypes[Context, BotData, dict[Any, Any], dict[Any, Any]] = ContextTypes(
+CONTEXT_TYPES: ContextTypes[Context, dict[Any, Any], dict[Any, Any], BotData] = ContextTypes(
     bot_data=BotData
 )

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
 from telegram import Message, Update
 from telegram.ext import Application, BaseHandler, CommandHandler, MessageHandler, filters
@@ -205,7 +205,7 @@ async def collect_album_item(update: Update, context: Context, message: Message,
 async def _finish_album(context: Context) -> None:
     """The album's wait is over: add its photos under the caption's label, or classify each."""
     assert context.job is not None
-    key, update = context.job.data  # type: ignore[misc]
+    key, update = cast(tuple[AlbumKey, Update], context.job.data)
     album = context.bot_data.albums.get(key)
     if album is None or album.done:
         return
