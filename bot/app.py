@@ -1,11 +1,22 @@
-"""Build and run the Telegram Application.
+"""Build and run the Telegram Application: the one place that composes and routes the features.
 
-:func:`build_application` wires the configuration, the model store and the handlers into a
-python-telegram-bot ``Application``: token and Bot API URLs from the config, a rate limiter for
-Telegram's flood limits (``AIORateLimiter``'s throttling with 429 pauses per chat,
-:mod:`bot.ratelimit`), concurrent update handling (photos are answered in parallel and
-batched into one forward pass), the command menus (one for everyone, one per admin chat), and
-the retraining schedule. :func:`run` is what ``python -m bot run`` calls.
+:func:`build_application` wires the configuration, the model store and the feature modules into a
+python-telegram-bot ``Application``: token and Bot API URLs from the config, the typed context
+(:class:`bot.context.BotData` as ``context.bot_data``), arbitrary callback data (the ``/delete``
+buttons), a rate limiter for Telegram's flood limits (429 pauses per chat, :mod:`bot.ratelimit`),
+concurrent update handling (photos are answered in parallel and batched into one forward pass),
+the command menus (one for everyone, one per admin chat), and the retraining schedule.
+
+Routing (:func:`add_handlers`, in the manner of aiogram's ``examples/multi_file_bot``): each
+feature module exports its handlers, and the order here decides which one an update reaches:
+
+* group -1: :func:`bot.access.limit_messages` (a non-admin over the message limit goes no further);
+* group 0, first match wins: /start and /help (:mod:`bot.general`); the admins' routes of
+  :mod:`bot.teaching` (albums first, then ``/add`` captions), :mod:`bot.labels` and
+  :mod:`bot.models`, all filtered by the one ``filters.User`` of admins; the refusals for everyone
+  else (:mod:`bot.access`); then every other photo is classified (:mod:`bot.classifying`).
+
+:func:`run` is what ``python -m bot run`` calls.
 """
 
 from __future__ import annotations
@@ -23,22 +34,17 @@ from urllib.parse import urlparse
 from filelock import FileLock, Timeout
 from telegram import BotCommand, BotCommandScopeChat, Update
 from telegram.error import InvalidToken, NetworkError, TelegramError
-from telegram.ext import (
-    Application,
-    CallbackQueryHandler,
-    CommandHandler,
-    MessageHandler,
-    TypeHandler,
-    filters,
-)
+from telegram.ext import Application, TypeHandler, filters
+from telegram.request import BaseRequest
 
-from bot import admin, handlers
+from bot import access, classifying, general, labels, models, teaching
 from bot.batching import MicroBatcher
 from bot.config import CONFIG_PATH_ENV, Config, ConfigError, load_config
+from bot.context import CONTEXT_TYPES, BotData
+from bot.limits import RateLimiter
 from bot.logsafe import configure_logging, install_token_filter, redact
-from bot.ratelimit import ChatRetryRateLimiter, limit_messages
+from bot.ratelimit import ChatRetryRateLimiter
 from bot.schedule import setup_schedule
-from bot.services import SERVICES_KEY, RateLimiter, Services
 from bot.state import BotState
 from bot.training_runner import Trainer, retrain_command
 from model_store.classifier import Classifier
@@ -51,6 +57,7 @@ __all__ = [
     "PUBLIC_COMMANDS",
     "LabelgramApplication",
     "acquire_store_lock",
+    "add_handlers",
     "build_application",
     "run",
 ]
@@ -94,30 +101,28 @@ and start the bot again:  python -m bot run --config config.toml
 """
 
 
-class LabelgramApplication(Application):  # type: ignore[type-arg]
+class LabelgramApplication(Application):
     """An Application that stops a running training before waiting for its handlers to finish."""
 
     async def stop(self) -> None:
-        """Kill a running training subprocess first, then stop as usual."""
-        svc: Services | None = self.bot_data.get(SERVICES_KEY)
-        if svc is not None:
-            await svc.trainer.aclose()
+        """Kill a running training subprocess first, answer the albums still waiting, then stop as usual."""
+        trainer = getattr(self.bot_data, "trainer", None)
+        if trainer is not None:
+            await trainer.aclose()
+        if self.running:
+            await teaching.finish_albums_now(self)
         await super().stop()
 
 
-def _services_of(application: Application[Any, Any, Any, Any, Any, Any]) -> Services:
-    return application.bot_data[SERVICES_KEY]
-
-
 async def _post_init(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
-    svc = _services_of(application)
-    await set_commands(application, svc.config)
+    data: BotData = application.bot_data
+    await set_commands(application, data.config)
     # Load the serving model on the classifier's own thread before the first photo needs it.
     warmup = asyncio.get_running_loop().run_in_executor(
-        svc.batcher.executor, svc.classifier.reload_if_changed
+        data.batcher.executor, data.classifier.reload_if_changed
     )
     warmup.add_done_callback(_log_warmup)
-    svc.extras["warmup"] = warmup
+    data.warmup = warmup
 
 
 def _log_warmup(future: asyncio.Future[Any]) -> None:
@@ -129,9 +134,9 @@ def _log_warmup(future: asyncio.Future[Any]) -> None:
 
 
 async def _post_shutdown(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
-    svc = _services_of(application)
-    await svc.trainer.aclose()
-    await svc.batcher.aclose()
+    data: BotData = application.bot_data
+    await data.trainer.aclose()
+    await data.batcher.aclose()
 
 
 async def set_commands(application: Application[Any, Any, Any, Any, Any, Any], config: Config) -> None:
@@ -175,6 +180,7 @@ def build_application(
     *,
     workspace: Workspace | None = None,
     train_command: list[str] | None = None,
+    request: BaseRequest | None = None,
 ) -> Application[Any, Any, Any, Any, Any, Any]:
     """Create the bot's Application (not started).
 
@@ -183,6 +189,8 @@ def build_application(
         workspace: the store folder to use (default: ``Workspace(config.store_dir, ...)``).
         train_command: the retraining command line (default: ``python -m bot retrain`` with the
             configuration's flags).
+        request: the HTTP layer for Bot API calls (default: PTB's ``HTTPXRequest`` with the
+            timeouts below; tests pass an in-process double). Used for ``get_updates`` too.
 
     Raises:
         ConfigError: no token.
@@ -224,6 +232,8 @@ def build_application(
     builder = (
         Application.builder()
         .application_class(LabelgramApplication)
+        .context_types(CONTEXT_TYPES)
+        .arbitrary_callback_data(True)
         .token(token)
         .concurrent_updates(tg.concurrent_updates)
         .rate_limiter(
@@ -234,12 +244,13 @@ def build_application(
                 max_retries=2,
             )
         )
-        .read_timeout(30)
-        .write_timeout(30)
-        .media_write_timeout(60)
         .post_init(_post_init)
         .post_shutdown(_post_shutdown)
     )
+    if request is not None:
+        builder = builder.request(request).get_updates_request(request)
+    else:
+        builder = builder.read_timeout(30).write_timeout(30).media_write_timeout(60)
     if tg.base_url:
         builder = builder.base_url(tg.base_url)
     if tg.base_file_url:
@@ -248,49 +259,46 @@ def build_application(
         builder = builder.local_mode(True)
     application = builder.build()
 
-    svc = Services(
-        config=config,
-        workspace=ws,
-        classifier=classifier,
-        batcher=batcher,
-        trainer=trainer,
-        state=state,
-        rate=RateLimiter(config.limits.photos_per_minute),
-        message_rate=RateLimiter(config.limits.messages_per_minute),
-        image_slots=asyncio.Semaphore(2 * config.classify.max_batch),
-    )
-    application.bot_data[SERVICES_KEY] = svc
-    _add_handlers(application)
-    svc.schedule_job = setup_schedule(application, svc)
+    data: BotData = application.bot_data
+    data.config = config
+    data.workspace = ws
+    data.classifier = classifier
+    data.batcher = batcher
+    data.trainer = trainer
+    data.state = state
+    data.admins = filters.User(user_id=config.admins)
+    data.rate = RateLimiter(config.limits.photos_per_minute)
+    data.message_rate = RateLimiter(config.limits.messages_per_minute)
+    data.image_slots = asyncio.Semaphore(2 * config.classify.max_batch)
+    add_handlers(application, data.admins)
+    data.schedule_job = setup_schedule(application, data)
     return application
 
 
-def _add_handlers(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
-    new = filters.UpdateType.MESSAGE
+#: the commands only admins may use (everyone else gets a refusal)
+ADMIN_ONLY_COMMANDS = [c.command for c in ADMIN_COMMANDS if c not in PUBLIC_COMMANDS]
+
+
+def add_handlers(application: Application[Any, Any, Any, Any, Any, Any], admins: filters.User) -> None:
+    """Compose the feature modules' handlers in routing order (see the module docstring).
+
+    Args:
+        application: the Application to add them to.
+        admins: the one admin filter (``BotData.admins``): admins' routes take it, refusals its negation.
+    """
     # first, for every update: a non-admin over limits.messages_per_minute goes no further
-    application.add_handler(TypeHandler(Update, limit_messages), group=-1)
-    application.add_handler(CommandHandler("start", handlers.on_start, filters=new))
-    application.add_handler(CommandHandler("help", handlers.on_help, filters=new))
-    for name, callback in (
-        ("add", admin.on_add),
-        ("undo", admin.on_undo),
-        ("labels", admin.on_labels),
-        ("rename", admin.on_rename),
-        ("delete", admin.on_delete),
-        ("retrain", admin.on_retrain),
-        ("status", admin.on_status),
-        ("rollback", admin.on_rollback),
-    ):
-        application.add_handler(CommandHandler(name, callback, filters=new))
-    application.add_handler(MessageHandler(new & (filters.PHOTO | filters.Document.IMAGE), handlers.on_image))
-    application.add_handler(
-        MessageHandler(
-            new & filters.ChatType.PRIVATE & filters.Document.ALL & ~filters.Document.IMAGE,
-            handlers.on_other_document,
-        )
+    application.add_handler(TypeHandler(Update, access.limit_messages), group=-1)
+    application.add_handlers(
+        [
+            *general.handlers(),
+            *teaching.handlers(admins),  # admins' albums and /add captions before any classifying
+            *labels.handlers(admins),
+            *models.handlers(admins),
+            *access.handlers(admins, ADMIN_ONLY_COMMANDS),  # everyone else: refusals
+            *classifying.handlers(),  # every other photo
+        ]
     )
-    application.add_handler(CallbackQueryHandler(admin.on_delete_button))
-    application.add_error_handler(handlers.on_error)
+    application.add_error_handler(general.on_error)
 
 
 def run(config_path: str | None) -> int:

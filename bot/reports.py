@@ -17,7 +17,7 @@ from PIL import Image
 from telegram import Bot, Message, ReplyParameters
 from telegram.error import BadRequest, Forbidden, RetryAfter, TelegramError
 
-from bot.ratelimit import retry_after_seconds
+from bot.telegram_io import cut_text, retry_after_seconds
 from bot.training_runner import TrainingOutcome
 
 __all__ = ["ProgressMessage", "fits_as_photo", "format_report", "notify_admins", "send_report"]
@@ -55,7 +55,7 @@ def format_progress(stage: str, done: int, total: int, elapsed: float) -> str:
 def format_report(outcome: TrainingOutcome) -> str:
     """The report an admin reads after a training: outcome, accuracy, per-label figures."""
     when = {"manual": "", "scheduled": " (scheduled)", "startup": " (missed while the bot was down)"}
-    label = when.get(outcome.trigger, "")
+    label = when.get(outcome.trigger or "", "")
     m = outcome.metrics
     lines: list[str] = []
     if outcome.status == "promoted":
@@ -98,8 +98,7 @@ def format_report(outcome: TrainingOutcome) -> str:
                 )
             if len(items) > MAX_LABEL_LINES:
                 lines.append(f"… and {len(items) - MAX_LABEL_LINES} more labels")
-    text = "\n".join(lines)
-    return text if len(text) <= 4000 else text[:3990] + "\n…"
+    return cut_text("\n".join(lines))
 
 
 #: Telegram's sendPhoto limits: width + height at most 10000 px, at most 10 MB, ratio at most 20.

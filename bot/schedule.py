@@ -21,11 +21,11 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from telegram.ext import Application, ContextTypes, Job
+from telegram.ext import Application, Job
 
 from bot.config import Config
+from bot.context import BotData, Context
 from bot.reports import notify_admins
-from bot.services import Services, services
 from bot.state import BotState
 
 __all__ = ["missed_run", "run_scheduled_training", "setup_schedule"]
@@ -54,12 +54,12 @@ def missed_run(config: Config, state: BotState, now: datetime | None = None) -> 
     return next_fire is not None and next_fire <= now
 
 
-def setup_schedule(application: Application[Any, Any, Any, Any, Any, Any], svc: Services) -> Job[Any] | None:
+def setup_schedule(application: Application[Any, Any, Any, Any, Any, Any], data: BotData) -> Job[Any] | None:
     """Add the retraining job (and a one-off catch-up if a run was missed) to the JobQueue."""
     job_queue = application.job_queue
     if job_queue is None:
         raise RuntimeError("python-telegram-bot was installed without the job-queue extra")
-    cfg = svc.config.training
+    cfg = data.config.training
     if cfg.interval_seconds > 0:
         job = job_queue.run_repeating(
             run_scheduled_training,
@@ -79,79 +79,79 @@ def setup_schedule(application: Application[Any, Any, Any, Any, Any, Any], svc: 
             data="scheduled",
         )
         log.info("retraining scheduled by cron %r in %s", cfg.schedule, cfg.timezone)
-    if missed_run(svc.config, svc.state):
+    if missed_run(data.config, data.state):
         log.info("a scheduled retraining was missed while the bot was down; running it shortly")
         job_queue.run_once(run_scheduled_training, when=CATCH_UP_DELAY_SECONDS, name=f"{JOB_NAME}-catch-up", data="startup")
-    elif svc.state.get("last_scheduled_check") is None:
-        svc.state.update(last_scheduled_check=time.time())
+    elif data.state.get("last_scheduled_check") is None:
+        data.state.update(last_scheduled_check=time.time())
     return job
 
 
-async def run_scheduled_training(context: ContextTypes.DEFAULT_TYPE) -> None:
+async def run_scheduled_training(context: Context) -> None:
     """The job: retrain unless nothing changed or a training is already running."""
-    svc = services(context)
+    data = context.bot_data
     trigger = context.job.data if context.job is not None and isinstance(context.job.data, str) else "scheduled"
-    trainer = svc.trainer
+    trainer = data.trainer
     fired = time.time()
     if trainer.busy:
         log.info("%s retraining skipped: a training is already running", trigger)
-        await asyncio.to_thread(svc.state.update, last_scheduled_check=fired)
+        await asyncio.to_thread(data.state.update, last_scheduled_check=fired)
         return
     async with trainer.lock:
-        if not await asyncio.to_thread(_training_lock_free, svc):
+        if not await asyncio.to_thread(_training_lock_free, data):
             # a command-line retrain holds the store: not a failure to report, just not now
             log.info("%s retraining skipped: another process (e.g. a command-line retrain) is training this store", trigger)
-            await asyncio.to_thread(svc.state.update, last_scheduled_check=fired)
+            await asyncio.to_thread(data.state.update, last_scheduled_check=fired)
             return
-        store = svc.workspace.store
+        store = data.workspace.store
         fingerprint = await asyncio.to_thread(store.fingerprint)
-        if fingerprint == await asyncio.to_thread(_last_trained_fingerprint, svc):
+        if fingerprint == await asyncio.to_thread(_last_trained_fingerprint, data):
             log.info("%s retraining skipped: no image changed since the last training", trigger)
-            await asyncio.to_thread(svc.state.update, last_scheduled_check=fired)
+            await asyncio.to_thread(data.state.update, last_scheduled_check=fired)
             return
         if await asyncio.to_thread(store.image_count) == 0:
             log.info("%s retraining skipped: no labelled images yet", trigger)
-            await asyncio.to_thread(svc.state.update, last_scheduled_check=fired)
+            await asyncio.to_thread(data.state.update, last_scheduled_check=fired)
             return
         outcome = await trainer.run(trigger=trigger)
     if trainer.closing:
         # stopped by a shutdown: the check time stays old, so the next start catches this run up
         log.info("%s retraining interrupted by shutdown; it will run again at the next start", trigger)
         return
-    await asyncio.to_thread(svc.state.update, last_scheduled_check=fired)
-    await _tell_admins(context, svc, outcome, fingerprint)
+    await asyncio.to_thread(data.state.update, last_scheduled_check=fired)
+    await _tell_admins(context, data, outcome, fingerprint)
 
 
-def _training_lock_free(svc: Services) -> bool:
+def _training_lock_free(data: BotData) -> bool:
     """Whether the store's cross-process training lock is free (taken and released at once)."""
     from model_store.errors import TrainingError
     from model_store.pipeline import training_lock
 
     try:
-        with training_lock(svc.workspace):
+        with training_lock(data.workspace):
             return True
     except TrainingError:
         return False
 
 
-def _last_trained_fingerprint(svc: Services) -> str | None:
+def _last_trained_fingerprint(data: BotData) -> str | None:
     """Fingerprint of the images the last completed training used.
 
     From ``state.json``; before the bot has run a training itself (a store trained with
     ``python -m bot retrain``), from the serving version's metrics.
     """
-    last_run = svc.state.get("last_run") or {}
+    last_run = data.state.get("last_run") or {}
     if last_run.get("fingerprint"):
         return str(last_run["fingerprint"])
-    current = svc.workspace.registry.current()
+    current = data.workspace.registry.current()
     value = current.metrics.get("store_fingerprint") if current is not None else None
     return str(value) if value else None
 
 
-async def _tell_admins(context: ContextTypes.DEFAULT_TYPE, svc: Services, outcome: Any, fingerprint: str) -> None:
+async def _tell_admins(context: Context, data: BotData, outcome: Any, fingerprint: str) -> None:
     if outcome.status == "failed":
-        if svc.state.get("last_failure_fingerprint") == fingerprint:
+        if data.state.get("last_failure_fingerprint") == fingerprint:
             log.info("scheduled training failed again for the same images; admins were told already")
             return
-        await asyncio.to_thread(svc.state.update, last_failure_fingerprint=fingerprint)
-    await notify_admins(context.bot, svc.config.admins, outcome)
+        await asyncio.to_thread(data.state.update, last_failure_fingerprint=fingerprint)
+    await notify_admins(context.bot, data.config.admins, outcome)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from bot import admin
+from bot import teaching
 from model_store.registry import ModelRegistry
 from tests.auxil.bot_harness import ADMIN, TRAIN_PER_LABEL, USER, bot_config, labels_in, photos
 from tests.auxil.standin_extras import HardenedStandIn, push, serving_bot, with_sender
@@ -73,8 +73,8 @@ def install_spies(bot: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     for name in REGISTRY_METHODS:
         wrap(svc.workspace.registry, name, f"registry.{name}")
     wrap_async(svc.trainer, "run", "trainer.run")
-    wrap_async(admin, "add_images", "admin.add_images")
-    wrap_async(admin, "collect_album_item", "admin.collect_album_item")
+    wrap_async(teaching, "add_images", "teaching.add_images")
+    wrap_async(teaching, "collect_album_item", "teaching.collect_album_item")
     return calls
 
 

@@ -6,7 +6,7 @@ import asyncio
 import re
 from pathlib import Path
 
-from bot.handlers import format_predictions
+from bot.classifying import format_predictions
 from tests.auxil.bot_harness import ADMIN, CASES, TRAIN_PER_LABEL, USER, bot_config, photos, running_bot
 from tests.botapi_standin import BotApiStandIn
 

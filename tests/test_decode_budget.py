@@ -360,7 +360,7 @@ def test_32_bit_tiffs_over_their_lower_limit_are_refused_from_the_header() -> No
 async def test_the_download_budget_bounds_bytes_in_flight_first_come_first_served() -> None:
     import asyncio
 
-    from bot.services import ByteBudget
+    from bot.limits import ByteBudget
 
     budget = ByteBudget(100)
     order: list[str] = []

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from bot.__main__ import _engine_settings, _parser
-from bot.admin import engine_line
 from bot.config import ConfigError, load_config
+from bot.models import engine_line
 from bot.reports import format_report
 from bot.training_runner import TrainingOutcome, retrain_command
 from model_store.engine import EngineSettings, available_cores

@@ -22,7 +22,7 @@ from telegram.ext import Application
 
 from bot.app import ALLOWED_UPDATES, build_application
 from bot.config import Config
-from bot.services import SERVICES_KEY, Services
+from bot.context import BotData
 from tests.botapi_standin import BotApiStandIn, Call
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,8 +83,8 @@ class BotHarness:
     app: Application[Any, Any, Any, Any, Any, Any]
 
     @property
-    def svc(self) -> Services:
-        return self.app.bot_data[SERVICES_KEY]
+    def svc(self) -> BotData:
+        return self.app.bot_data
 
     def send_photo(
         self,

@@ -1,48 +1,28 @@
-"""The objects every handler needs, kept in ``application.bot_data`` under one key.
+"""Limits on what requests cost: byte budgets, per-user rate limits, throttles, the decode pool.
 
-Handlers reach them with :func:`services` (``services(context).classifier`` ...). Nothing here
-talks to Telegram; it is plain state shared by the handlers of one Application.
+Plain asyncio and threading, nothing Telegram-specific; :class:`bot.context.BotData` holds one
+of each per Application.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
-
-from telegram.ext import CallbackContext
-
-if TYPE_CHECKING:
-    import numpy as np
-    from telegram.ext import Job
-
-    from bot.batching import MicroBatcher
-    from bot.config import Config
-    from bot.state import BotState
-    from bot.training_runner import Trainer
-    from model_store.classifier import Classifier, Prepared
-    from model_store.workspace import Workspace
+from typing import Any
 
 __all__ = [
     "DECODE_THREADS",
     "DOWNLOAD_BUDGET_BYTES",
-    "SERVICES_KEY",
     "ByteBudget",
     "RateLimiter",
-    "Services",
     "Throttle",
     "decode_pool",
-    "services",
 ]
-
-SERVICES_KEY = "labelgram"
 
 #: Threads decoding images (users' photos and admins' uploads). Their memory is bounded anyway by
 #: ``model_store.images.DECODE_BUDGET``; the pool being their own keeps asyncio's default executor
@@ -55,8 +35,6 @@ DECODE_THREADS = max(1, min(3, (os.cpu_count() or 1) + 1))
 #: decode is done). With the decode budget (``model_store.images.DECODE_BUDGET``) this bounds
 #: what a burst of large files costs: without it, 16 slots x 20 MB files were 320 MB.
 DOWNLOAD_BUDGET_BYTES = 64 * 1024 * 1024
-
-_T = TypeVar("_T")
 
 
 class ByteBudget:
@@ -177,43 +155,3 @@ class Throttle:
         if len(self._last) > self.max_keys:
             self._last = {k: t for k, t in self._last.items() if now - t < self.interval}
         return True
-
-
-@dataclass
-class Services:
-    """Everything the handlers share. Built by :func:`bot.app.build_application`."""
-
-    config: Config
-    workspace: Workspace
-    classifier: Classifier
-    batcher: MicroBatcher[np.ndarray | Prepared, list[tuple[str, float]]]
-    trainer: Trainer
-    state: BotState
-    rate: RateLimiter
-    #: every update of a non-admin (limits.messages_per_minute); set by build_application
-    message_rate: RateLimiter = field(default_factory=lambda: RateLimiter(0))
-    chat_actions: Throttle = field(default_factory=lambda: Throttle(4.0))
-    #: bounds how many downloaded files are held (and queued for decoding) at once; set by build_application
-    image_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(64))
-    #: bytes of users' downloaded files held at once (see DOWNLOAD_BUDGET_BYTES)
-    download_budget: ByteBudget = field(default_factory=lambda: ByteBudget(DOWNLOAD_BUDGET_BYTES))
-    #: the small dedicated pool every image decode runs in (not asyncio's default executor, so
-    #: decodes never hold the threads that store and registry calls need)
-    decoders: ThreadPoolExecutor = field(default_factory=decode_pool)
-    schedule_job: Job[Any] | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    async def in_decode_pool(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
-        """Run ``fn(*args, **kwargs)`` in :attr:`decoders` and return its result."""
-        return await asyncio.get_running_loop().run_in_executor(
-            self.decoders, functools.partial(fn, *args, **kwargs)
-        )
-
-    def is_admin(self, user_id: int | None) -> bool:
-        """Whether ``user_id`` is listed in ``config.admins``."""
-        return self.config.is_admin(user_id)
-
-
-def services(context: CallbackContext[Any, Any, Any, Any]) -> Services:
-    """The :class:`Services` of the Application handling ``context``."""
-    return context.application.bot_data[SERVICES_KEY]

@@ -1,0 +1,107 @@
+"""What every user can ask: /start, /help, a word about non-image files; and the error handler."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from telegram import Update
+from telegram.constants import ChatType
+from telegram.error import TelegramError
+from telegram.ext import BaseHandler, CommandHandler, MessageHandler, filters
+
+from bot.context import Context
+from bot.telegram_io import reply
+
+__all__ = ["GENERIC_APOLOGY", "handlers", "help_text", "on_error", "on_help", "on_other_document", "on_start"]
+
+log = logging.getLogger(__name__)
+
+GENERIC_APOLOGY = "Sorry, something went wrong on my side while handling that. Please try again later."
+
+
+def help_text(is_admin: bool) -> str:
+    """The /help text; admins also get the teaching commands."""
+    lines = [
+        "Send me a photo, or an image as a file, and I'll tell you what I think it shows.",
+        "",
+        "/start – what this bot does",
+        "/help – this help",
+    ]
+    if is_admin:
+        lines += [
+            "",
+            "Teaching (you are an admin):",
+            "/add <label> – as the caption of a photo or an album, or as a reply to a photo",
+            "/undo [n] – remove your last n added photos (default 1)",
+            "/labels – labels and how many photos each has",
+            "/rename <old> <new> – rename a label (quote names with spaces)",
+            "/delete <label> – delete a label and its photos (asks first)",
+            "/retrain – train a new model now",
+            "/status – model version, accuracy, photos, next scheduled training",
+            "/rollback – go back to the previous model",
+        ]
+    return "\n".join(lines)
+
+
+def _is_admin(update: Update, context: Context) -> bool:
+    return context.bot_data.is_admin(update.effective_user.id if update.effective_user else None)
+
+
+async def on_start(update: Update, context: Context) -> None:
+    """``/start``: a greeting and the help text."""
+    message = update.effective_message
+    if message is None:
+        return
+    intro = "Hi! I label photos. I learn from examples my admins show me, and I retrain myself regularly."
+    await reply(message, intro + "\n\n" + help_text(_is_admin(update, context)))
+
+
+async def on_help(update: Update, context: Context) -> None:
+    """``/help``."""
+    message = update.effective_message
+    if message is None:
+        return
+    await reply(message, help_text(_is_admin(update, context)))
+
+
+async def on_other_document(update: Update, context: Context) -> None:
+    """A non-image file in a private chat: say what the bot can do with it."""
+    message = update.effective_message
+    if message is None:
+        return
+    await reply(message, "I can only label photos and image files (JPEG, PNG, WebP, HEIC, …).")
+
+
+async def on_error(update: object, context: Context) -> None:
+    """Log the failure (the log filter removes the token) and apologise to the user, if any."""
+    error = context.error
+    update_id = update.update_id if isinstance(update, Update) else None
+    log.error("error while handling update %s: %s", update_id, type(error).__name__, exc_info=error)
+    if not isinstance(update, Update):
+        return
+    if update.callback_query is not None:
+        try:
+            await update.callback_query.answer("Sorry, something went wrong.", show_alert=True)
+        except TelegramError:
+            pass
+        return
+    message = update.effective_message
+    if message is None or (message.chat.type == ChatType.CHANNEL):
+        return
+    try:
+        await reply(message, GENERIC_APOLOGY)
+    except TelegramError as exc:
+        log.info("could not send the apology: %s", exc)
+
+
+def handlers() -> list[BaseHandler[Any, Any, Any]]:
+    """/start and /help (everyone), and non-image files in private chats."""
+    new = filters.UpdateType.MESSAGE
+    return [
+        CommandHandler("start", on_start, filters=new),
+        CommandHandler("help", on_help, filters=new),
+        MessageHandler(
+            new & filters.ChatType.PRIVATE & filters.Document.ALL & ~filters.Document.IMAGE, on_other_document
+        ),
+    ]
