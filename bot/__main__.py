@@ -16,6 +16,10 @@ Flag names follow retrain.py / label_image.py (``--image_dir``, ``--how_many_tra
 The training flags are named after their setting (a ``TrainConfig`` field, ``--backbone``,
 ``--backbone_weights``), which is also the config file's ``[training]`` key; retrain.py's
 ``--architecture`` and ``--weights`` are aliases of the last two.
+
+Why this module is long: it is the command line of five subcommands (their flags, and turning each
+library result into the lines, JSON and exit codes a script reads); each ``cmd_*`` function is
+short and uses only the library's public API, and one file keeps the flags next to their help.
 """
 
 from __future__ import annotations

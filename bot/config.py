@@ -13,6 +13,11 @@ Precedence, highest first:
 naming the key and what is wrong, e.g.
 ``config error: training.timezone: unknown time zone 'Mars/Base'``. The token is a
 :class:`~pydantic.SecretStr`: it never shows in ``repr()``, in error messages or in logs.
+
+Why this module is long: it is the whole configuration schema, one pydantic model per section
+with the checks of its keys (token format, webhook secret, admin ids, cron and time zone, split
+percentages, older key spellings), kept in one file so that it reads as the reference of every key
+next to ``config.example.toml``; splitting it by section would scatter the precedence rules above.
 """
 
 from __future__ import annotations

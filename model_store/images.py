@@ -2,8 +2,8 @@
 
 Everything that reaches the model (photos sent in chat, image documents, folders imported by an
 admin) goes through :func:`decode_image`. It accepts bytes from strangers, so it is written to
-fail closed: every problem becomes a :class:`~model_store.errors.ImageDecodeError` whose
-``.message`` is safe to show in chat, and the pixel count is checked from the header before any
+fail closed: every problem becomes a :class:`~model_store.errors.ImageDecodeError` that says
+what is wrong as data (``reason``, ``size``, ``limit_pixels``; the bot words it for the chat), and the pixel count is checked from the header before any
 pixel buffer is allocated.
 
 Decisions worth knowing:
