@@ -179,6 +179,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("rollback", help="serve the previous model version again")
     _add_store_args(p)
+
+    p = sub.add_parser("doctor", help="check config, token, store, disk, backbone, engine and model; say the fixes")
+    p.add_argument("--config", help="config.toml (default: $LABELGRAM_CONFIG or ./config.toml if present)")
+    p.add_argument("--json", action="store_true", help="one JSON object: ok, checks [{name, status, summary, fix}]")
     return parser
 
 
@@ -440,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
         from bot.app import run
 
         return run(args.config)
+    if args.command == "doctor":
+        from bot.doctor import main as doctor
+
+        return doctor(args.config, as_json=args.json)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     handler = {
         "retrain": cmd_retrain,
