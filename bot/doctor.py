@@ -21,6 +21,9 @@ used). Reading the store lock takes it for an instant only when no bot holds it;
 never disturbed (its lock is held, so the probe fails at once and reports it).
 
 Exit code (``main``): 0 when no check found a problem (warnings allowed), 1 otherwise.
+
+Why this module is long: it is nine small checks, each with its own wording of the finding and the
+fix; one file keeps every text an operator reads from ``doctor`` in one place.
 """
 
 from __future__ import annotations
@@ -100,7 +103,9 @@ class Report:
             "ok": self.ok,
             "config": self.config_path,
             "seconds": round(self.seconds, 3),
-            "checks": [{**asdict(c), "status": str(c.status), "seconds": round(c.seconds, 3)} for c in self.checks],
+            "checks": [
+                {**asdict(c), "status": str(c.status), "seconds": round(c.seconds, 3)} for c in self.checks
+            ],
         }
 
     def render(self) -> str:
@@ -113,7 +118,9 @@ class Report:
                 lines.append(f"  {'':<8} {'':<9} fix: {c.fix}")
         problems = sum(c.status == Status.PROBLEM for c in self.checks)
         warnings = sum(c.status == Status.WARNING for c in self.checks)
-        verdict = "all good" if not problems and not warnings else f"{problems} problem(s), {warnings} warning(s)"
+        verdict = (
+            "all good" if not problems and not warnings else f"{problems} problem(s), {warnings} warning(s)"
+        )
         lines.append(f"{verdict} ({self.seconds:.1f} s)")
         return "\n".join(lines)
 
@@ -171,7 +178,9 @@ async def _get_me(config: Config, timeout: float):
     from telegram.request import HTTPXRequest
 
     tg = config.telegram
-    request = HTTPXRequest(connect_timeout=timeout, read_timeout=timeout, write_timeout=timeout, pool_timeout=timeout)
+    request = HTTPXRequest(
+        connect_timeout=timeout, read_timeout=timeout, write_timeout=timeout, pool_timeout=timeout
+    )
     kwargs: dict[str, Any] = {}
     if tg.base_url:
         kwargs["base_url"] = tg.base_url
@@ -219,7 +228,12 @@ def check_token(config: Config, *, timeout: float = API_TIMEOUT) -> Check:
             "check the network / proxy, or telegram.base_url; the bot needs this connection to work",
         )
     except TelegramError as exc:
-        return Check("token", Status.PROBLEM, f"getMe failed: {type(exc).__name__}: {exc}", "see the Bot API's answer above")
+        return Check(
+            "token",
+            Status.PROBLEM,
+            f"getMe failed: {type(exc).__name__}: {exc}",
+            "see the Bot API's answer above",
+        )
     return Check("token", Status.OK, f"accepted by the Bot API: the bot is @{me.username} ({me.first_name})")
 
 
@@ -249,7 +263,9 @@ def check_webhook(config: Config) -> Check:
             "webhook_url is not https://: Telegram only delivers webhooks over HTTPS",
             "put an HTTPS reverse proxy in front and give its https:// URL",
         )
-    return Check("webhook", Status.OK, f"webhook mode, secret set, listening on {tg.webhook_listen}:{tg.webhook_port}")
+    return Check(
+        "webhook", Status.OK, f"webhook mode, secret set, listening on {tg.webhook_listen}:{tg.webhook_port}"
+    )
 
 
 # -------------------------------------------------------------------------------------- store
@@ -368,7 +384,7 @@ def _keras_weights_cached(spec: str) -> bool:
 
 def check_backbone(config: Config) -> tuple[Check, Backbone | None]:
     """Load the configured backbone (``training.backbone`` / ``backbone_weights``) without a network."""
-    from model_store.backbones import SHIPPED_BACKBONES, load_backbone
+    from model_store.backbones import KERAS_APPLICATIONS, SHIPPED_BACKBONES, load_backbone
     from model_store.errors import LabelgramError
 
     spec, weights = config.training.backbone, config.training.backbone_weights
@@ -377,7 +393,12 @@ def check_backbone(config: Config) -> tuple[Check, Backbone | None]:
         if not SHIPPED_BACKBONES[spec].is_file():
             return Check("backbone", Status.PROBLEM, f"the shipped file of {spec} is missing ({SHIPPED_BACKBONES[spec]})",
                          "reinstall labelgram (pip install --force-reinstall)"), None  # fmt: skip
-    elif not Path(spec).expanduser().exists() and weights == "imagenet" and not _keras_weights_cached(spec):
+    elif (
+        (spec in KERAS_APPLICATIONS or spec.startswith("mobilenet_"))
+        and not Path(spec).expanduser().exists()
+        and weights == "imagenet"
+        and not _keras_weights_cached(spec)
+    ):
         return (
             Check(
                 "backbone",
@@ -415,12 +436,15 @@ def check_engine(config: Config, backbone: Backbone, *, store_ok: bool) -> Check
     frozen = backbone.engine
     assert frozen is not None
     if frozen.engine == "litert":
-        how = "cached conversion" if cached else f"converted now in {took:.0f} s" + (
-            ", cached for training" if cache_dir is not None else ", not cached (store not usable)"
+        how = (
+            "cached conversion"
+            if cached
+            else f"converted now in {took:.0f} s"
+            + (", cached for training" if cache_dir is not None else ", not cached (store not usable)")
         )
         return Check("engine", Status.OK, f"{frozen.description} ({how})")
     if settings.engine == "tensorflow":
-        return Check("engine", Status.OK, "TensorFlow (engine.engine = \"tensorflow\" in the config)")
+        return Check("engine", Status.OK, 'TensorFlow (engine.engine = "tensorflow" in the config)')
     reason = frozen.fallback_reason or "unknown"
     fix = (
         "pip install ai-edge-litert"
@@ -463,9 +487,17 @@ def check_model(config: Config) -> Check:
             "python -m bot rollback (serve the previous version), or retrain",
         )
     accuracy = metrics.get("accuracy")
-    acc = f"test accuracy {accuracy:.1%} on {metrics.get('test_images', '?')} images" if accuracy is not None else "no test accuracy"
+    acc = (
+        f"test accuracy {accuracy:.1%} on {metrics.get('test_images', '?')} images"
+        if accuracy is not None
+        else "no test accuracy"
+    )
     shown = ", ".join(labels[:6]) + (f", ... ({len(labels)})" if len(labels) > 6 else "")
-    return Check("model", Status.OK, f"version {version.name}: {len(labels)} labels ({shown}), {acc}; {model.description}")
+    return Check(
+        "model",
+        Status.OK,
+        f"version {version.name}: {len(labels)} labels ({shown}), {acc}; {model.description}",
+    )
 
 
 # ------------------------------------------------------------------------------------- admins
@@ -493,7 +525,7 @@ def run_checks(config_path: str | None = None, *, api_timeout: float = API_TIMEO
         The :class:`Report`, its texts free of the token and the webhook secret. Blocks (runs its
         own event loop for ``getMe``): call it from a thread when inside an event loop.
     """
-    from bot.logsafe import redact
+    from bot.logsafe import install_token_filter, redact
 
     start = time.monotonic()
     path = _config_path(config_path)
@@ -509,6 +541,7 @@ def run_checks(config_path: str | None = None, *, api_timeout: float = API_TIMEO
     config = holder[0] if holder else None
     if config is not None:
         cfg = config
+        install_token_filter(cfg.token, cfg.webhook_secret)  # PTB / httpx log lines name the token
         report.checks.append(_timed("token", lambda: check_token(cfg, timeout=api_timeout)))
         report.checks.append(_timed("webhook", lambda: check_webhook(cfg)))
         store = _timed("store", lambda: check_store(cfg))
@@ -524,7 +557,9 @@ def run_checks(config_path: str | None = None, *, api_timeout: float = API_TIMEO
         report.checks.append(_timed("backbone", backbone_check))
         bb = loaded[0] if loaded else None
         if bb is not None:
-            report.checks.append(_timed("engine", lambda: check_engine(cfg, bb, store_ok=store.status != Status.PROBLEM)))
+            report.checks.append(
+                _timed("engine", lambda: check_engine(cfg, bb, store_ok=store.status != Status.PROBLEM))
+            )
         else:
             report.checks.append(Check("engine", Status.WARNING, "not checked: the backbone did not load",
                                        "fix the backbone first"))  # fmt: skip
@@ -550,6 +585,9 @@ def main(config_path: str | None = None, *, as_json: bool = False) -> int:
     """
     import logging
 
+    from bot.logsafe import configure_logging
+
+    configure_logging("WARNING")  # the secrets are added to its redaction once the config is read
     # Library warnings (a LiteRT fallback, a conversion) are reported by the checks themselves.
     logging.getLogger("model_store").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(sys.stderr):  # library chatter must not mix with the report
