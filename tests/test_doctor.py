@@ -136,6 +136,31 @@ def test_store_without_a_model_is_a_problem_with_the_retrain_fix(tmp_path: Path)
     assert "retrain" in (check.fix or "")
 
 
+def _pointing_at(store: Path, version: str) -> Config:
+    """A store whose models/CURRENT names ``version`` (the registry's pointer file is JSON)."""
+    (store / "models").mkdir(parents=True)
+    (store / "models" / "CURRENT").write_text(json.dumps({"version": version, "history": []}))
+    return Config(store_dir=store)
+
+
+def test_current_naming_a_missing_version_is_a_problem(tmp_path: Path) -> None:
+    check = doctor.check_model(_pointing_at(tmp_path / "store", "20260101-000000-abcdef"))
+    assert check.status is Status.PROBLEM and "missing or incomplete" in check.summary
+    assert "rollback" in (check.fix or "")
+
+
+@pytest.mark.slow
+def test_a_serving_model_that_does_not_load_is_a_problem(tmp_path: Path) -> None:
+    config = _pointing_at(tmp_path / "store", "20260101-000000-abcdef")
+    version = tmp_path / "store" / "models" / "20260101-000000-abcdef"
+    version.mkdir()
+    (version / "model.keras").write_bytes(b"not a keras file")  # e.g. damaged on disk
+    (version / "labels.txt").write_text("shoes\npants\n")
+    check = doctor.check_model(config)
+    assert check.status is Status.PROBLEM, check
+    assert "20260101-000000-abcdef does not load" in check.summary and "rollback" in (check.fix or "")
+
+
 def test_store_held_by_a_running_bot_is_reported_and_stays_held(tmp_path: Path) -> None:
     store = tmp_path / "store"
     store.mkdir()
