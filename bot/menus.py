@@ -8,8 +8,8 @@ chat). So the menu is tried at start-up and then set by :func:`on_any_update`, w
 update: the first one from an admin whose menu is not set yet sets it, once.
 
 :class:`AdminMenus` keeps the set of admins whose menu is set, in ``state.json`` (key
-``admin_menus``, with a digest of the admin commands so a new bot version with other commands sets
-them again). A restart then costs no ``setMyCommands`` call per admin, and an admin removed from
+``admin_menus``, with the bot's id and a digest of the admin commands, so another token or a new
+bot version with other commands sets them again). A restart then costs no ``setMyCommands`` call per admin, and an admin removed from
 ``admins`` gets their menu deleted (``deleteMyCommands``) at the next :meth:`AdminMenus.sync`.
 """
 
@@ -32,7 +32,8 @@ __all__ = ["STATE_KEY", "AdminMenus", "on_any_update"]
 
 log = logging.getLogger(__name__)
 
-#: the state.json key: {"commands": digest of the admin commands, "chats": [admin ids with the menu]}
+#: the state.json key: {"bot": the bot's user id, "commands": digest of the admin commands,
+#: "chats": [admin ids with the menu]}
 STATE_KEY = "admin_menus"
 
 
@@ -57,6 +58,8 @@ class AdminMenus:
         self._digest = _digest(self._commands)
         saved = state.get(STATE_KEY)
         saved = saved if isinstance(saved, dict) else {}
+        #: the bot (its user id) the saved menus belong to: another token, another bot, no menus
+        self._bot_id: int | None = saved.get("bot") if isinstance(saved.get("bot"), int) else None
         chats = {c for c in saved.get("chats") or [] if isinstance(c, int)}
         #: admins whose menu is set with the current commands
         self._set: set[int] = chats if saved.get("commands") == self._digest else set()
@@ -65,6 +68,7 @@ class AdminMenus:
         self._pending: set[int] = set()
         #: admins Telegram refused (no chat with the bot yet): retried on their next private update
         self._refused: set[int] = set()
+        self._save_lock = asyncio.Lock()
 
     def has_menu(self, user_id: int) -> bool:
         """Whether ``user_id``'s admin menu is set (with the current commands)."""
@@ -77,6 +81,10 @@ class AdminMenus:
         who has no chat with the bot yet is logged at INFO and gets the menu at their first update.
         Telegram errors are logged, never raised.
         """
+        if self._bot_id != bot.id:  # first run, or the store now serves another bot (token)
+            self._set.clear()
+            self._stale.clear()
+            self._bot_id = bot.id
         wanted = set(admins)
         for chat_id in sorted((self._set | self._stale) - wanted):
             try:
@@ -128,13 +136,19 @@ class AdminMenus:
         return True
 
     async def _save(self) -> None:
-        value: dict[str, Any] = {"commands": self._digest, "chats": sorted(self._set | self._stale)}
-        if self._state.get(STATE_KEY) == value:
-            return
-        try:
-            await asyncio.to_thread(self._state.update, **{STATE_KEY: value})
-        except OSError as exc:  # the menus are set; the next start only sets them again
-            log.warning("could not remember the admins' command menus in %s: %s", self._state.path, exc)
+        # one write at a time, each with the value current when it starts: the last write wins
+        async with self._save_lock:
+            value: dict[str, Any] = {
+                "bot": self._bot_id,
+                "commands": self._digest,
+                "chats": sorted(self._set | self._stale),
+            }
+            if self._state.get(STATE_KEY) == value:
+                return
+            try:
+                await asyncio.to_thread(self._state.update, **{STATE_KEY: value})
+            except OSError as exc:  # the menus are set; the next start only sets them again
+                log.warning("could not remember the admins' command menus in %s: %s", self._state.path, exc)
 
 
 async def on_any_update(update: Update, context: Context) -> None:
