@@ -10,8 +10,7 @@ the command menus (one for everyone, one per admin chat, :mod:`bot.menus`), and 
 Routing (:func:`add_handlers`, in the manner of aiogram's ``examples/multi_file_bot``): each
 feature module exports its handlers, and the order here decides which one an update reaches:
 
-* group -2, not blocking the others: :func:`bot.menus.on_any_update` (an admin's first update sets
-  their command menu);
+* group -2: :func:`bot.menus.on_any_update` (an admin's first update sets their command menu);
 * group -1: :func:`bot.access.limit_messages` (a non-admin over the message limit goes no further);
 * group 0, first match wins: /start and /help (:mod:`bot.general`); the admins' routes of
   :mod:`bot.teaching` (albums first, then ``/add`` captions), :mod:`bot.labels` and
@@ -291,8 +290,8 @@ def add_handlers(application: Application[Any, Any, Any, Any, Any, Any], admins:
         application: the Application to add them to.
         admins: the one admin filter (``BotData.admins``): admins' routes take it, refusals its negation.
     """
-    # first, for every update, not blocking the rest: an admin's command menu if not set yet
-    application.add_handler(TypeHandler(Update, menus.on_any_update, block=False), group=-2)
+    # first, for every update: an admin's command menu if not set yet (once per admin, one call)
+    application.add_handler(TypeHandler(Update, menus.on_any_update), group=-2)
     # then: a non-admin over limits.messages_per_minute goes no further
     application.add_handler(TypeHandler(Update, access.limit_messages), group=-1)
     application.add_handlers(

@@ -152,8 +152,8 @@ class AdminMenus:
 
 
 async def on_any_update(update: Update, context: Context) -> None:
-    """Runs for every update (before any other handler, not blocking them): an admin whose menu
-    is not set yet gets it. Telegram refuses the scope until the admin has a private chat with the
+    """Runs for every update, before any other handler: an admin whose menu is not set yet gets it
+    (one ``setMyCommands`` call before their first update is handled; nothing for anyone else). Telegram refuses the scope until the admin has a private chat with the
     bot, so after a refusal only an update from that private chat tries again."""
     user = update.effective_user
     data = context.bot_data
