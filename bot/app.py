@@ -5,11 +5,12 @@ python-telegram-bot ``Application``: token and Bot API URLs from the config, the
 (:class:`bot.context.BotData` as ``context.bot_data``), arbitrary callback data (the ``/delete``
 buttons), a rate limiter for Telegram's flood limits (429 pauses per chat, :mod:`bot.ratelimit`),
 concurrent update handling (photos are answered in parallel and batched into one forward pass),
-the command menus (one for everyone, one per admin chat), and the retraining schedule.
+the command menus (one for everyone, one per admin chat, :mod:`bot.menus`), and the retraining schedule.
 
 Routing (:func:`add_handlers`, in the manner of aiogram's ``examples/multi_file_bot``): each
 feature module exports its handlers, and the order here decides which one an update reaches:
 
+* group -2: :func:`bot.menus.on_any_update` (an admin's first update sets their command menu);
 * group -1: :func:`bot.access.limit_messages` (a non-admin over the message limit goes no further);
 * group 0, first match wins: /start and /help (:mod:`bot.general`); the admins' routes of
   :mod:`bot.teaching` (albums first, then ``/add`` captions), :mod:`bot.labels` and
@@ -32,12 +33,12 @@ from typing import Any
 from urllib.parse import urlparse
 
 from filelock import FileLock, Timeout
-from telegram import BotCommand, BotCommandScopeChat, Update
+from telegram import BotCommand, Update
 from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import Application, TypeHandler, filters
 from telegram.request import BaseRequest
 
-from bot import access, classifying, general, labels, models, teaching
+from bot import access, classifying, general, labels, menus, models, teaching
 from bot.batching import MicroBatcher
 from bot.config import CONFIG_PATH_ENV, Config, ConfigError, load_config
 from bot.context import CONTEXT_TYPES, BotData
@@ -140,14 +141,16 @@ async def _post_shutdown(application: Application[Any, Any, Any, Any, Any, Any])
 
 
 async def set_commands(application: Application[Any, Any, Any, Any, Any, Any], config: Config) -> None:
-    """Register the command menus: /start and /help for everyone, all commands in admins' chats."""
+    """Register the command menus: /start and /help for everyone, all commands in admins' chats.
+
+    An admin without a chat with the bot yet gets theirs at their first update
+    (:func:`bot.menus.on_any_update`); admins whose menu a previous run set (``state.json``) cost
+    no call; former admins' menus are deleted (:meth:`bot.menus.AdminMenus.sync`).
+    """
     bot = application.bot
     await bot.set_my_commands(PUBLIC_COMMANDS)
-    for admin_id in config.admins:
-        try:
-            await bot.set_my_commands(ADMIN_COMMANDS, scope=BotCommandScopeChat(admin_id))
-        except TelegramError as exc:  # the admin never opened a chat with the bot
-            log.warning("admin command menu not set for admin %d: %s", admin_id, exc)
+    data: BotData = application.bot_data
+    await data.admin_menus.sync(bot, config.admins)
 
 
 #: exit code of ``run`` when another bot already serves the same store
@@ -267,6 +270,7 @@ def build_application(
     data.trainer = trainer
     data.state = state
     data.admins = filters.User(user_id=config.admins)
+    data.admin_menus = menus.AdminMenus(state, ADMIN_COMMANDS)
     data.rate = RateLimiter(config.limits.photos_per_minute)
     data.message_rate = RateLimiter(config.limits.messages_per_minute)
     data.image_slots = asyncio.Semaphore(2 * config.classify.max_batch)
@@ -286,7 +290,9 @@ def add_handlers(application: Application[Any, Any, Any, Any, Any, Any], admins:
         application: the Application to add them to.
         admins: the one admin filter (``BotData.admins``): admins' routes take it, refusals its negation.
     """
-    # first, for every update: a non-admin over limits.messages_per_minute goes no further
+    # first, for every update: an admin's command menu if not set yet (once per admin, one call)
+    application.add_handler(TypeHandler(Update, menus.on_any_update), group=-2)
+    # then: a non-admin over limits.messages_per_minute goes no further
     application.add_handler(TypeHandler(Update, access.limit_messages), group=-1)
     application.add_handlers(
         [

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
     from bot.batching import MicroBatcher
     from bot.config import Config
+    from bot.menus import AdminMenus
     from bot.state import BotState
     from bot.training_runner import Trainer
     from model_store.classifier import Classifier, Prepared
@@ -61,7 +62,7 @@ class BotData:
     """Everything the handlers of one Application share (``context.bot_data``).
 
     Attributes set by :func:`bot.app.build_application`: ``config``, ``workspace``,
-    ``classifier``, ``batcher``, ``trainer``, ``state``, ``admins``, ``rate``,
+    ``classifier``, ``batcher``, ``trainer``, ``state``, ``admins``, ``admin_menus``, ``rate``,
     ``message_rate``, ``image_slots``.
     """
 
@@ -75,6 +76,8 @@ class BotData:
     #: bot.app and read by :meth:`is_admin`; change it with ``admins.add_user_ids(...)`` /
     #: ``admins.remove_user_ids(...)`` and every check follows
     admins: filters.User
+    #: the admins whose command menu is set (bot.menus); call ``admin_menus.sync`` after changing admins
+    admin_menus: AdminMenus
     #: photos a non-admin may have classified per minute (limits.photos_per_minute)
     rate: RateLimiter
     #: every update of a non-admin (limits.messages_per_minute)

@@ -11,19 +11,48 @@ from telegram.error import TelegramError
 from telegram.ext import BaseHandler, CommandHandler, MessageHandler, filters
 
 from bot.context import Context
+from bot.reports import MIN_TEST_IMAGES_PER_LABEL
 from bot.telegram_io import reply
 
-__all__ = ["GENERIC_APOLOGY", "handlers", "help_text", "on_error", "on_help", "on_other_document", "on_start"]
+__all__ = [
+    "GENERIC_APOLOGY",
+    "handlers",
+    "help_text",
+    "not_sure_text",
+    "on_error",
+    "on_help",
+    "on_other_document",
+    "on_start",
+]
 
 log = logging.getLogger(__name__)
 
 GENERIC_APOLOGY = "Sorry, something went wrong on my side while handling that. Please try again later."
 
 
-def help_text(is_admin: bool) -> str:
-    """The /help text; admins also get the teaching commands."""
+def not_sure_text(threshold: float) -> str:
+    """What "I'm not sure" means, for /help (``threshold``: ``classify.confidence_threshold``, 0..1)."""
+    return (
+        f"I show my top guesses with a confidence each. When my best guess is under {threshold * 100:.0f}%, "
+        "I say “I'm not sure” and still show them. A confidence compares only the labels I was taught: "
+        "a photo of something else can still get a high one."
+    )
+
+
+def help_text(is_admin: bool, threshold: float | None = None) -> str:
+    """The /help text; admins also get the teaching commands.
+
+    Args:
+        is_admin: whether the reader is an admin.
+        threshold: ``classify.confidence_threshold`` (0..1) under which replies say "I'm not
+            sure"; explained when given.
+    """
     lines = [
         "Send me a photo, or an image as a file, and I'll tell you what I think it shows.",
+    ]
+    if threshold is not None:
+        lines.append(not_sure_text(threshold))
+    lines += [
         "",
         "/start – what this bot does",
         "/help – this help",
@@ -41,7 +70,19 @@ def help_text(is_admin: bool) -> str:
             "/status – model version, accuracy, photos, next scheduled training",
             "/rollback – go back to the previous model",
         ]
+        if threshold is not None:
+            lines += [
+                "",
+                f"The “not sure” limit is classify.confidence_threshold in the bot's config (now {threshold:.2f}). "
+                "Reports and /status give the test accuracy with its 95% interval; a label with fewer than "
+                f"{MIN_TEST_IMAGES_PER_LABEL} test images is too few to judge.",
+            ]
     return "\n".join(lines)
+
+
+def _help(update: Update, context: Context) -> str:
+    data = context.bot_data
+    return help_text(_is_admin(update, context), data.config.classify.confidence_threshold)
 
 
 def _is_admin(update: Update, context: Context) -> bool:
@@ -54,7 +95,7 @@ async def on_start(update: Update, context: Context) -> None:
     if message is None:
         return
     intro = "Hi! I label photos. I learn from examples my admins show me, and I retrain myself regularly."
-    await reply(message, intro + "\n\n" + help_text(_is_admin(update, context)))
+    await reply(message, intro + "\n\n" + _help(update, context))
 
 
 async def on_help(update: Update, context: Context) -> None:
@@ -62,7 +103,7 @@ async def on_help(update: Update, context: Context) -> None:
     message = update.effective_message
     if message is None:
         return
-    await reply(message, help_text(_is_admin(update, context)))
+    await reply(message, _help(update, context))
 
 
 async def on_other_document(update: Update, context: Context) -> None:

@@ -17,7 +17,7 @@ from telegram import Update
 from telegram.ext import BaseHandler, CommandHandler, filters
 
 from bot.context import BotData, Context
-from bot.reports import ProgressMessage, send_report
+from bot.reports import ProgressMessage, accuracy_text, send_report, too_few_test_images_text
 from bot.telegram_io import NEW, images_text, reply, user_id_of
 from bot.wording import error_text
 from model_store.errors import NoModelError, TrainingError
@@ -77,9 +77,11 @@ def status_text(data: BotData) -> str:
         )
     else:
         metrics = current.metrics
-        acc = metrics.get("accuracy")
-        acc_text = f"test accuracy {acc * 100:.1f}%" if isinstance(acc, int | float) else "accuracy unknown"
-        lines.append(f"Model: {current.name} ({acc_text}, trained {_fmt_time(current.created_at, tz)})")
+        lines.append(f"Model: {current.name}, trained {_fmt_time(current.created_at, tz)}")
+        lines.append(f"Test accuracy: {accuracy_text(metrics)}")
+        hint = too_few_test_images_text(metrics)
+        if hint:
+            lines.append(hint)
         lines.append(engine_line(metrics, data.classifier.engine_description))
     infos = data.workspace.store.labels()
     total = sum(i.count for i in infos)

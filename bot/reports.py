@@ -1,6 +1,11 @@
 """Texts the bot sends about trainings: the live progress message and the final report.
 
 Plain text only (no parse mode): labels are typed by admins and may contain any character.
+
+How sure a report is: the test accuracy comes with its 95% Wilson score interval and the number
+of test images (:func:`accuracy_text`), and labels with fewer than
+:data:`MIN_TEST_IMAGES_PER_LABEL` test images are named as too few to judge
+(:func:`too_few_test_images_text`). Both are also shown by ``/status`` (:mod:`bot.models`).
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import math
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -20,7 +26,17 @@ from telegram.error import BadRequest, Forbidden, RetryAfter, TelegramError
 from bot.telegram_io import cut_text, retry_after_seconds
 from bot.training_runner import TrainingOutcome
 
-__all__ = ["ProgressMessage", "fits_as_photo", "format_report", "notify_admins", "send_report"]
+__all__ = [
+    "MIN_TEST_IMAGES_PER_LABEL",
+    "ProgressMessage",
+    "accuracy_text",
+    "fits_as_photo",
+    "format_report",
+    "notify_admins",
+    "send_report",
+    "too_few_test_images_text",
+    "wilson_interval",
+]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +54,115 @@ def _pct(value: Any, decimals: int = 1) -> str:
         return f"{float(value) * 100:.{decimals}f}%"
     except (TypeError, ValueError):
         return "n/a"
+
+
+#: z for a two-sided 95% interval: the 0.975 quantile of the standard normal distribution
+Z_95 = 1.959963984540054
+
+#: A label with fewer test images than this is "too few to judge". Below 10, one image moves the
+#: label's recall by more than 10 points, and even a perfect score does not tell a good label from
+#: a poor one: the 95% Wilson interval of 9/9 is 70–100%, of 5/5 57–100% (of 20/20: 84–100%).
+MIN_TEST_IMAGES_PER_LABEL = 10
+
+
+def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (default: 95%).
+
+    Wilson, E. B. (1927), "Probable inference, the law of succession, and statistical inference",
+    JASA 22(158): 209-212; recommended over the Wald interval ``p ± z·sqrt(p(1-p)/n)`` for small
+    ``n`` and for ``p`` near 0 or 1 by Agresti & Coull (1998), "Approximate is better than 'exact'
+    for interval estimation of binomial proportions", The American Statistician 52(2): 119-126.
+    With p = successes / n::
+
+        centre = (p + z²/2n) / (1 + z²/n)
+        half   = z / (1 + z²/n) · sqrt(p(1-p)/n + z²/4n²)
+
+    Args:
+        successes: e.g. correctly classified test images, 0 <= successes <= trials.
+        trials: e.g. test images, > 0.
+        z: the standard normal quantile of the confidence level (1.96 for 95%).
+
+    Returns:
+        (low, high) as fractions in [0, 1].
+
+    Raises:
+        ValueError: trials <= 0, or successes outside 0..trials.
+    """
+    if trials <= 0 or not 0 <= successes <= trials:
+        raise ValueError(f"need 0 <= successes <= trials and trials > 0, got {successes}/{trials}")
+    p = successes / trials
+    z2n = z * z / trials
+    centre = (p + z2n / 2) / (1 + z2n)
+    half = z / (1 + z2n) * math.sqrt(p * (1 - p) / trials + z2n / (4 * trials))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _correct_and_total(metrics: dict[str, Any]) -> tuple[int, int] | None:
+    """(correct, total) test images of a version's metrics, or None if it does not say."""
+    total = metrics.get("test_images")
+    matrix = metrics.get("confusion_matrix")
+    if isinstance(matrix, list) and all(isinstance(row, list) for row in matrix):
+        try:
+            cells = [[int(v) for v in row] for row in matrix]
+            correct = sum(row[i] for i, row in enumerate(cells) if i < len(row))
+            total = sum(map(sum, cells))
+        except (TypeError, ValueError):
+            cells = []
+        if cells and total:
+            return correct, total
+    accuracy = metrics.get("accuracy")
+    if isinstance(total, int) and total > 0 and isinstance(accuracy, int | float) and 0 <= accuracy <= 1:
+        return round(accuracy * total), total
+    return None
+
+
+def accuracy_text(metrics: dict[str, Any]) -> str:
+    """"85.7% on 35 test images (95% interval 70.6–93.7%)" for a version's metrics.
+
+    The interval is :func:`wilson_interval` of the correctly classified test images (the diagonal
+    of ``metrics["confusion_matrix"]``, else ``accuracy`` × ``test_images``). Without a test count,
+    only the percentage (or "unknown").
+    """
+    counts = _correct_and_total(metrics)
+    if counts is None:
+        accuracy = metrics.get("accuracy")
+        return _pct(accuracy) if isinstance(accuracy, int | float) else "unknown"
+    correct, total = counts
+    low, high = wilson_interval(correct, total)
+    noun = "test image" if total == 1 else "test images"
+    return f"{_pct(correct / total)} on {total} {noun} (95% interval {_pct(low)}–{_pct(high)})"
+
+
+def too_few_test_images_text(metrics: dict[str, Any]) -> str | None:
+    """A hint naming the labels with fewer than :data:`MIN_TEST_IMAGES_PER_LABEL` test images
+    (their figures are too uncertain to judge), with how many photos a label needs; None if none."""
+    per_label = metrics.get("per_label")
+    if not isinstance(per_label, dict):
+        return None
+    few = [
+        (name, figures.get("support"))
+        for name, figures in per_label.items()
+        if isinstance(figures, dict)
+        and isinstance(figures.get("support"), int)
+        and figures["support"] < MIN_TEST_IMAGES_PER_LABEL
+    ]
+    if not few:
+        return None
+    shown = ", ".join(f"{name} ({n})" for name, n in few[:MAX_LABEL_LINES])
+    if len(few) > MAX_LABEL_LINES:
+        shown += f" and {len(few) - MAX_LABEL_LINES} more"
+    config = metrics.get("config")
+    share = config.get("testing_percentage") if isinstance(config, dict) else None
+    need = ""
+    if isinstance(share, int | float) and 0 < share <= 100:
+        need = (
+            f" With {share:g}% of the photos set aside for testing, that takes about "
+            f"{math.ceil(MIN_TEST_IMAGES_PER_LABEL * 100 / share)} photos per label."
+        )
+    return (
+        f"Too few test images to judge these labels (fewer than {MIN_TEST_IMAGES_PER_LABEL}): {shown}. "
+        f"Their figures can be far off; add photos with /add.{need}"
+    )
 
 
 def format_progress(stage: str, done: int, total: int, elapsed: float) -> str:
@@ -69,9 +194,8 @@ def format_report(outcome: TrainingOutcome) -> str:
         if "keeps serving" not in outcome.message:
             lines.append("The current model keeps serving.")
     if outcome.status != "failed" and m:
-        test_images = m.get("test_images")
         lines.append("")
-        lines.append(f"Test accuracy: {_pct(m.get('accuracy'))}" + (f" on {test_images} images" if test_images else ""))
+        lines.append(f"Test accuracy: {accuracy_text(m)}")
         if m.get("backbone"):
             lines.append(
                 f"Backbone: {(m.get('backbone') or {}).get('name')}, "
@@ -98,6 +222,10 @@ def format_report(outcome: TrainingOutcome) -> str:
                 )
             if len(items) > MAX_LABEL_LINES:
                 lines.append(f"… and {len(items) - MAX_LABEL_LINES} more labels")
+        hint = too_few_test_images_text(m)
+        if hint:
+            lines.append("")
+            lines.append(hint)
     return cut_text("\n".join(lines))
 
 

@@ -33,7 +33,9 @@ Wire format notes (what PTB really sends):
 Scope: the Bot API methods and parameters the bot and PTB's ``Application`` use (polling, webhook
 registration, commands, plain-text messages with inline keyboards, photo and document uploads,
 chat actions, callback answers and edits, file downloads), with the real server's checks on them.
-No ``parse_mode`` / ``entities`` emulation (the bot sends plain text): a call using them fails with
+Command menus for a chat scope need a chat the stand-in knows (one that sent a message,
+or :meth:`BotApiStandIn.open_chat`), else "chat not found", as on the real server for a user who
+never opened a chat with the bot. No ``parse_mode`` / ``entities`` emulation (the bot sends plain text): a call using them fails with
 400, so a change that starts using them shows up here instead of passing unchecked.
 
 This module deliberately does not import pytest: benchmarks import it as well.
@@ -372,6 +374,7 @@ class BotApiStandIn:
             ("setWebhook", self._m_set_webhook),
             ("deleteWebhook", self._m_delete_webhook),
             ("setMyCommands", self._m_set_my_commands),
+            ("deleteMyCommands", self._m_delete_my_commands),
             ("sendMessage", self._m_send_message),
             ("sendPhoto", self._m_send_photo),
             ("sendDocument", self._m_send_document),
@@ -568,6 +571,10 @@ class BotApiStandIn:
         with self._lock:
             self._chats[chat_id] = chat
         return copy.deepcopy(chat)
+
+    def open_chat(self, user_id: int) -> dict[str, Any]:
+        """The user opens a private chat with the bot (presses Start) without a message yet; returns its Chat."""
+        return self._chat_for(user_id, "private", None)
 
     # ------------------------------------------------------------------ test-side: files
 
@@ -1375,11 +1382,26 @@ class BotApiStandIn:
             clean.append({"command": name, "description": desc})
         key = self._scope_key(p.get("scope"), p.get("language_code"))
         with self._lock:
+            self._check_scope_chat(key)
             if clean:
                 self._commands[key] = clean
             else:
                 self._commands.pop(key, None)
         return True
+
+    def _m_delete_my_commands(self, p: dict[str, Any], f: dict[str, UploadedFile]) -> bool:
+        key = self._scope_key(p.get("scope"), p.get("language_code"))
+        with self._lock:
+            self._check_scope_chat(key)
+            self._commands.pop(key, None)
+        return True
+
+    def _check_scope_chat(self, key: tuple[str, str]) -> None:
+        """A chat scope needs a chat the bot knows: a user who never opened a chat with the bot gets
+        the real server's "chat not found" (the caller holds the lock)."""
+        chat_id = json.loads(key[0]).get("chat_id")
+        if chat_id is not None and chat_id not in self._chats:
+            raise _ApiError(400, "Bad Request: chat not found")
 
     def _m_send_message(self, p: dict[str, Any], f: dict[str, UploadedFile]) -> dict[str, Any]:
         raw = p.get("text")

@@ -181,6 +181,8 @@ async def test_delete_asks_first_and_validates_the_buttons(
 
 
 async def test_command_menus_for_everyone_and_for_admins(botapi: BotApiStandIn, tmp_path: Path) -> None:
+    botapi.open_chat(ADMIN)
+    botapi.open_chat(OTHER_ADMIN)
     async with running_bot(botapi, bot_config(botapi, tmp_path / "store")):
         default = botapi.commands()
         admin = botapi.commands({"type": "chat", "chat_id": ADMIN})
@@ -189,6 +191,64 @@ async def test_command_menus_for_everyone_and_for_admins(botapi: BotApiStandIn, 
     assert [c["command"] for c in admin] == [c.command for c in ADMIN_COMMANDS]
     assert other == admin
     assert botapi.commands({"type": "chat", "chat_id": USER}) == []
+
+
+def menu_calls(botapi: BotApiStandIn, method: str, chat_id: int) -> list[Call]:
+    """Successful setMyCommands / deleteMyCommands calls for one chat's scope."""
+    return [c for c in botapi.sent_calls(method) if (c.params.get("scope") or {}).get("chat_id") == chat_id]
+
+
+async def test_an_admin_who_opens_the_chat_after_the_start_gets_the_menu_once(
+    botapi: BotApiStandIn, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    store = tmp_path / "store"
+    admin_scope = {"type": "chat", "chat_id": ADMIN}
+    async with running_bot(botapi, bot_config(botapi, store)) as bot:
+        # the usual order: configure, start the bot, then open the chat with it
+        at_start = botapi.commands(admin_scope)
+        told = [r for r in caplog.records if "menu is set when they first message the bot" in r.getMessage()]
+        assert [r.levelno for r in told] == [logging.INFO, logging.INFO], "one INFO line per admin, no warning"
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "menu" in r.getMessage()]
+        await bot.ask(ADMIN, "/start")
+        await botapi.wait_for(lambda c: c.method == "setMyCommands" and c.params["scope"] == admin_scope)
+        after_start = botapi.commands(admin_scope)
+        # more updates of every kind: no more calls
+        await bot.ask(ADMIN, "/help")
+        await bot.ask(ADMIN, "/labels")
+        await bot.reply(ADMIN, bot.send_photo(ADMIN, photos("hat")[0]))
+        # the other admin writes in a group first (no private chat yet): no menu, one try only
+        group = -7001
+        await bot.reply(group, bot.send_text(OTHER_ADMIN, "/help", chat=group))
+        await bot.reply(group, bot.send_text(OTHER_ADMIN, "/help", chat=group))
+        other_in_group = botapi.commands({"type": "chat", "chat_id": OTHER_ADMIN})
+        await bot.ask(OTHER_ADMIN, "/help")
+        await botapi.wait_for(
+            lambda c: c.method == "setMyCommands" and c.params["scope"] == {"type": "chat", "chat_id": OTHER_ADMIN}
+        )
+    assert at_start == []
+    assert [c["command"] for c in after_start] == [c.command for c in ADMIN_COMMANDS]
+    assert len(menu_calls(botapi, "setMyCommands", ADMIN)) == 1, "set exactly once"
+    assert other_in_group == []
+    tries = [c for c in botapi.calls if c.method == "setMyCommands" and (c.params.get("scope") or {}).get("chat_id") == OTHER_ADMIN]
+    assert len(tries) == 2, "at start, then from the private chat (not from the group)"
+    assert len(menu_calls(botapi, "setMyCommands", OTHER_ADMIN)) == 1
+
+    # a restart: the menus set are remembered in state.json, so no call per admin
+    async with running_bot(botapi, bot_config(botapi, store)):
+        pass
+    assert len(menu_calls(botapi, "setMyCommands", ADMIN)) == 1
+    assert len(menu_calls(botapi, "setMyCommands", OTHER_ADMIN)) == 1
+    # admins changes: a former admin's menu is deleted, a new admin's set
+    botapi.open_chat(USER)
+    async with running_bot(botapi, bot_config(botapi, store, admins=[ADMIN, USER])):
+        pass
+    assert menu_calls(botapi, "deleteMyCommands", OTHER_ADMIN) != []
+    assert botapi.commands({"type": "chat", "chat_id": OTHER_ADMIN}) == []
+    assert [c["command"] for c in botapi.commands({"type": "chat", "chat_id": USER})] == [
+        c.command for c in ADMIN_COMMANDS
+    ]
+    assert len(menu_calls(botapi, "setMyCommands", ADMIN)) == 1
 
 
 async def test_an_admins_album_without_add_is_classified_photo_by_photo(

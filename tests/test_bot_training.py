@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -65,6 +66,7 @@ async def test_admin_teaches_three_labels_retrains_and_a_new_photo_is_answered(
     text = str(report.params["text"])
     assert report.reply_to == retrain_mid
     assert "is now serving" in text and "Test accuracy:" in text
+    assert re.search(r"Test accuracy: [\d.]+% on \d+ test images \(95% interval [\d.]+%–[\d.]+%\)", text), text
     assert "Per label: precision / recall" in text
     assert f"Backbone: {DEFAULT_BACKBONE}, engine: LiteRT/XNNPACK" in text
     for label in ("shoes", "pants", "t-shirt"):
@@ -74,6 +76,7 @@ async def test_admin_teaches_three_labels_retrains_and_a_new_photo_is_answered(
     current = ModelRegistry(store / "models").current()
     assert current is not None and current.name in status_text
     assert "Images added since the last training: 0" in status_text
+    assert re.search(r"Test accuracy: [\d.]+% on \d+ test images \(95% interval", status_text), status_text
     assert f"Backbone: {DEFAULT_BACKBONE}, engine: LiteRT/XNNPACK" in status_text, status_text
     assert "There is no earlier model version" in rollback
     state = json.loads((store / "state.json").read_text())

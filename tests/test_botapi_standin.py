@@ -237,11 +237,17 @@ async def test_get_me_and_wrong_token(botapi: BotApiStandIn) -> None:
 async def test_set_my_commands_is_stored_per_scope(botapi: BotApiStandIn) -> None:
     scope = BotCommandScopeChat(chat_id=77)
     async with _bot(botapi) as bot:
+        with pytest.raises(BadRequest, match="(?i)chat not found"):  # 77 never opened a chat with the bot
+            await bot.set_my_commands([BotCommand("label", "Label a photo")], scope=scope)
+        botapi.open_chat(77)
         assert await bot.set_my_commands([BotCommand("label", "Label a photo")], scope=scope)
         assert await bot.set_my_commands([BotCommand("start", "Start")])
         with pytest.raises(BadRequest, match="(?i)BOT_COMMAND_INVALID"):
             await bot.set_my_commands([BotCommand("Bad-Name", "x")])
         assert await bot.set_my_commands([], scope=scope)
+        assert await bot.delete_my_commands(scope=scope)
+        with pytest.raises(BadRequest, match="(?i)chat not found"):
+            await bot.delete_my_commands(scope=BotCommandScopeChat(chat_id=78))
     call = botapi.sent_calls("setMyCommands")[0]
     assert call.params["scope"] == {"type": "chat", "chat_id": 77}
     assert call.params["commands"] == [{"command": "label", "description": "Label a photo"}]
