@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from model_store.registry import write_atomic
+from model_store.fs import write_atomic
 
 __all__ = ["BotState"]
 

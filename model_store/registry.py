@@ -31,9 +31,7 @@ from pathlib import Path
 from model_store.errors import ModelProblem, NoModelError
 from model_store.fs import TMP_PREFIX, publish_dir, write_atomic
 
-# ``write_atomic`` lives in model_store.fs; it is listed here only because bot/state.py imports it
-# from this module (bot/ belongs to another change: switch that import to model_store.fs, then drop it).
-__all__ = ["POINTER", "ModelRegistry", "ModelVersion", "write_atomic"]
+__all__ = ["POINTER", "ModelRegistry", "ModelVersion"]
 
 log = logging.getLogger(__name__)
 
