@@ -15,6 +15,8 @@ stops at early stopping, before its ``total`` epochs).
 
 from __future__ import annotations
 
+import io
+import os
 from typing import Any, TextIO
 
 __all__ = ["LINE_STEP_PERCENT", "BarProgress", "LineProgress", "progress_for"]
@@ -73,7 +75,13 @@ class BarProgress:
             from tqdm import tqdm
 
             self._stage = stage
-            self._bar = tqdm(total=total, desc=stage, unit=_UNITS.get(stage, "step"), file=self._stream)
+            self._bar = tqdm(
+                total=total,
+                desc=stage,
+                unit=_UNITS.get(stage, "step"),
+                file=self._stream,
+                ncols=_fallback_width(self._stream),
+            )
         if self._bar is None:  # this stage's bar already finished
             return
         self._bar.total = total
@@ -87,6 +95,17 @@ class BarProgress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def _fallback_width(stream: TextIO) -> int | None:
+    """None (tqdm follows the terminal's width), or 80 columns for a terminal that reports a width
+    of 0 (a pseudo-terminal nobody sized, e.g. ``script`` or ``docker run -t`` without a terminal
+    behind it), on which tqdm would draw empty bars."""
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        return None
+    return None if columns > 0 else 80
 
 
 def progress_for(stream: TextIO) -> BarProgress | LineProgress:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import io
+import os
 import platform
+import pty
 import re
+import select
 import shutil
 import subprocess
 import sys
@@ -64,6 +67,30 @@ def test_the_bar_redraws_in_place_on_a_terminal() -> None:
     for stage in STAGES:
         assert f"{stage}:" in out
     assert "2600/2600" in out
+
+
+def test_a_real_pseudo_terminal_gets_a_drawn_bar_even_when_nobody_sized_it() -> None:
+    """A pty that reports 0 columns (``script``, ``docker run -t``): the bar is drawn at 80 columns."""
+    master, slave = pty.openpty()  # a new pty has a 0 x 0 window
+    try:
+        with os.fdopen(os.dup(slave), "w", encoding="utf-8") as stream:
+            bar = progress_for(stream)
+            assert isinstance(bar, BarProgress)
+            for done in range(5):
+                bar("bottlenecks", done, 4)
+            bar.close()
+        out = b""
+        while select.select([master], [], [], 0.5)[0]:
+            chunk = os.read(master, 65536)
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(slave)
+        os.close(master)
+    text = out.decode("utf-8", "replace")
+    assert "bottlenecks: 100%|" in text
+    assert "\u2588" * 20 in text  # the bar itself, not an empty line
 
 
 def test_plain_lines_are_few_whatever_the_number_of_steps() -> None:
