@@ -81,7 +81,7 @@ class _QuietLoader(importlib.abc.Loader):
 class _captured_stderr_fd:
     """Context manager: descriptor 2 goes to a temporary file; on exit it is restored and the
     captured lines that are not start-up chatter are written to it. Does nothing when descriptor 2
-    is not open."""
+    is not open or no temporary file can be made."""
 
     def __enter__(self) -> None:
         self._saved: int | None = None
@@ -90,8 +90,12 @@ class _captured_stderr_fd:
             self._saved = os.dup(2)
         except (OSError, ValueError, AttributeError):
             return
-        self._capture = tempfile.TemporaryFile()
-        os.dup2(self._capture.fileno(), 2)
+        try:
+            self._capture = tempfile.TemporaryFile()
+            os.dup2(self._capture.fileno(), 2)
+        except OSError:  # no temporary file (e.g. a full disk): import loudly rather than not at all
+            os.close(self._saved)
+            self._saved = None
 
     def __exit__(self, *exc_info: object) -> None:
         if self._saved is None:
@@ -105,9 +109,12 @@ class _captured_stderr_fd:
         self._capture.seek(0)
         captured = self._capture.read().decode("utf-8", "replace")
         self._capture.close()
-        kept = [line for line in captured.splitlines(keepends=True) if not is_startup_chatter(line.rstrip("\r\n"))]
-        if kept:
-            os.write(2, "".join(kept).encode("utf-8", "replace"))
+        kept = [
+            line for line in captured.splitlines(keepends=True) if not is_startup_chatter(line.rstrip("\r\n"))
+        ]
+        data = "".join(kept).encode("utf-8", "replace")
+        while data:
+            data = data[os.write(2, data) :]
 
 
 class _QuietFinder(importlib.abc.MetaPathFinder):

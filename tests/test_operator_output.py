@@ -120,9 +120,18 @@ def test_plain_lines_are_few_whatever_the_number_of_steps() -> None:
             "I0000 00:00:1796301968.179639    9609 port.cc:153] oneDNN custom operations are on. You may see",
             True,
         ),
-        ("I0000 00:00:1796301968.180106    9609 cudart_stub.cc:31] Could not find cuda drivers on your machine", True),
-        ("I0000 00:00:1796301968.540123    9609 cpu_feature_guard.cc:227] This TensorFlow binary is optimized", True),
-        ("To enable the following instructions: AVX2 AVX512F FMA, in other operations, rebuild TensorFlow", True),
+        (
+            "I0000 00:00:1796301968.180106    9609 cudart_stub.cc:31] Could not find cuda drivers on your machine",
+            True,
+        ),
+        (
+            "I0000 00:00:1796301968.540123    9609 cpu_feature_guard.cc:227] This TensorFlow binary is optimized",
+            True,
+        ),
+        (
+            "To enable the following instructions: AVX2 AVX512F FMA, in other operations, rebuild TensorFlow",
+            True,
+        ),
         ("E0000 00:00:1796301984.130575    9609 cuda_platform.cc:52] failed call to cuInit: INTERNAL", False),
         ("W0000 00:00:1796301984.130575    9609 port.cc:153] something went wrong", False),
         ("I0000 00:00:1796301984.130575    9609 some_other.cc:12] a different message", False),

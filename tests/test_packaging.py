@@ -64,6 +64,8 @@ def test_no_installed_dependency_requires_the_cuda_build() -> None:
             continue
         for line in dist.requires or []:
             req = Requirement(line)
-            if canonicalize_name(req.name) == "tensorflow" and (req.marker is None or req.marker.evaluate(env)):
+            if canonicalize_name(req.name) == "tensorflow" and (
+                req.marker is None or req.marker.evaluate(env)
+            ):
                 pulling.append(f"{name}: {line}")
     assert not pulling
