@@ -34,12 +34,16 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bot import quiet_start
+
 if TYPE_CHECKING:
     from bot.config import TrainingConfig
     from model_store.training import TrainConfig
 
-# TensorFlow's C++ start-up chatter (CUDA probing on CPU-only machines) is noise for CLI users.
+# TensorFlow's C++ start-up chatter is noise for an operator: TF_CPP_MIN_LOG_LEVEL hides what TensorFlow
+# logs once it runs (INFO and WARNING); bot.quiet_start the lines its libraries print while loading.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+quiet_start.install()
 
 
 def _store_dir(args: argparse.Namespace) -> Path:
@@ -269,26 +273,22 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             for f, r in imported.skipped:
                 print(f"  skipped {f}: {r}", file=sys.stderr)
 
-    bar = None
+    from bot.retrain_progress import progress_for
+
+    # a live bar on a terminal, a few plain lines in a log (bot.retrain_progress); JSON events with --json
+    shown = None if emit else progress_for(sys.stderr)
     last_emit = 0.0
 
     def progress(stage: str, done: int, total: int) -> None:
-        nonlocal bar, last_emit
+        nonlocal last_emit
         if emit:
             now = time.monotonic()
             if stage != "bottlenecks" or done in (0, total) or now - last_emit >= 0.5:
                 last_emit = now
                 emit(ProgressEvent(stage=stage, done=done, total=total))
             return
-        if stage == "bottlenecks" and total:
-            if bar is None:
-                from tqdm import tqdm
-
-                bar = tqdm(total=total, desc="bottlenecks", unit="img", file=sys.stderr)
-            bar.n = done
-            bar.refresh()
-            if done >= total:
-                bar.close()
+        if shown is not None:
+            shown(stage, done, total)
 
     try:
         train_config, backbone, weights = _training_settings(args)
@@ -301,6 +301,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             engine=_engine_settings(args),
         )
     except Exception as exc:
+        if shown is not None:
+            shown.close()
         # Unexpected: log the traceback on stderr, and still give a JSON reader its result line.
         # A full disk is no crash: say so (the operator's fix is to free space, not to read code).
         disk_full = is_disk_full(exc)
@@ -314,6 +316,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             message = DISK_FULL_MESSAGE if disk_full else "The training crashed; see the bot's log."
             emit(ResultEvent(report=RetrainReport(TrainingStatus.FAILED, message)))
         return 1
+    if shown is not None:
+        shown.close()
     if report.version and report.completed:
         vdir = ws.registry.root / report.version
         if args.output_labels:
