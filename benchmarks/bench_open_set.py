@@ -27,6 +27,11 @@ Candidates (one JSON line per left-out label and method, then one summary line p
   towards its mean variance by 0.1 (a fixed choice: 1,280 features, ~2,000 photos);
 * ``msp``: 1 - the maximum softmax probability (Hendrycks and Gimpel, ICLR 2017), the baseline.
 
+Serving cost (last line but one): the classifier's forward pass for 8 photos x 2 crops (the
+backbone on the serving engine, LiteRT by default, plus the softmax head in NumPy) timed side by
+side with the same plus the open-set score against all the dev photos' vectors (a bank of ~2,600),
+alternating, median of ``--repeats``; the added milliseconds per photo and the ratio.
+
 Bottlenecks come from the project's ``BottleneckCache`` in ``--cache_dir`` (computed once; a rerun
 with a filled cache costs only the 10 head trainings). Example::
 
@@ -154,12 +159,69 @@ def leave_one_out(feats, y, shas, labels, u, config) -> tuple[dict[str, dict], f
     return out, knn_s
 
 
+def serving_cost(backbone, cache_dir: Path, paths: list[Path], feats: np.ndarray, y: np.ndarray, repeats: int) -> dict:
+    """Forward pass + head vs forward pass + head + open-set score, per photo (ms), side by side."""
+    from model_store.bottlenecks import decode_for_model
+    from model_store.engine import EngineSettings
+    from model_store.preprocessing import to_model_input
+
+    config = TrainConfig()
+    engine = backbone.use_engine(EngineSettings(), cache_dir=cache_dir / backbone.id)
+    crops = config.crop_fractions
+    batch = np.stack(
+        [to_model_input(decode_for_model(p.read_bytes()), backbone.input_size, mode="center_crop", crop_fraction=f)
+         for p in paths[:8] for f in crops]
+    )
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(size=(feats.shape[2], int(y.max()) + 1)).astype(np.float32)  # a head's shape
+    scorer = OpenSet.fit(feats, y)
+    scorer.calibrate(feats[:100])
+
+    def plain() -> None:
+        f = backbone.features(batch, batch_size=len(batch))
+        softmax(f @ kernel)
+
+    def with_score() -> None:
+        f = backbone.features(batch, batch_size=len(batch))
+        softmax(f @ kernel)
+        scorer.is_unknown(scorer.score(f.reshape(8, len(crops), -1)))
+
+    times: dict[str, list[float]] = {"plain": [], "with_score": []}
+    for fn in (plain, with_score):
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in (("plain", plain), ("with_score", with_score)):
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    t_score = []
+    for _ in range(repeats):
+        f = rng.normal(size=(8, len(crops), feats.shape[2])).astype(np.float32)
+        t = time.perf_counter()
+        scorer.score(f)
+        t_score.append(time.perf_counter() - t)
+    plain_ms = 1000 * float(np.median(times["plain"])) / 8
+    with_ms = 1000 * float(np.median(times["with_score"])) / 8
+    return {
+        "serving_engine": engine,
+        "bank_images": len(scorer.bank),
+        "photos_per_batch": 8,
+        "ms_per_photo_forward_and_head": round(plain_ms, 2),
+        "ms_per_photo_with_open_set": round(with_ms, 2),
+        "ratio": round(with_ms / plain_ms, 3),
+        "ms_per_photo_score_alone": round(1000 * float(np.median(t_score)) / 8, 3),
+        "open_set_file_bytes": len(scorer.to_bytes()),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: JSON lines per left-out label and method, then a summary line per method."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--image_dir", type=Path, required=True, help="folder of <label>/<image> files")
     ap.add_argument("--backbone", default=None, help="backbone spec (default: the shipped default)")
     ap.add_argument("--cache_dir", type=Path, default=Path("/work/cv-cache"))
+    ap.add_argument("--repeats", type=int, default=20, help="timed repeats of the serving comparison")
+    ap.add_argument("--serving_only", action="store_true", help="only the serving-cost line")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     t0 = time.perf_counter()
@@ -176,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     y = np.array([labels.index(lab) for _, _, lab in images])[keep]
     shas = [sha for (sha, _, _), k in zip(images, keep, strict=True) if k]
     t_bottlenecks = time.perf_counter() - t0
+    paths = [p for (_, p, _), k in zip(images, keep, strict=True) if k]
+    if args.serving_only:
+        print(json.dumps(serving_cost(backbone, args.cache_dir, paths, feats[:, :2], y, args.repeats)))
+        return 0
 
     per_method: dict[str, list[dict]] = {}
     knn_times = []
@@ -199,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
         )
+    print(json.dumps(serving_cost(backbone, args.cache_dir, paths, feats[:, :2], y, args.repeats)))
     print(
         json.dumps(
             {

@@ -17,8 +17,9 @@ from model_store.images import decode_image
 from model_store.openset import MAX_K, OPENSET_FILE, OpenSet, calibrate_threshold, choose_k, load_open_set
 from model_store.training import TrainConfig
 from model_store.workspace import Workspace
-from tests.auxil.bot_harness import TRAIN_PER_LABEL, TRAINED_LABELS, photos
+from tests.auxil.bot_harness import TRAIN_PER_LABEL, TRAINED_LABELS, USER, bot_config, photos, running_bot
 from tests.auxil.modelstore import TrainedStore, clothing_photos, json_lines, run_cli
+from tests.botapi_standin import BotApiStandIn
 
 #: labels of tests/data/clothing that the ``trained_store`` fixture never saw, unlike its three
 UNSEEN = ("hat", "skirt", "dress")
@@ -184,3 +185,16 @@ def test_unknown_reply_names_the_labels_and_the_closest_one() -> None:
     assert reply_text([("shoes", 0.9)], 0.5) == format_predictions([("shoes", 0.9)], 0.5)
     many = unknown_text([("a0", 0.2)], [f"a{i}" for i in range(20)])
     assert "and 8 more" in many
+
+
+@pytest.mark.slow
+async def test_the_bot_answers_a_photo_of_a_label_never_taught_politely(botapi: BotApiStandIn, store_copy: Path) -> None:
+    """Over HTTP against the stand-in: a hat (the model knows shoes, pants, t-shirt) gets the
+    open-set reply; a held-out shoe photo still gets its labels."""
+    async with running_bot(botapi, bot_config(botapi, store_copy)) as bot:
+        hat = bot.send_photo(USER, clothing_photos()["hat"][0])
+        shoe = bot.send_photo(USER, photos("shoes")[TRAIN_PER_LABEL])
+        hat_text, shoe_text = await bot.reply_text(USER, hat), await bot.reply_text(USER, shoe)
+    assert hat_text.startswith("This doesn't look like anything I've been taught (my labels: pants, shoes, t-shirt)."), hat_text
+    assert "The closest is " in hat_text
+    assert shoe_text.splitlines()[0].startswith("shoes — "), shoe_text
