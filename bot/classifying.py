@@ -89,7 +89,8 @@ def unknown_text(predictions: list[tuple[str, float]], labels: list[str]) -> str
     """The reply to a photo that looks like none of the model's labels (open-set check).
 
     Args:
-        predictions: its top-k ``(label, probability)`` pairs, best first (the closest label is named).
+        predictions: its top-k ``(label, probability)`` pairs, best first (listed as the closest,
+            one "label — percent" line each, as in :func:`format_predictions`).
         labels: every label of the serving model (at most :data:`UNKNOWN_LIST_LABELS` are listed).
     """
     shown = labels[:UNKNOWN_LIST_LABELS]
@@ -97,7 +98,9 @@ def unknown_text(predictions: list[tuple[str, float]], labels: list[str]) -> str
     text = "This doesn't look like anything I've been taught"
     text += f" (my labels: {listed})." if labels else "."
     if predictions:
-        text += f" The closest is {predictions[0][0]}, but I wouldn't bet on it."
+        text += " If it is one of them, the closest are:\n" + "\n".join(
+            f"{label} — {_percent(p)}" for label, p in predictions
+        )
     return text
 
 

@@ -177,7 +177,7 @@ def test_unknown_reply_names_the_labels_and_the_closest_one() -> None:
     text = reply_text(pred, 0.5)
     assert text == (
         "This doesn't look like anything I've been taught (my labels: pants, shoes, t-shirt). "
-        "The closest is shoes, but I wouldn't bet on it."
+        "If it is one of them, the closest are:\nshoes — 60%\npants — 30%"
     )
     # known but uncertain keeps "I'm not sure"; no open-set data: as before
     unsure = Predictions([("shoes", 0.4), ("pants", 0.3)], unknown=False, unknown_score=0.1, threshold=0.3)
@@ -196,5 +196,5 @@ async def test_the_bot_answers_a_photo_of_a_label_never_taught_politely(botapi: 
         shoe = bot.send_photo(USER, photos("shoes")[TRAIN_PER_LABEL])
         hat_text, shoe_text = await bot.reply_text(USER, hat), await bot.reply_text(USER, shoe)
     assert hat_text.startswith("This doesn't look like anything I've been taught (my labels: pants, shoes, t-shirt)."), hat_text
-    assert "The closest is " in hat_text
+    assert "If it is one of them, the closest are:" in hat_text and " — " in hat_text.splitlines()[1]
     assert shoe_text.splitlines()[0].startswith("shoes — "), shoe_text
