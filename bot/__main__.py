@@ -379,7 +379,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
                         "version": clf.version,
                         "labels": [{"label": lab, "probability": round(p, 6)} for lab, p in labels],
                         "unknown": labels.unknown,
-                        "unknown_score": _rounded(labels.unknown_score),
+                        "unknown_score": None if labels.unknown_score is None else round(labels.unknown_score, 6),
                     },
                     ensure_ascii=False,
                 )
@@ -394,11 +394,6 @@ def cmd_classify(args: argparse.Namespace) -> int:
                     f"above the threshold {labels.threshold:.4f})"
                 )
     return 1 if failures else 0
-
-
-def _rounded(x: float | None) -> float | None:
-    """``x`` rounded to 6 decimals (None stays None)."""
-    return None if x is None else round(x, 6)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
