@@ -343,6 +343,11 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 def cmd_classify(args: argparse.Namespace) -> int:
     """``classify``: top-k labels of each image with the serving model.
 
+    With ``--json`` each image's object also has ``"unknown"`` (true when the photo looks like none
+    of the labels: its open-set score is above the version's calibrated threshold,
+    ``model_store.openset``) and ``"unknown_score"`` (float); both are null for a version trained
+    without open-set data.
+
     Returns:
         The exit code: 0 when every image was classified, 1 when there is no model or any image
         could not be read (its line says why).
@@ -381,6 +386,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
                         "file": path,
                         "version": clf.version,
                         "labels": [{"label": lab, "probability": round(p, 6)} for lab, p in labels],
+                        "unknown": labels.unknown,
+                        "unknown_score": None if labels.unknown_score is None else round(labels.unknown_score, 6),
                     },
                     ensure_ascii=False,
                 )
@@ -389,6 +396,11 @@ def cmd_classify(args: argparse.Namespace) -> int:
             print(path)
             for lab, p in labels:
                 print(f"  {lab} ({p:.5f})")
+            if labels.unknown:
+                print(
+                    f"  unknown: looks like none of these labels (score {labels.unknown_score:.4f} "
+                    f"above the threshold {labels.threshold:.4f})"
+                )
     return 1 if failures else 0
 
 

@@ -6,7 +6,9 @@ by :func:`model_store.images.decode_image` in the decode pool (``BotData.decoder
 process-wide decode memory budget; JPEGs DCT-scaled, everything reduced to what the classifier
 keeps) -> handed to the micro-batcher, which classifies concurrent photos in one forward pass on
 its own thread -> the reply (to that message) lists the top-k labels with percentages, or starts
-with "I'm not sure" when the best one is under ``classify.confidence_threshold``.
+with "I'm not sure" when the best one is under ``classify.confidence_threshold``, or says the
+photo looks like none of the labels when the model's open-set check flags it
+(``model_store.openset``; :func:`unknown_text`).
 
 Teaching captions and admins' albums never reach :func:`on_image`: :mod:`bot.app` routes them to
 :mod:`bot.teaching` (or to a refusal) first.
@@ -25,7 +27,7 @@ from telegram.ext import BaseHandler, MessageHandler, filters
 from bot.context import BotData, Context
 from bot.telegram_io import download_image, image_ref, reply
 from bot.wording import error_text
-from model_store.classifier import KEEP_SIDE, Prepared
+from model_store.classifier import KEEP_SIDE, Predictions, Prepared
 from model_store.errors import LabelgramError, NoModelError
 from model_store.images import decode_image
 
@@ -34,7 +36,9 @@ __all__ = [
     "format_predictions",
     "handlers",
     "on_image",
+    "reply_text",
     "still_learning_text",
+    "unknown_text",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,6 +79,38 @@ def format_predictions(predictions: list[tuple[str, float]], threshold: float) -
     if predictions[0][1] < threshold:
         return "I'm not sure what this is. My best guesses:\n" + "\n".join(lines)
     return "\n".join(lines)
+
+
+#: most labels listed in the reply to an unknown photo (the rest are counted)
+UNKNOWN_LIST_LABELS = 12
+
+
+def unknown_text(predictions: list[tuple[str, float]], labels: list[str]) -> str:
+    """The reply to a photo that looks like none of the model's labels (open-set check).
+
+    Args:
+        predictions: its top-k ``(label, probability)`` pairs, best first (listed as the closest,
+            one "label — percent" line each, as in :func:`format_predictions`).
+        labels: every label of the serving model (at most :data:`UNKNOWN_LIST_LABELS` are listed).
+    """
+    shown = labels[:UNKNOWN_LIST_LABELS]
+    listed = ", ".join(shown) + (f" and {len(labels) - len(shown)} more" if len(labels) > len(shown) else "")
+    text = "This doesn't look like anything I've been taught"
+    text += f" (my labels: {listed})." if labels else "."
+    if predictions:
+        text += " If it is one of them, the closest are:\n" + "\n".join(
+            f"{label} — {_percent(p)}" for label, p in predictions
+        )
+    return text
+
+
+def reply_text(predictions: list[tuple[str, float]], threshold: float) -> str:
+    """The reply for one classified photo: :func:`unknown_text` (naming the labels of the version
+    that classified it) when the classifier flagged it as unknown (``Predictions.unknown``), else
+    :func:`format_predictions` (which starts with "I'm not sure" under ``threshold``)."""
+    if isinstance(predictions, Predictions) and predictions.unknown:
+        return unknown_text(predictions, list(predictions.labels))
+    return format_predictions(predictions, threshold)
 
 
 def still_learning_text(is_admin: bool) -> str:
@@ -129,7 +165,7 @@ async def classify_message(context: Context, message: Message, user_id: int | No
     except LabelgramError as exc:  # unreadable image, too large, ...
         await reply(message, error_text(exc))
         return
-    await reply(message, format_predictions(predictions, data.config.classify.confidence_threshold))
+    await reply(message, reply_text(predictions, data.config.classify.confidence_threshold))
 
 
 async def on_image(update: Update, context: Context) -> None:

@@ -5,7 +5,9 @@ The label_image.py successor. The version's model is opened by
 on LiteRT, or the TensorFlow path); this module decides when to (re)load it, prepares images
 (decode, shrink, crops) and runs the forward passes.
 
-Several images are classified in one forward pass.
+Several images are classified in one forward pass. Beside the softmax, a version trained with
+open-set data (``model_store.openset``) scores how unlike its training photos each image is, from
+the same forward pass's bottlenecks: :class:`Predictions` carries ``unknown`` and ``unknown_score``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 from model_store.bottlenecks import DECODE_SIDE, decode_for_model
 from model_store.engine import EngineSettings
 from model_store.errors import ModelProblem, NoModelError
+from model_store.openset import OpenSet, load_open_set
 from model_store.preprocessing import to_model_input
 from model_store.registry import ModelRegistry, ModelVersion
 from model_store.serving import open_serving_model
@@ -39,8 +42,44 @@ class _Loaded:
         # Crops whose softmax outputs are averaged (multi-crop evaluation, as at test time).
         self.crops = [float(f) for f in pre.get("crop_fractions", [0.875])]
         self.spec = (self.input_size, self.mode, tuple(self.crops))
+        # The "none of my labels" scorer: needs the bottlenecks, which only the backbone + head
+        # path gives (a version converted whole, or on the TensorFlow path, serves without it).
+        self.open_set: OpenSet | None = None
+        if hasattr(self.model, "features_and_probabilities"):
+            self.open_set = load_open_set(version.path)
+        elif (version.path / "openset.npz").is_file():
+            log.info("version %s: no bottlenecks on this engine; serving without the unknown-photo check", version.name)
         # Run once now (TensorFlow traces, LiteRT allocates), so the first request does not pay for it.
         self.model(np.zeros((len(self.crops), *self.input_size, 3), np.float32))
+
+
+class Predictions(list[tuple[str, float]]):
+    """One image's top-k ``[(label, probability), ...]`` (a plain list, best first), plus the open-set verdict.
+
+    Attributes:
+        unknown: True when the image is unlike everything the version was trained on (its
+            ``unknown_score`` is above the version's calibrated threshold); None for a version
+            without open-set data (trained before it existed, or served without bottlenecks).
+        unknown_score: ``1 - cosine`` to the k-th nearest training photo, float in [0, 2]
+            (``model_store.openset``), or None like ``unknown``.
+        threshold: the version's threshold (None like ``unknown``).
+        labels: every label of the version that classified it (shared, do not mutate).
+    """
+
+    def __init__(
+        self,
+        items: Sequence[tuple[str, float]] = (),
+        *,
+        unknown: bool | None = None,
+        unknown_score: float | None = None,
+        threshold: float | None = None,
+        labels: Sequence[str] = (),
+    ):
+        super().__init__(items)
+        self.unknown = unknown
+        self.unknown_score = unknown_score
+        self.threshold = threshold
+        self.labels = labels
 
 
 @dataclass(frozen=True)
@@ -168,8 +207,8 @@ class Classifier:
 
     def classify(
         self, images: Sequence[np.ndarray | bytes | Prepared], top_k: int = 3
-    ) -> list[list[tuple[str, float]]]:
-        """Top-k labels for each image.
+    ) -> list[Predictions]:
+        """Top-k labels for each image, and whether it looks like none of them.
 
         Args:
             images: decoded uint8 ``(H, W, 3)`` RGB arrays (see ``images.decode_image``), raw
@@ -178,8 +217,10 @@ class Classifier:
             top_k: labels per image (capped at the number of labels).
 
         Returns:
-            Per image, ``[(label, probability), ...]`` best first; probabilities are the mean of
-            the softmax outputs over the version's crops, in 0..1, summing to 1 over all labels.
+            Per image, :class:`Predictions`: ``[(label, probability), ...]`` best first
+            (probabilities are the mean of the softmax outputs over the version's crops, in 0..1,
+            summing to 1 over all labels), with ``.unknown`` / ``.unknown_score`` (None for a
+            version without open-set data).
 
         Raises:
             NoModelError: no model has been trained yet.
@@ -206,13 +247,32 @@ class Classifier:
                 inputs.append(_model_inputs(rgb, loaded))
         v = len(loaded.crops)
         batch = np.concatenate(inputs)  # (N * V, h, w, 3): the V crops of image 0, then of image 1, ...
-        flat = loaded.model(batch, batch_size=self.max_batch * v)
+        open_set = loaded.open_set
+        scores: np.ndarray | None = None
+        if open_set is not None:
+            feats, flat = loaded.model.features_and_probabilities(batch, batch_size=self.max_batch * v)
+            scores = open_set.score(feats.reshape(len(inputs), v, -1))
+        else:
+            flat = loaded.model(batch, batch_size=self.max_batch * v)
         probs = flat.reshape(len(inputs), v, -1).mean(axis=1)
         k = max(1, min(top_k, len(loaded.labels)))
         out = []
-        for row in probs:
+        for n, row in enumerate(probs):
             idx = np.argsort(-row)[:k]
-            out.append([(loaded.labels[j], float(row[j])) for j in idx])
+            top = [(loaded.labels[j], float(row[j])) for j in idx]
+            if open_set is None or scores is None:
+                out.append(Predictions(top, labels=loaded.labels))
+            else:
+                score = float(scores[n])
+                out.append(
+                    Predictions(
+                        top,
+                        unknown=bool(open_set.is_unknown(scores[n : n + 1])[0]),
+                        unknown_score=score,
+                        threshold=open_set.threshold,
+                        labels=loaded.labels,
+                    )
+                )
         return out
 
 

@@ -198,6 +198,7 @@ def _retrain(
         lambda name: version_metrics(name, backbone, config, snap, bn, split, trained, evaluated, gate, timings),
         timings,
         t0,
+        open_set=evaluated.open_set,
     )
     step("saving", 1, 1)
 

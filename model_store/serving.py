@@ -157,8 +157,13 @@ class _BackbonePlusHead:
         return "numpy" if isinstance(self._head, NumpyHead) else "tensorflow"
 
     def __call__(self, batch: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
-        feats = self.backbone(batch, batch_size=batch_size)
-        return np.asarray(self._head(feats), np.float32)
+        return self.features_and_probabilities(batch, batch_size=batch_size)[1]
+
+    def features_and_probabilities(self, batch: np.ndarray, *, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """float32 ``(N, D)`` bottlenecks and ``(N, C)`` probabilities of float32 ``(N, h, w, 3)`` RGB
+        0..255 (one backbone pass: the open-set score uses the bottlenecks, ``model_store.openset``)."""
+        feats = np.asarray(self.backbone(batch, batch_size=batch_size), np.float32)
+        return feats, np.asarray(self._head(feats), np.float32)
 
 
 def _open_backbone_plus_head(version_dir: Path, settings: EngineSettings | None):
@@ -208,7 +213,8 @@ def open_serving_model(version_dir: Path, settings: EngineSettings | None = None
     Returns:
         A callable ``(batch, *, batch_size) -> float32 (N, C)`` probabilities for float32
         ``(N, h, w, 3)`` RGB 0..255, with ``.engine``, ``.description`` and ``.input_size``
-        (an ``engine.FrozenModel`` or the backbone + head pair).
+        (an ``engine.FrozenModel`` or the backbone + head pair; only the latter has
+        ``features_and_probabilities``, which the open-set score needs).
     """
     version_dir = Path(version_dir)
     composed = _open_backbone_plus_head(version_dir, settings)

@@ -17,6 +17,7 @@ from model_store.errors import LabelgramError
 from model_store.evaluation import Evaluation, evaluate
 from model_store.images import decode_image
 from model_store.labels import label_key
+from model_store.openset import OpenSet
 from model_store.preprocessing import to_model_input
 from model_store.stages.data import Bottlenecks, Split
 from model_store.training import TrainConfig, softmax
@@ -126,11 +127,65 @@ class Evaluated:
         evaluation: ``evaluation.evaluate`` on the test split.
         validation_accuracy: accuracy on the validation split (None without one).
         comparison: ``gate_against_current`` (None without a serving model).
+        open_set: the "none of my labels" scorer fitted on the training photos and calibrated on
+            the validation split (:func:`fit_open_set`; None when it could not be calibrated).
+        open_set_metrics: its figures for ``metrics["open_set"]`` (:func:`fit_open_set`).
     """
 
     evaluation: Evaluation
     validation_accuracy: float | None
     comparison: dict | None
+    open_set: OpenSet | None = None
+    open_set_metrics: dict | None = None
+
+
+def fit_open_set(bn: Bottlenecks, split: Split) -> tuple[OpenSet | None, dict]:
+    """Fit the open-set scorer on the training photos' eval views, calibrate its threshold on the
+    validation split (:data:`model_store.openset.PASS_RATE` pass; with fewer than
+    ``MIN_CALIBRATION_IMAGES`` validation photos, on them plus the training photos' leave-one-out
+    scores) and count the test photos it rejects.
+
+    Without any photo to calibrate on, returns ``(None, {"method": None, "reason": ...})`` and the
+    version serves without the unknown-photo check.
+
+    Returns:
+        ``(scorer, metrics)``; metrics: ``method``, ``k``, ``threshold``, ``pass_rate``,
+        ``calibration`` (what it was calibrated on), ``calibration_images``,
+        ``validation_images``, ``validation_passed``, ``test_images``, ``test_rejected``,
+        ``test_rejected_share``, ``bank_images`` and later (``stages.version``) ``file_bytes``.
+    """
+    from model_store.openset import METHOD, MIN_CALIBRATION_IMAGES, calibrate_threshold
+
+    feats = bn.feats[:, bn.eval_idx]
+    scorer = OpenSet.fit(feats[split.train], bn.y[split.train])
+    val_scores = scorer.score(feats[split.val])
+    calibration = "validation"
+    scores = val_scores
+    if len(val_scores) < MIN_CALIBRATION_IMAGES:
+        loo = scorer.leave_one_out_scores() if len(scorer.bank) == int(split.train.sum()) else np.zeros(0)
+        if len(loo):
+            scores, calibration = np.concatenate([val_scores, loo]), "validation + training (leave-one-out)"
+    if len(scores) == 0:
+        return None, {"method": None, "reason": "no photos to calibrate the threshold on"}
+    scorer.threshold = calibrate_threshold(scores, scorer.pass_rate)
+    threshold = scorer.threshold
+    val_unknown = scorer.is_unknown(val_scores)
+    test_unknown = scorer.is_unknown(scorer.score(feats[split.test]))
+    n_test = int(split.test.sum())
+    return scorer, {
+        "method": METHOD,
+        "k": scorer.k,
+        "threshold": threshold,
+        "pass_rate": scorer.pass_rate,
+        "calibration": calibration,
+        "calibration_images": len(scores),
+        "validation_images": int(split.val.sum()),
+        "validation_passed": int((~val_unknown).sum()),
+        "test_images": n_test,
+        "test_rejected": int(test_unknown.sum()),
+        "test_rejected_share": float(test_unknown.mean()) if n_test else 0.0,
+        "bank_images": len(scorer.bank),
+    }
 
 
 def evaluate_head(
@@ -167,7 +222,8 @@ def evaluate_head(
                 m["probability"],
             )
     comparison = gate_against_current(ws, backbone, feats[split.test][:, eval_idx], test_recs, test_probs, labels)
-    return Evaluated(ev, val_acc, comparison)
+    open_set, open_set_metrics = fit_open_set(bn, split)
+    return Evaluated(ev, val_acc, comparison, open_set, open_set_metrics)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from model_store.contract import TrainingStatus
 from model_store.engine import EngineSettings, copy_cache, inference_function
 from model_store.errors import TrainingError
 from model_store.evaluation import Evaluation, plot_confusion_matrix
+from model_store.openset import OpenSet
 from model_store.registry import ModelVersion
 from model_store.serving import BACKBONE_CACHE_NAME
 from model_store.stages.data import Bottlenecks, Snapshot, Split, Trained
@@ -123,6 +124,7 @@ def version_metrics(
         "epochs_run": len(trained.history.get("loss", [])),
         "bottleneck_cache": bn.cache_stats,
         "gate": {"passed": gate.passed, "reasons": gate.reasons, "comparison": evaluated.comparison},
+        "open_set": dict(evaluated.open_set_metrics or {"method": None}),
         "timings": timings,
     }
 
@@ -139,11 +141,13 @@ def write_version(
     metrics_for: Callable[[str], dict],
     timings: dict[str, float],
     t0: float,
+    open_set: OpenSet | None = None,
 ) -> tuple[ModelVersion, dict]:
     """Write a new version folder (temp name, renamed when complete; see ``registry.commit``).
 
     ``metrics_for(name)`` builds its metrics; the serving engine and the saving / total timings
-    are added before ``metrics.json`` is written last.
+    are added before ``metrics.json`` is written last. ``open_set`` (``stages.gate.fit_open_set``)
+    is saved as ``openset.npz`` (``model_store.openset``), its size in ``metrics["open_set"]["file_bytes"]``.
 
     Returns:
         The committed version and its metrics.
@@ -160,6 +164,8 @@ def write_version(
         build_inference_model(backbone, head).save(tmp / "model.keras")
         metrics["engine"]["serving"] = serving_engine(backbone, cache, engine, tmp)
         (tmp / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
+        if open_set is not None:
+            metrics.setdefault("open_set", {})["file_bytes"] = open_set.save(tmp)
         plot_confusion_matrix(
             evaluation,
             tmp / "confusion_matrix.png",

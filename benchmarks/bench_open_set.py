@@ -1,0 +1,282 @@
+"""Open-set ("none of my labels") figures on a folder of labelled photos, leaving each label out in turn.
+
+For each label u of ``--image_dir`` (10 labels in clothing-small/dev): the other labels are
+"known", split by content hash exactly as a training run splits them (``training.assign_split``,
+10% validation, 10% test); the head is trained on the known training photos
+(``training.train_head``, default ``TrainConfig``, every cached view), the scorer is fitted on
+them and its threshold calibrated on the known validation photos (95% pass), as
+``stages.gate.evaluate_head`` does at training time. Then, on the known test photos and on every
+photo of u (never trained on):
+
+* ``auroc``: area under the ROC curve of the unknown score separating u's photos from the known
+  test photos (Mann-Whitney U, ties counted half);
+* ``unknown_caught``: share of u's photos above the threshold;
+* ``known_rejected``: share of known test photos above it (the calibration aims at 5%);
+* ``top1`` / ``top1_with_rejection``: top-1 accuracy of the head on the known test photos, and the
+  same counting every rejected known photo as a miss; ``top1_change`` the difference in points.
+  The score is computed beside the softmax and never changes the head's output: the labels a
+  photo gets are the same with or without it.
+
+Candidates (one JSON line per left-out label and method, then one summary line per method):
+
+* ``knn`` (the method served, ``model_store.openset``): 1 - cosine to the k-th nearest training
+  photo (Sun et al., ICML 2022), k by ``openset.choose_k`` (about 1% of a label's photos: 2 here);
+* ``knn1`` / ``knn10``: the same with k = 1 and k = 10 (how much k matters);
+* ``mahalanobis``: min over labels of the Mahalanobis distance to the label's mean with one shared
+  covariance (Lee et al., NeurIPS 2018), on the crop-averaged bottleneck, covariance shrunk
+  towards its mean variance by 0.1 (a fixed choice: 1,280 features, ~2,000 photos);
+* ``msp``: 1 - the maximum softmax probability (Hendrycks and Gimpel, ICLR 2017), the baseline.
+
+Serving cost (last line but one): the classifier's forward pass for 8 photos x 2 crops (the
+backbone on the serving engine, LiteRT by default, plus the softmax head in NumPy) timed side by
+side with the same plus the open-set score against all the dev photos' vectors (a bank of ~2,600),
+alternating, median of ``--repeats``; the added milliseconds per photo and the ratio.
+
+Bottlenecks come from the project's ``BottleneckCache`` in ``--cache_dir`` (computed once; a rerun
+with a filled cache costs only the 10 head trainings). Example::
+
+    python benchmarks/bench_open_set.py --image_dir ../shared/data/clothing-small/dev
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.cv_accuracy import list_images  # noqa: E402
+from model_store.backbones import load_backbone  # noqa: E402
+from model_store.bottlenecks import BottleneckCache  # noqa: E402
+from model_store.openset import OpenSet, calibrate_threshold  # noqa: E402
+from model_store.training import TESTING, TRAINING, VALIDATION, TrainConfig, assign_split, softmax, train_head  # noqa: E402
+
+
+def auroc(known: np.ndarray, unknown: np.ndarray) -> float:
+    """P(score of an unknown photo > score of a known one), ties counted half (Mann-Whitney U)."""
+    allv = np.concatenate([known, unknown])
+    order = allv.argsort(kind="mergesort")
+    ranks = np.empty(len(allv))
+    sorted_v = allv[order]
+    # average ranks for ties
+    i = 0
+    while i < len(sorted_v):
+        j = i
+        while j + 1 < len(sorted_v) and sorted_v[j + 1] == sorted_v[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    r_unknown = ranks[len(known) :].sum()
+    n1, n0 = len(unknown), len(known)
+    return float((r_unknown - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+class Mahalanobis:
+    """Class-conditional Gaussian with a shared covariance (Lee et al., 2018), on crop-averaged bottlenecks."""
+
+    def __init__(self, feats: np.ndarray, y: np.ndarray, shrink: float = 0.1):
+        x = feats.mean(axis=1).astype(np.float64)
+        labels = np.unique(y)
+        self.means = np.stack([x[y == c].mean(0) for c in labels])
+        centred = x - self.means[np.searchsorted(labels, y)]
+        cov = centred.T @ centred / len(x)
+        cov = (1 - shrink) * cov + shrink * np.trace(cov) / len(cov) * np.eye(len(cov))
+        self.precision = np.linalg.inv(cov)
+
+    def score(self, feats: np.ndarray) -> np.ndarray:
+        x = feats.mean(axis=1).astype(np.float64)
+        d = []
+        for m in self.means:
+            z = x - m
+            d.append(np.einsum("nd,de,ne->n", z, self.precision, z))
+        return np.min(d, axis=0)
+
+
+def mean_softmax(head, feats: np.ndarray) -> np.ndarray:
+    """Mean softmax of ``head`` over the views of ``feats`` ``(N, V, D)``."""
+    return np.mean([softmax(np.asarray(head(feats[:, v], training=False))) for v in range(feats.shape[1])], axis=0)
+
+
+def leave_one_out(feats, y, shas, labels, u, config) -> tuple[dict[str, dict], float]:
+    """Figures of every candidate with label ``u`` left out; also the seconds the kNN scoring took."""
+    known = y != u
+    splits, _ = assign_split(
+        [(s, labels[c]) for s, c in zip(np.asarray(shas)[known], y[known], strict=True)],
+        validation_percentage=config.validation_percentage,
+        testing_percentage=config.testing_percentage,
+        min_images_per_label=1,
+    )
+    splits = np.array(splits)
+    kf, ky = feats[known], y[known]
+    remap = {c: n for n, c in enumerate(sorted(set(ky.tolist())))}
+    ky = np.array([remap[c] for c in ky])
+    tr, va, te = splits == TRAINING, splits == VALIDATION, splits == TESTING
+    head, _ = train_head(
+        kf[tr].reshape(-1, kf.shape[2]), np.repeat(ky[tr], kf.shape[1]), kf[va, 0], ky[va], len(remap), config
+    )
+    unk = feats[~known]
+    p_te, p_va, p_unk = mean_softmax(head, kf[te]), mean_softmax(head, kf[va]), mean_softmax(head, unk)
+    correct = p_te.argmax(1) == ky[te]
+
+    t = time.perf_counter()
+    knn = OpenSet.fit(kf[tr], ky[tr])
+    knn_scores = (knn.score(kf[va]), knn.score(kf[te]), knn.score(unk))
+    knn_s = time.perf_counter() - t
+    knn1 = OpenSet.fit(kf[tr], ky[tr], k=1)
+    knn10 = OpenSet.fit(kf[tr], ky[tr], k=10)
+    maha = Mahalanobis(kf[tr], ky[tr])
+    scores = {
+        "knn": knn_scores,
+        "knn1": (knn1.score(kf[va]), knn1.score(kf[te]), knn1.score(unk)),
+        "knn10": (knn10.score(kf[va]), knn10.score(kf[te]), knn10.score(unk)),
+        "mahalanobis": (maha.score(kf[va]), maha.score(kf[te]), maha.score(unk)),
+        "msp": (1 - p_va.max(1), 1 - p_te.max(1), 1 - p_unk.max(1)),
+    }
+    out = {}
+    for name, (s_va, s_te, s_unk) in scores.items():
+        thr = calibrate_threshold(s_va)
+        rejected = s_te > thr
+        top1 = float(correct.mean())
+        top1_rej = float((correct & ~rejected).mean())
+        out[name] = {
+            "auroc": auroc(s_te, s_unk),
+            "unknown_caught": float((s_unk > thr).mean()),
+            "known_rejected": float(rejected.mean()),
+            "top1": top1,
+            "top1_with_rejection": top1_rej,
+            "top1_change_points": 100 * (top1_rej - top1),
+            "known_test": int(te.sum()),
+            "unknown_photos": len(unk),
+            "validation": int(va.sum()),
+            "k": knn.k,
+        }
+    return out, knn_s
+
+
+def serving_cost(backbone, cache_dir: Path, paths: list[Path], feats: np.ndarray, y: np.ndarray, repeats: int) -> dict:
+    """Forward pass + head vs forward pass + head + open-set score, per photo (ms), side by side."""
+    from model_store.bottlenecks import decode_for_model
+    from model_store.engine import EngineSettings
+    from model_store.preprocessing import to_model_input
+
+    config = TrainConfig()
+    engine = backbone.use_engine(EngineSettings(), cache_dir=cache_dir / backbone.id)
+    crops = config.crop_fractions
+    batch = np.stack(
+        [to_model_input(decode_for_model(p.read_bytes()), backbone.input_size, mode="center_crop", crop_fraction=f)
+         for p in paths[:8] for f in crops]
+    )
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(size=(feats.shape[2], int(y.max()) + 1)).astype(np.float32)  # a head's shape
+    scorer = OpenSet.fit(feats, y)
+    scorer.calibrate(feats[:100])
+
+    def plain() -> None:
+        f = backbone.features(batch, batch_size=len(batch))
+        softmax(f @ kernel)
+
+    def with_score() -> None:
+        f = backbone.features(batch, batch_size=len(batch))
+        softmax(f @ kernel)
+        scorer.is_unknown(scorer.score(f.reshape(8, len(crops), -1)))
+
+    times: dict[str, list[float]] = {"plain": [], "with_score": []}
+    for fn in (plain, with_score):
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in (("plain", plain), ("with_score", with_score)):
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    t_score = []
+    for _ in range(repeats):
+        f = rng.normal(size=(8, len(crops), feats.shape[2])).astype(np.float32)
+        t = time.perf_counter()
+        scorer.score(f)
+        t_score.append(time.perf_counter() - t)
+    plain_ms = 1000 * float(np.median(times["plain"])) / 8
+    with_ms = 1000 * float(np.median(times["with_score"])) / 8
+    return {
+        "serving_engine": engine,
+        "bank_images": len(scorer.bank),
+        "photos_per_batch": 8,
+        "ms_per_photo_forward_and_head": round(plain_ms, 2),
+        "ms_per_photo_with_open_set": round(with_ms, 2),
+        "ratio": round(with_ms / plain_ms, 3),
+        "ms_per_photo_score_alone": round(1000 * float(np.median(t_score)) / 8, 3),
+        "open_set_file_bytes": len(scorer.to_bytes()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: JSON lines per left-out label and method, then a summary line per method."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--image_dir", type=Path, required=True, help="folder of <label>/<image> files")
+    ap.add_argument("--backbone", default=None, help="backbone spec (default: the shipped default)")
+    ap.add_argument("--cache_dir", type=Path, default=Path("/work/cv-cache"))
+    ap.add_argument("--repeats", type=int, default=20, help="timed repeats of the serving comparison")
+    ap.add_argument("--serving_only", action="store_true", help="only the serving-cost line")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    t0 = time.perf_counter()
+
+    config = TrainConfig()
+    views = config.train_views()
+    images = list_images(args.image_dir)
+    labels = sorted({lab for _, _, lab in images})
+    backbone = load_backbone(args.backbone)
+    cache = BottleneckCache(args.cache_dir, backbone)
+    feats, failed = cache.get([(sha, p) for sha, p, _ in images], views=views)
+    keep = np.array([i not in set(failed) for i in range(len(images))])
+    feats = feats[keep]
+    y = np.array([labels.index(lab) for _, _, lab in images])[keep]
+    shas = [sha for (sha, _, _), k in zip(images, keep, strict=True) if k]
+    t_bottlenecks = time.perf_counter() - t0
+    paths = [p for (_, p, _), k in zip(images, keep, strict=True) if k]
+    if args.serving_only:
+        print(json.dumps(serving_cost(backbone, args.cache_dir, paths, feats[:, :2], y, args.repeats)))
+        return 0
+
+    per_method: dict[str, list[dict]] = {}
+    knn_times = []
+    for u in range(len(labels)):
+        res, knn_s = leave_one_out(feats, y, shas, labels, u, config)
+        knn_times.append(knn_s)
+        for name, r in res.items():
+            per_method.setdefault(name, []).append(r)
+            print(json.dumps({"left_out": labels[u], "method": name, **{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}}), flush=True)
+    for name, rows in per_method.items():
+        mean = {k: round(float(np.mean([r[k] for r in rows])), 4) for k in ("auroc", "unknown_caught", "known_rejected", "top1", "top1_with_rejection", "top1_change_points")}
+        print(
+            json.dumps(
+                {
+                    "summary": name,
+                    "backbone_id": backbone.id,
+                    "images": int(len(y)),
+                    "labels": len(labels),
+                    "min_auroc": round(float(min(r["auroc"] for r in rows)), 4),
+                    **{f"mean_{k}": v for k, v in mean.items()},
+                }
+            )
+        )
+    print(json.dumps(serving_cost(backbone, args.cache_dir, paths, feats[:, :2], y, args.repeats)))
+    print(
+        json.dumps(
+            {
+                "seconds_total": round(time.perf_counter() - t0, 1),
+                "seconds_bottlenecks": round(t_bottlenecks, 1),
+                "knn_fit_and_score_s_per_run": round(float(np.mean(knn_times)), 3),
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
