@@ -207,6 +207,13 @@ def format_report(outcome: TrainingOutcome) -> str:
                 f"Previous model {comparison.get('version')}: {_pct(comparison.get('current_accuracy'))} "
                 f"on the same {comparison.get('images')} images"
             )
+        open_set = m.get("open_set") or {}
+        if isinstance(open_set, dict) and open_set.get("threshold") is not None:
+            lines.append(
+                f"Unknown-photo check: threshold {open_set['threshold']:.3f} "
+                f"({float(open_set.get('pass_rate') or 0.95):.0%} of known photos pass); "
+                f"it rejects {open_set.get('test_rejected')} of {open_set.get('test_images')} test images"
+            )
         if outcome.excluded_labels:
             lines.append(f"Left out for having too few images: {', '.join(outcome.excluded_labels)}")
         per_label = m.get("per_label") or {}

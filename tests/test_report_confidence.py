@@ -127,3 +127,11 @@ async def test_help_in_the_chat_uses_the_configured_threshold(tmp_path: Path) ->
     async with offline_bot(tmp_path / "store", classify={"confidence_threshold": 0.7}) as bot:
         text = bot.reply_to(await bot.text(2002, "/help"))
     assert "When my best guess is under 70%, I say “I'm not sure”" in text
+
+
+def test_the_report_gives_the_unknown_photo_threshold_and_how_many_test_images_it_rejects() -> None:
+    open_set = {"method": "knn", "threshold": 0.4213, "pass_rate": 0.95, "test_images": 35, "test_rejected": 2}
+    text = format_report(TrainingOutcome("promoted", "ok", version="v2", metrics=metrics(open_set=open_set)))
+    assert "Unknown-photo check: threshold 0.421 (95% of known photos pass); it rejects 2 of 35 test images" in text
+    # a version trained before the open-set check says nothing about it
+    assert "Unknown-photo" not in format_report(TrainingOutcome("promoted", "ok", version="v1", metrics=metrics()))
