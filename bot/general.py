@@ -34,8 +34,9 @@ def not_sure_text(threshold: float) -> str:
     """What "I'm not sure" means, for /help (``threshold``: ``classify.confidence_threshold``, 0..1)."""
     return (
         f"I show my top guesses with a confidence each. When my best guess is under {threshold * 100:.0f}%, "
-        "I say “I'm not sure” and still show them. A confidence compares only the labels I was taught: "
-        "a photo of something else can still get a high one."
+        "I say “I'm not sure” and still show them. A confidence compares only the labels I was taught, so I "
+        "also check how far a photo is from every photo I was taught: when it looks like none of them, I say "
+        "so (this catches other kinds of things better than look-alikes of a label)."
     )
 
 

@@ -117,6 +117,7 @@ def test_labels_with_too_few_test_images_are_named_with_what_they_need() -> None
 def test_help_explains_the_not_sure_threshold() -> None:
     user = help_text(False, 0.35)
     assert "under 35%" in user and "I'm not sure" in user
+    assert "looks like none of them" in user  # the unknown-photo reply is explained too
     assert "confidence_threshold" not in user
     admin = help_text(True, 0.35)
     assert "classify.confidence_threshold" in admin and "0.35" in admin
