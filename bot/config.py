@@ -58,6 +58,7 @@ __all__ = [
     "EngineConfig",
     "LimitsConfig",
     "LoggingConfig",
+    "ReviewConfig",
     "TelegramConfig",
     "TrainingConfig",
     "load_config",
@@ -295,6 +296,32 @@ class LimitsConfig(_Section):
     min_free_disk_mb: int = Field(500, ge=0)
 
 
+class ReviewConfig(_Section):
+    """``[review]``: users' feedback on answers, the admins' review queue (/review), active learning.
+
+    ``auto_queue``, ``max_queue``, ``keep_days`` and ``uncertain_margin`` are passed to the review
+    store (``model_store.review``); ``labels_per_page`` and ``button_cache`` are the bot's.
+    """
+
+    #: the feedback buttons under every answer to a photo (false: answers carry no keyboard)
+    feedback: bool = True
+    #: active learning: answers the model is least sure of (or "unknown" ones) enter the queue
+    #: even without feedback
+    auto_queue: bool = True
+    #: an answer enters the queue on its own when the margin between its two best probabilities is
+    #: under this (model_store.active_learning.margin_uncertainty)
+    uncertain_margin: float = Field(0.2, ge=0.0, le=1.0)
+    #: most items waiting in the review queue (the least informative ones make room)
+    max_queue: int = Field(500, ge=1, le=1_000_000)
+    #: answers, feedback and queued photos (file ids) older than this are deleted
+    keep_days: float = Field(30.0, gt=0, le=3650)
+    #: labels shown per page of the "which label?" buttons
+    labels_per_page: int = Field(8, ge=2, le=50)
+    #: keyboards whose buttons the bot remembers (PTB's arbitrary callback data cache, in memory):
+    #: the answers older than the last this many cannot be rated any more, nor after a restart
+    button_cache: int = Field(10_000, ge=100, le=1_000_000)
+
+
 class LoggingConfig(_Section):
     """``[logging]``."""
 
@@ -351,8 +378,12 @@ class Config(BaseSettings):
     engine: EngineConfig = EngineConfig()
     limits: LimitsConfig = LimitsConfig()
     logging: LoggingConfig = LoggingConfig()
+    #: users whose feedback ("right", "wrong -> label") goes into the training photos at once,
+    #: without an admin's review (numeric user ids, like admins)
+    teachers: Annotated[list[int], NoDecode] = []
+    review: ReviewConfig = ReviewConfig()
 
-    @field_validator("admins", mode="before")
+    @field_validator("admins", "teachers", mode="before")
     @classmethod
     def _admins(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -374,7 +405,7 @@ class Config(BaseSettings):
                     )
         return value
 
-    @field_validator("admins")
+    @field_validator("admins", "teachers")
     @classmethod
     def _admin_ids(cls, value: list[int]) -> list[int]:
         for uid in value:
