@@ -38,7 +38,7 @@ from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import Application, TypeHandler, filters
 from telegram.request import BaseRequest
 
-from bot import access, classifying, general, labels, menus, models, teaching
+from bot import access, classifying, feedback, general, labels, menus, models, review, teaching
 from bot.batching import MicroBatcher
 from bot.config import CONFIG_PATH_ENV, Config, ConfigError, load_config
 from bot.context import CONTEXT_TYPES, BotData
@@ -50,6 +50,7 @@ from bot.state import BotState
 from bot.training_runner import Trainer, retrain_command
 from model_store.classifier import Classifier
 from model_store.errors import LabelgramError
+from model_store.review import ReviewSettings, ReviewStore
 from model_store.workspace import Workspace
 
 __all__ = [
@@ -68,6 +69,7 @@ log = logging.getLogger(__name__)
 PUBLIC_COMMANDS = [
     BotCommand("start", "What this bot does"),
     BotCommand("help", "How to use it"),
+    BotCommand("withdraw", "Delete what the bot keeps about your photos and feedback"),
 ]
 ADMIN_COMMANDS = [
     *PUBLIC_COMMANDS,
@@ -79,6 +81,7 @@ ADMIN_COMMANDS = [
     BotCommand("retrain", "Train a new model now"),
     BotCommand("status", "Model, accuracy, photos, next training"),
     BotCommand("rollback", "Serve the previous model again"),
+    BotCommand("review", "Review photos users said were wrong, or the model was unsure of"),
 ]
 
 # New messages and button presses only: edits and channel posts are deliberately not handled.
@@ -236,7 +239,8 @@ def build_application(
         Application.builder()
         .application_class(LabelgramApplication)
         .context_types(CONTEXT_TYPES)
-        .arbitrary_callback_data(True)
+        # review.button_cache keyboards (PTB's default is 1024): every answer to a photo carries one (bot.feedback)
+        .arbitrary_callback_data(config.review.button_cache)
         .token(token)
         .concurrent_updates(tg.concurrent_updates)
         .rate_limiter(
@@ -274,9 +278,18 @@ def build_application(
     data.rate = RateLimiter(config.limits.photos_per_minute)
     data.message_rate = RateLimiter(config.limits.messages_per_minute)
     data.image_slots = asyncio.Semaphore(2 * config.classify.max_batch)
+    data.review = ReviewStore(ws.store, review_settings(config))
     add_handlers(application, data.admins)
     data.schedule_job = setup_schedule(application, data)
     return application
+
+
+def review_settings(config: Config) -> ReviewSettings:
+    """The review store's settings from the ``[review]`` config section."""
+    r = config.review
+    return ReviewSettings(
+        max_queue=r.max_queue, max_answers=r.max_answers, retention_days=r.keep_days, uncertain_margin=r.uncertain_margin
+    )
 
 
 #: the commands only admins may use (everyone else gets a refusal)
@@ -297,6 +310,8 @@ def add_handlers(application: Application[Any, Any, Any, Any, Any, Any], admins:
     application.add_handlers(
         [
             *general.handlers(),
+            *feedback.handlers(admins),  # /withdraw, feedback buttons (everyone's), non-admins' stale buttons
+            *review.handlers(admins),  # admins' /review and its buttons
             *teaching.handlers(admins),  # admins' albums and /add captions before any classifying
             *labels.handlers(admins),
             *models.handlers(admins),

@@ -8,7 +8,8 @@ keeps) -> handed to the micro-batcher, which classifies concurrent photos in one
 its own thread -> the reply (to that message) lists the top-k labels with percentages, or starts
 with "I'm not sure" when the best one is under ``classify.confidence_threshold``, or says the
 photo looks like none of the labels when the model's open-set check flags it
-(``model_store.openset``; :func:`unknown_text`).
+(``model_store.openset``; :func:`unknown_text`). The reply carries the feedback buttons and the
+answer is recorded for the review queue (:func:`bot.feedback.send_answer`).
 
 Teaching captions and admins' albums never reach :func:`on_image`: :mod:`bot.app` routes them to
 :mod:`bot.teaching` (or to a refusal) first.
@@ -25,6 +26,7 @@ from telegram.error import TelegramError
 from telegram.ext import BaseHandler, MessageHandler, filters
 
 from bot.context import BotData, Context
+from bot.feedback import send_answer
 from bot.telegram_io import download_image, image_ref, reply
 from bot.wording import error_text
 from model_store.classifier import KEEP_SIDE, Predictions, Prepared
@@ -165,7 +167,8 @@ async def classify_message(context: Context, message: Message, user_id: int | No
     except LabelgramError as exc:  # unreadable image, too large, ...
         await reply(message, error_text(exc))
         return
-    await reply(message, reply_text(predictions, data.config.classify.confidence_threshold))
+    # with the "right" / "wrong" buttons, and recorded for the review queue (bot.feedback)
+    await send_answer(context, message, reply_text(predictions, data.config.classify.confidence_threshold), predictions, ref, user_id)
 
 
 async def on_image(update: Update, context: Context) -> None:

@@ -299,8 +299,9 @@ class LimitsConfig(_Section):
 class ReviewConfig(_Section):
     """``[review]``: users' feedback on answers, the admins' review queue (/review), active learning.
 
-    ``auto_queue``, ``max_queue``, ``keep_days`` and ``uncertain_margin`` are passed to the review
-    store (``model_store.review``); ``labels_per_page`` and ``button_cache`` are the bot's.
+    ``max_queue``, ``max_answers``, ``keep_days`` and ``uncertain_margin`` are the review store's
+    ``ReviewSettings`` (``model_store.review``), ``auto_queue`` is passed with every answer; the
+    other keys are the bot's.
     """
 
     #: the feedback buttons under every answer to a photo (false: answers carry no keyboard)
@@ -312,7 +313,9 @@ class ReviewConfig(_Section):
     #: under this (model_store.active_learning.margin_uncertainty)
     uncertain_margin: float = Field(0.2, ge=0.0, le=1.0)
     #: most items waiting in the review queue (the least informative ones make room)
-    max_queue: int = Field(500, ge=1, le=1_000_000)
+    max_queue: int = Field(200, ge=1, le=1_000_000)
+    #: most answers kept (the oldest, with their feedback, make room)
+    max_answers: int = Field(10_000, ge=1, le=10_000_000)
     #: answers, feedback and queued photos (file ids) older than this are deleted
     keep_days: float = Field(30.0, gt=0, le=3650)
     #: labels shown per page of the "which label?" buttons

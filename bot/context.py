@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from bot.state import BotState
     from bot.training_runner import Trainer
     from model_store.classifier import Classifier, Prepared
+    from model_store.review import ReviewStore
     from model_store.workspace import Workspace
 
 __all__ = ["CONTEXT_TYPES", "Album", "AlbumKey", "BotData", "Context"]
@@ -63,7 +64,7 @@ class BotData:
 
     Attributes set by :func:`bot.app.build_application`: ``config``, ``workspace``,
     ``classifier``, ``batcher``, ``trainer``, ``state``, ``admins``, ``admin_menus``, ``rate``,
-    ``message_rate``, ``image_slots``.
+    ``message_rate``, ``image_slots``, ``review``.
     """
 
     config: Config
@@ -84,6 +85,9 @@ class BotData:
     message_rate: RateLimiter
     #: bounds how many downloaded files are held (and queued for decoding) at once
     image_slots: asyncio.Semaphore
+    #: answers, users' feedback and the admins' review queue (bot.feedback, bot.review); thread-safe,
+    #: call it from worker threads
+    review: ReviewStore
 
     def __init__(self) -> None:
         self.chat_actions = Throttle(4.0)

@@ -17,6 +17,7 @@ from bot.telegram_io import reply
 __all__ = [
     "GENERIC_APOLOGY",
     "handlers",
+    "feedback_help_text",
     "help_text",
     "not_sure_text",
     "on_error",
@@ -40,23 +41,50 @@ def not_sure_text(threshold: float) -> str:
     )
 
 
-def help_text(is_admin: bool, threshold: float | None = None) -> str:
+def feedback_help_text(keep_days: float, max_answers: int) -> str:
+    """What the feedback buttons do, what is kept about users' photos, for how long, how to withdraw.
+
+    Args:
+        keep_days: ``review.keep_days`` (answers, feedback and queued photos are deleted after it).
+        max_answers: ``review.max_answers`` (at most this many answers are kept; the oldest go first).
+    """
+    return (
+        "Under each answer, tap 👍 Right or 👎 Wrong (then pick the right label, or “None of these”); "
+        "tap again to change your answer. Only the person who sent the photo can rate it.\n"
+        "What I keep: for each photo I answer, its Telegram file id (a reference, not the photo itself), "
+        f"my answer and your feedback, for {keep_days:g} days (and at most the last {max_answers} answers). "
+        "My admins review photos rated wrong, or that I was unsure of, and may add them to my training "
+        "photos (only then is the photo downloaded and stored). /withdraw deletes everything I keep about "
+        "your photos and feedback at once; photos an admin already added to my training photos stay there "
+        "(ask an admin to remove them)."
+    )
+
+
+def help_text(
+    is_admin: bool, threshold: float | None = None, *, keep_days: float | None = None, max_answers: int = 10_000
+) -> str:
     """The /help text; admins also get the teaching commands.
 
     Args:
         is_admin: whether the reader is an admin.
         threshold: ``classify.confidence_threshold`` (0..1) under which replies say "I'm not
             sure"; explained when given.
+        keep_days: ``review.keep_days`` when answers carry feedback buttons (``review.feedback``):
+            then the buttons, what is kept and ``/withdraw`` are explained (None: they are not).
+        max_answers: ``review.max_answers``.
     """
     lines = [
         "Send me a photo, or an image as a file, and I'll tell you what I think it shows.",
     ]
     if threshold is not None:
         lines.append(not_sure_text(threshold))
+    if keep_days is not None:
+        lines.append(feedback_help_text(keep_days, max_answers))
     lines += [
         "",
         "/start – what this bot does",
         "/help – this help",
+        "/withdraw – delete what I keep about your photos and feedback",
     ]
     if is_admin:
         lines += [
@@ -70,6 +98,7 @@ def help_text(is_admin: bool, threshold: float | None = None) -> str:
             "/retrain – train a new model now",
             "/status – model version, accuracy, photos, next scheduled training",
             "/rollback – go back to the previous model",
+            "/review – photos users said I got wrong, or I was unsure of: accept, relabel or discard",
         ]
         if threshold is not None:
             lines += [
@@ -83,7 +112,13 @@ def help_text(is_admin: bool, threshold: float | None = None) -> str:
 
 def _help(update: Update, context: Context) -> str:
     data = context.bot_data
-    return help_text(_is_admin(update, context), data.config.classify.confidence_threshold)
+    review = data.config.review
+    return help_text(
+        _is_admin(update, context),
+        data.config.classify.confidence_threshold,
+        keep_days=review.keep_days if review.feedback else None,
+        max_answers=review.max_answers,
+    )
 
 
 def _is_admin(update: Update, context: Context) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from datetime import datetime
 from typing import Any
@@ -17,12 +18,28 @@ from telegram import Update
 from telegram.ext import BaseHandler, CommandHandler, filters
 
 from bot.context import BotData, Context
-from bot.reports import ProgressMessage, accuracy_text, send_report, too_few_test_images_text
+from bot.reports import (
+    ProgressMessage,
+    RealWorld,
+    accuracy_text,
+    real_world_lines,
+    real_world_of,
+    send_report,
+    too_few_test_images_text,
+)
 from bot.telegram_io import NEW, images_text, reply, user_id_of
 from bot.wording import error_text
 from model_store.errors import NoModelError, TrainingError
 
-__all__ = ["engine_line", "handlers", "next_run_text", "on_retrain", "on_rollback", "on_status", "status_text"]
+__all__ = [
+    "engine_line",
+    "handlers",
+    "next_run_text",
+    "on_retrain",
+    "on_rollback",
+    "on_status",
+    "status_text",
+]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +64,7 @@ async def on_retrain(update: Update, context: Context) -> None:
             ),
         )
         return
+    serving = await asyncio.to_thread(data.workspace.registry.current)  # its real-world accuracy goes in the report
     async with trainer.lock:
         status = await reply(message, "Retraining… starting")
         progress = ProgressMessage(status)
@@ -54,7 +72,8 @@ async def on_retrain(update: Update, context: Context) -> None:
     took = outcome.finished_at - outcome.started_at
     final = {"promoted": "finished: new model serving", "refused": "finished: kept the current model"}
     await progress.finish(f"Retraining {final.get(outcome.status, 'failed')} ({took:.0f} s).")
-    await send_report(context.bot, message.chat_id, outcome, reply_to=message.message_id)
+    real_world = await real_world_of(data.review, serving)
+    await send_report(context.bot, message.chat_id, outcome, reply_to=message.message_id, real_world=real_world)
 
 
 def _fmt_time(ts: float | None, tz: ZoneInfo) -> str:
@@ -83,6 +102,15 @@ def status_text(data: BotData) -> str:
         if hint:
             lines.append(hint)
         lines.append(engine_line(metrics, data.classifier.engine_description))
+        try:
+            lines += real_world_lines(RealWorld.read(data.review, current))
+            pending = data.review.pending_count()
+        except sqlite3.Error as exc:  # /status still answers
+            log.warning("could not read users' feedback: %s", exc)
+            lines.append("Real-world accuracy: the review store cannot be read now (see the log).")
+        else:
+            if pending:
+                lines.append(f"Review queue: {pending} waiting (/review)")
     infos = data.workspace.store.labels()
     total = sum(i.count for i in infos)
     lines.append(f"Labels: {len(infos)}, {images_text(total)}")

@@ -6,6 +6,12 @@ How sure a report is: the test accuracy comes with its 95% Wilson score interval
 of test images (:func:`accuracy_text`), and labels with fewer than
 :data:`MIN_TEST_IMAGES_PER_LABEL` test images are named as too few to judge
 (:func:`too_few_test_images_text`). Both are also shown by ``/status`` (:mod:`bot.models`).
+
+Real-world accuracy (:class:`RealWorld`, :func:`real_world_lines`): how users rated the answers of
+the serving model since it was trained (the feedback buttons, :mod:`bot.feedback`), per answered
+label (``right / rated``, the precision users observed), next to the test split's precision of the
+same label. ``/status`` shows it for the serving model; the training report for the model that
+served until that training.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import logging
 import math
 import time
 from collections.abc import Iterable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 from telegram import Bot, Message, ReplyParameters
@@ -26,9 +33,15 @@ from telegram.error import BadRequest, Forbidden, RetryAfter, TelegramError
 from bot.telegram_io import cut_text, retry_after_seconds
 from bot.training_runner import TrainingOutcome
 
+if TYPE_CHECKING:
+    from model_store.review import ReviewStore
+
 __all__ = [
     "MIN_TEST_IMAGES_PER_LABEL",
     "ProgressMessage",
+    "RealWorld",
+    "real_world_lines",
+    "real_world_of",
     "accuracy_text",
     "fits_as_photo",
     "format_report",
@@ -165,6 +178,98 @@ def too_few_test_images_text(metrics: dict[str, Any]) -> str | None:
     )
 
 
+@dataclass(frozen=True)
+class RealWorld:
+    """Users' feedback on a model's answers since ``since`` (``ReviewStore.real_world_accuracy``).
+
+    Attributes:
+        since: unix seconds (the model's training time).
+        per_label: answered label -> (right, rated) answers, ``0 <= right <= rated``.
+        unknown: answers that said "none of my labels": (users agreed, rated).
+        version: the model version the answers came from (None: unknown).
+        metrics: that version's metrics (its test split's per-label figures are shown alongside).
+    """
+
+    since: float
+    per_label: dict[str, tuple[int, int]] = field(default_factory=dict)
+    unknown: tuple[int, int] = (0, 0)
+    version: str | None = None
+    metrics: dict[str, Any] | None = None
+
+    @classmethod
+    def read(cls, review: ReviewStore, version: Any) -> RealWorld:
+        """Users' feedback on the answers since ``version`` (a ``ModelVersion``) was trained.
+
+        Blocking (SQLite): call it in a worker thread.
+        """
+        since = float(version.created_at or 0.0)
+        return cls(
+            since,
+            review.real_world_accuracy(since=since),
+            review.unknown_feedback(since=since),
+            version.name,
+            version.metrics,
+        )
+
+    @property
+    def rated(self) -> int:
+        """Rated answers with a label (the unknown ones apart)."""
+        return sum(rated for _, rated in self.per_label.values())
+
+    @property
+    def right(self) -> int:
+        return sum(right for right, _ in self.per_label.values())
+
+
+def real_world_lines(real: RealWorld) -> list[str]:
+    """Users' accuracy overall and per label, next to the test split's figures of that model.
+
+    Per label, users' ``right / rated`` for the answers naming that label is a precision, so the
+    test split's precision of the label stands next to it (``real.metrics["per_label"]``), and the
+    test accuracy next to the overall figure.
+    """
+    metrics = real.metrics or {}
+    per_label_test = metrics.get("per_label") or {}
+    what = f"model {real.version}" if real.version else "the model"
+    head = f"Real-world accuracy (users' feedback on {what} since it was trained)"
+    if not real.rated and not real.unknown[1]:
+        return [f"{head}: no rated answers yet."]
+    lines = []
+    if real.rated:
+        low, high = wilson_interval(real.right, real.rated)
+        test = f"; its test accuracy: {accuracy_text(metrics)}" if metrics else ""
+        lines.append(
+            f"{head}: {_pct(real.right / real.rated)} right of {real.rated} rated answers "
+            f"(95% interval {_pct(low)}–{_pct(high)}){test}"
+        )
+        for name, (right, rated) in list(real.per_label.items())[:MAX_LABEL_LINES]:
+            test = per_label_test.get(name) if isinstance(per_label_test, dict) else None
+            test_part = (
+                f"; test precision {_pct(test.get('precision'), 0)}" if isinstance(test, dict) and test.get("precision") is not None else ""
+            )
+            lines.append(f"  {name}: users {right}/{rated} right ({_pct(right / rated, 0)}){test_part}")
+        if len(real.per_label) > MAX_LABEL_LINES:
+            lines.append(f"  … and {len(real.per_label) - MAX_LABEL_LINES} more labels")
+    else:
+        lines.append(f"{head}: no rated answers naming a label yet.")
+    agreed, rated = real.unknown
+    if rated:
+        lines.append(f"  “none of my labels” answers: users agreed with {agreed} of {rated}")
+    return lines
+
+
+async def real_world_of(review: ReviewStore, version: Any) -> RealWorld | None:
+    """:meth:`RealWorld.read` in a worker thread; None without a version or when the review store
+    cannot be read (logged: a report goes out anyway)."""
+    if version is None:
+        return None
+    try:
+        return await asyncio.to_thread(RealWorld.read, review, version)
+    except Exception as exc:  # noqa: BLE001 - a report never fails for this
+        log.warning("could not read users' feedback for the report: %s", exc)
+        return None
+
+
 def format_progress(stage: str, done: int, total: int, elapsed: float) -> str:
     """One progress line, e.g. "Retraining… training: epoch 3/60 (12 s)"."""
     what = _STAGES.get(stage, stage or "working")
@@ -177,8 +282,12 @@ def format_progress(stage: str, done: int, total: int, elapsed: float) -> str:
     return f"Retraining… {detail} ({elapsed:.0f} s)"
 
 
-def format_report(outcome: TrainingOutcome) -> str:
-    """The report an admin reads after a training: outcome, accuracy, per-label figures."""
+def format_report(outcome: TrainingOutcome, real_world: RealWorld | None = None) -> str:
+    """The report an admin reads after a training: outcome, accuracy, per-label figures.
+
+    ``real_world``: users' feedback on the model that served until this training, next to that
+    model's test figures (:func:`real_world_lines`).
+    """
     when = {"manual": "", "scheduled": " (scheduled)", "startup": " (missed while the bot was down)"}
     label = when.get(outcome.trigger or "", "")
     m = outcome.metrics
@@ -233,6 +342,9 @@ def format_report(outcome: TrainingOutcome) -> str:
         if hint:
             lines.append("")
             lines.append(hint)
+    if real_world is not None:
+        lines.append("")
+        lines += real_world_lines(real_world)
     return cut_text("\n".join(lines))
 
 
@@ -259,7 +371,9 @@ def fits_as_photo(data: bytes) -> bool:
     return width + height <= PHOTO_MAX_SIDES and max(width, height) <= PHOTO_MAX_RATIO * min(width, height)
 
 
-async def send_report(bot: Bot, chat_id: int, outcome: TrainingOutcome, *, reply_to: int | None = None) -> None:
+async def send_report(
+    bot: Bot, chat_id: int, outcome: TrainingOutcome, *, reply_to: int | None = None, real_world: RealWorld | None = None
+) -> None:
     """Send the report text and, when there is one, the confusion-matrix picture.
 
     The picture goes as a photo when Telegram accepts it as one (:func:`fits_as_photo`), else as
@@ -267,7 +381,7 @@ async def send_report(bot: Bot, chat_id: int, outcome: TrainingOutcome, *, reply
     (``confusion_matrix.csv`` next to it, written by the training) follows as a document.
     """
     params = ReplyParameters(message_id=reply_to, allow_sending_without_reply=True) if reply_to else None
-    await bot.send_message(chat_id, format_report(outcome), reply_parameters=params)
+    await bot.send_message(chat_id, format_report(outcome, real_world), reply_parameters=params)
     png = outcome.confusion_png
     if png is None or outcome.status == "failed":
         return
@@ -294,13 +408,15 @@ async def send_report(bot: Bot, chat_id: int, outcome: TrainingOutcome, *, reply
     )
 
 
-async def notify_admins(bot: Bot, admins: Iterable[int], outcome: TrainingOutcome, *, skip: int | None = None) -> None:
+async def notify_admins(
+    bot: Bot, admins: Iterable[int], outcome: TrainingOutcome, *, skip: int | None = None, real_world: RealWorld | None = None
+) -> None:
     """Send the report to every admin's private chat (an admin who never started the bot is skipped)."""
     for admin in admins:
         if admin == skip:
             continue
         try:
-            await send_report(bot, admin, outcome)
+            await send_report(bot, admin, outcome, real_world=real_world)
         except (Forbidden, BadRequest) as exc:  # the admin never opened a chat with the bot
             log.warning("could not send the training report to admin %d: %s", admin, exc.message)
         except TelegramError as exc:  # network trouble: the other admins still get theirs

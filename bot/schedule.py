@@ -25,7 +25,7 @@ from telegram.ext import Application, Job
 
 from bot.config import Config
 from bot.context import BotData, Context
-from bot.reports import notify_admins
+from bot.reports import notify_admins, real_world_of
 from bot.state import BotState
 
 __all__ = ["missed_run", "run_scheduled_training", "setup_schedule"]
@@ -97,6 +97,7 @@ async def run_scheduled_training(context: Context) -> None:
         log.info("%s retraining skipped: a training is already running", trigger)
         await asyncio.to_thread(data.state.update, last_scheduled_check=fired)
         return
+    serving = await asyncio.to_thread(data.workspace.registry.current)  # for the report's real-world accuracy
     async with trainer.lock:
         if not await asyncio.to_thread(_training_lock_free, data):
             # a command-line retrain holds the store: not a failure to report, just not now
@@ -119,7 +120,7 @@ async def run_scheduled_training(context: Context) -> None:
         log.info("%s retraining interrupted by shutdown; it will run again at the next start", trigger)
         return
     await asyncio.to_thread(data.state.update, last_scheduled_check=fired)
-    await _tell_admins(context, data, outcome, fingerprint)
+    await _tell_admins(context, data, outcome, fingerprint, serving)
 
 
 def _training_lock_free(data: BotData) -> bool:
@@ -148,10 +149,10 @@ def _last_trained_fingerprint(data: BotData) -> str | None:
     return str(value) if value else None
 
 
-async def _tell_admins(context: Context, data: BotData, outcome: Any, fingerprint: str) -> None:
+async def _tell_admins(context: Context, data: BotData, outcome: Any, fingerprint: str, serving: Any = None) -> None:
     if outcome.status == "failed":
         if data.state.get("last_failure_fingerprint") == fingerprint:
             log.info("scheduled training failed again for the same images; admins were told already")
             return
         await asyncio.to_thread(data.state.update, last_failure_fingerprint=fingerprint)
-    await notify_admins(context.bot, data.config.admins, outcome)
+    await notify_admins(context.bot, data.config.admins, outcome, real_world=await real_world_of(data.review, serving))
