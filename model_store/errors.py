@@ -23,8 +23,11 @@ __all__ = [
     "LabelgramError",
     "ModelProblem",
     "NoModelError",
+    "NotYourPhotoError",
+    "ReviewItemGoneError",
     "StoreFullError",
     "TrainingError",
+    "UnknownAnswerError",
     "describe_character",
     "label_rules_hint",
 ]
@@ -317,3 +320,59 @@ class NoModelError(LabelgramError):
 
 class TrainingError(LabelgramError):
     """Retraining cannot run or failed (too few labels or images, a crash in the trainer, ...)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# review queue and feedback (model_store.review)
+
+
+class UnknownAnswerError(LabelgramError):
+    """Feedback on an answer the store does not hold (expired, withdrawn, evicted or never recorded).
+
+    Attributes:
+        answer_id: the answer id given.
+    """
+
+    def __init__(self, message: str | None = None, *, answer_id: int = 0) -> None:
+        self.answer_id = answer_id
+        super().__init__(message)
+
+    def _describe(self) -> str:
+        return f"Answer {self.answer_id} is no longer kept, so feedback on it cannot be recorded."
+
+
+class NotYourPhotoError(LabelgramError):
+    """Feedback from someone other than the person who sent the photo; nothing was recorded.
+
+    Attributes:
+        answer_id: the answer concerned.
+        user_id: who tried to give feedback.
+    """
+
+    def __init__(self, message: str | None = None, *, answer_id: int = 0, user_id: int = 0) -> None:
+        self.answer_id = answer_id
+        self.user_id = user_id
+        super().__init__(message)
+
+    def _describe(self) -> str:
+        return "Only the person who sent the photo can say whether the answer was right."
+
+
+class ReviewItemGoneError(LabelgramError):
+    """A review item is no longer pending: another admin resolved it, or it expired or was withdrawn.
+
+    Attributes:
+        item_id: the item concerned.
+        status: ``"accepted"`` or ``"discarded"`` when an admin resolved it, None when it is gone
+            (expired, withdrawn by its sender, evicted from a full queue, or never existed).
+    """
+
+    def __init__(self, message: str | None = None, *, item_id: int = 0, status: str | None = None) -> None:
+        self.item_id = item_id
+        self.status = status
+        super().__init__(message)
+
+    def _describe(self) -> str:
+        if self.status is not None:
+            return f"Review item {self.item_id} was already {self.status}."
+        return f"Review item {self.item_id} is no longer in the queue."

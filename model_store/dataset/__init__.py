@@ -10,10 +10,11 @@ The folders are the source of truth (they are what ``retrain.py``-style tools re
 operator may edit by hand); the catalog only adds provenance. Opening an :class:`ImageStore`
 reconciles the two: catalog rows whose file is gone are dropped, files without a row get one
 (``added_by`` NULL, ``added_at`` = the file's mtime), and leftovers of interrupted writes
-(``.tmp-*`` files, ``root/.trash-*`` folders) are removed. A catalog that is missing, empty, not
-a database, damaged (``PRAGMA quick_check``) or of another schema (a foreign SQLite file, an older
-version's) is rebuilt from the folders, the bad file kept as ``catalog.sqlite.corrupt-<UTC time>``,
-and the log says so (ERROR / WARNING).
+(``.tmp-*`` files, ``root/.trash-*`` folders) are removed. A catalog of an older schema version is upgraded
+in place (its provenance kept); one that is missing, empty, not a database, damaged
+(``PRAGMA quick_check``) or of a layout that is not ours (a foreign SQLite file) is rebuilt from the
+folders, the bad file kept as ``catalog.sqlite.corrupt-<UTC time>``, and the log says so (ERROR /
+WARNING). The same file holds the review queue's tables (:mod:`model_store.review`).
 
 A label folder is named with the label's normalised display form as first typed
 (:func:`model_store.labels.normalize_label`). Labels that differ only in letter case or Unicode
@@ -206,7 +207,13 @@ class ImageStore:
             raise StoreFullError(_STORE_FULL_MESSAGE)
 
     def add(
-        self, data: bytes, label: str, *, added_by: int | None = None, chat_id: int | None = None
+        self,
+        data: bytes,
+        label: str,
+        *,
+        added_by: int | None = None,
+        chat_id: int | None = None,
+        suggested_by: int | None = None,
     ) -> AddResult:
         """Store one labelled image.
 
@@ -217,8 +224,13 @@ class ImageStore:
             data: the encoded image (JPEG, PNG, WebP, GIF, BMP, TIFF or HEIC bytes).
             label: the label as typed; an existing label in another letter case or Unicode form is
                 reused with its existing spelling.
-            added_by: Telegram user id of the admin who taught it, for the catalog.
+            added_by: Telegram user id of the admin who taught it (or accepted it from the review
+                queue), for the catalog.
             chat_id: chat it came from, for the catalog.
+            suggested_by: Telegram user id of the user whose feedback suggested this label (an
+                item of the review queue, :mod:`model_store.review`), for the catalog; None when
+                the admin labelled it alone. Not recorded when the image was already stored
+                (``created`` False: the existing row and its provenance are kept).
 
         Returns:
             An :class:`AddResult`; ``created`` is False when this image was already stored under
@@ -251,7 +263,9 @@ class ImageStore:
                 for folder in group:
                     if (self.images_dir / folder.name / file_name).is_file():
                         if other_key == key:
-                            self.catalog.add(sha, folder.name, ext, added_by, chat_id, replace=False)
+                            self.catalog.add(
+                                sha, folder.name, ext, added_by, chat_id, replace=False, suggested_by=suggested_by
+                            )
                             return AddResult(
                                 sha, group[0].label, self.images_dir / folder.name / file_name, False
                             )
@@ -298,12 +312,12 @@ class ImageStore:
                     raise StoreFullError(_STORE_FULL_MESSAGE) from exc
                 raise
             try:
-                self.catalog.add(sha, folder_name, ext, added_by, chat_id)
+                self.catalog.add(sha, folder_name, ext, added_by, chat_id, suggested_by=suggested_by)
             except sqlite3.Error:
                 # The folder is the source of truth and already holds the image; the next
                 # reconcile re-creates the row (without its provenance).
                 logger.exception("image %s stored but its catalog row could not be written", sha)
-        logger.info("stored %s under %r (added_by=%s)", file_name, stored_label, added_by)
+        logger.info("stored %s under %r (added_by=%s, suggested_by=%s)", file_name, stored_label, added_by, suggested_by)
         return AddResult(sha, stored_label, path, True)
 
     # ------------------------------------------------------------------ labels

@@ -1,10 +1,22 @@
-"""The image store's provenance catalog: ``<root>/catalog.sqlite`` (SQLite, WAL).
+"""The store's SQLite catalog: ``<root>/catalog.sqlite`` (SQLite, WAL).
 
-One row per stored image and label folder: who added it (``added_by``), from which chat, when. The
-folders are the source of truth; the catalog only adds provenance, so :meth:`Catalog.open` rebuilds
-a catalog that is missing, empty, not a database, damaged (``PRAGMA quick_check``) or of another
-schema (a foreign SQLite file, an older version's), keeping the bad file as
-``catalog.sqlite.corrupt-<UTC time>``, and :meth:`Catalog.reconcile` makes the rows match the files.
+Tables:
+
+* ``images``: one row per stored image and label folder: who added it (``added_by``, the admin who
+  taught or accepted it), who suggested its label (``suggested_by``, a user whose feedback an admin
+  accepted from the review queue), from which chat, when. The folders are the source of truth; these
+  rows only add provenance.
+* ``review_answers`` / ``review_items``: the bot's answers, users' feedback on them and the admins'
+  review queue (:mod:`model_store.review` reads and writes them; their DDL lives here so that the
+  catalog has one schema and one migration path).
+
+Schema versions (``PRAGMA user_version``): version 1 (``images`` without ``suggested_by``, the layout
+of every catalog written before issue 10; its ``user_version`` is 0) is **upgraded in place** by
+:meth:`Catalog.open` in one transaction (a column added, the review tables created), so ``added_by``
+provenance survives; version 2 is the current one. :meth:`Catalog.open` rebuilds a catalog that is
+missing, empty, not a database, damaged (``PRAGMA quick_check``) or of a layout that is neither
+(a foreign SQLite file), keeping the bad file as ``catalog.sqlite.corrupt-<UTC time>``, and
+:meth:`Catalog.reconcile` makes the ``images`` rows match the files.
 No locking here: :class:`~model_store.dataset.ImageStore` calls these under its store lock.
 """
 
@@ -21,11 +33,14 @@ from pathlib import Path
 from model_store.dataset.folders import StoredFile
 from model_store.fs import fsync_dir
 
-__all__ = ["SCHEMA", "Catalog"]
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "Catalog"]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA = """
+SCHEMA_VERSION = 2
+"""``PRAGMA user_version`` of the current layout (version 1 catalogs say 0)."""
+
+_IMAGES_V1 = """
 CREATE TABLE IF NOT EXISTS images (
     sha256   TEXT NOT NULL,
     label    TEXT NOT NULL,   -- the folder name under images/
@@ -34,10 +49,82 @@ CREATE TABLE IF NOT EXISTS images (
     chat_id  INTEGER,
     added_at REAL NOT NULL,
     PRIMARY KEY (sha256, label)
-);
-CREATE INDEX IF NOT EXISTS images_added_by ON images (added_by, added_at);
-CREATE INDEX IF NOT EXISTS images_added_at ON images (added_at);
+)
 """
+
+_INDEXES_V1 = [
+    "CREATE INDEX IF NOT EXISTS images_added_by ON images (added_by, added_at)",
+    "CREATE INDEX IF NOT EXISTS images_added_at ON images (added_at)",
+]
+
+# Version 2 (issue 10): who suggested an accepted image's label, and the review tables.
+_ADD_SUGGESTED_BY = "ALTER TABLE images ADD COLUMN suggested_by INTEGER"
+
+_REVIEW_TABLES = [
+    # One row per classified photo the bot answered; the sender's feedback on it in the same row
+    # (only the sender may give it; a second verdict replaces the first).
+    """
+    CREATE TABLE IF NOT EXISTS review_answers (
+        answer_id        INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: safe in callback data
+        chat_id          INTEGER NOT NULL,
+        chat_type        TEXT NOT NULL,
+        reply_message_id INTEGER NOT NULL,
+        sender_id        INTEGER NOT NULL,
+        file_id          TEXT NOT NULL,
+        file_unique_id   TEXT NOT NULL,
+        predictions      TEXT NOT NULL,    -- JSON [[label, probability], ...], best first
+        is_unknown       INTEGER,          -- open-set flag: NULL (no check), 0 or 1
+        model_version    TEXT,
+        uncertainty      REAL NOT NULL,    -- active_learning.margin_uncertainty
+        auto_queued      INTEGER NOT NULL, -- 1: entered the queue as uncertain (active learning)
+        created_at       REAL NOT NULL,
+        verdict          TEXT,             -- NULL, 'right', 'wrong' or 'none'
+        verdict_label    TEXT,             -- the label the user gave (right: the top-1 label)
+        verdict_at       REAL
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS review_answers_sender ON review_answers (sender_id)",
+    "CREATE INDEX IF NOT EXISTS review_answers_file ON review_answers (file_unique_id)",
+    "CREATE INDEX IF NOT EXISTS review_answers_created ON review_answers (created_at)",
+    # One row per photo (file_unique_id) in the admins' queue; resolved rows stay until they expire
+    # so that the same photo is not queued again right after an admin decided on it.
+    """
+    CREATE TABLE IF NOT EXISTS review_items (
+        item_id        INTEGER PRIMARY KEY AUTOINCREMENT,
+        file_unique_id TEXT NOT NULL UNIQUE,
+        status         TEXT NOT NULL,      -- 'pending', 'accepted' or 'discarded'
+        reason         TEXT NOT NULL,      -- 'uncertain' or 'feedback'
+        uncertainty    REAL NOT NULL,      -- active_learning.priority, first key
+        disagreement   REAL NOT NULL,      -- active_learning.priority, second key
+        queued_at      REAL NOT NULL,
+        resolved_at    REAL,
+        resolved_by    INTEGER,
+        resolved_label TEXT
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS review_items_order ON review_items (status, uncertainty, disagreement, queued_at)",
+]
+
+_IMAGES_V2 = """
+CREATE TABLE IF NOT EXISTS images (
+    sha256       TEXT NOT NULL,
+    label        TEXT NOT NULL,   -- the folder name under images/
+    ext          TEXT NOT NULL,
+    added_by     INTEGER,         -- who taught it (/add) or accepted it (/review)
+    chat_id      INTEGER,
+    added_at     REAL NOT NULL,
+    suggested_by INTEGER,         -- whose feedback suggested it (review queue), else NULL
+    PRIMARY KEY (sha256, label)
+)
+"""
+
+_STATEMENTS = [_IMAGES_V2, *_INDEXES_V1, *_REVIEW_TABLES]
+
+SCHEMA = ";\n".join(s.strip() for s in _STATEMENTS) + ";\n"
+"""The whole current layout (``executescript`` form)."""
+
+_MIGRATIONS: dict[int, list[str]] = {1: [_ADD_SUGGESTED_BY, *_REVIEW_TABLES]}
+"""Statements that take a catalog from version ``key`` to ``key + 1``, run in one transaction."""
 
 
 class _SchemaMismatch(sqlite3.DatabaseError):
@@ -56,10 +143,20 @@ def _table_layout(conn: sqlite3.Connection) -> dict[str, list[tuple[str, str, in
     }
 
 
-def _expected_layout() -> dict[str, list[tuple[str, str, int, int]]]:
+def _layout_of(statements: list[str]) -> dict[str, list[tuple[str, str, int, int]]]:
     with contextlib.closing(sqlite3.connect(":memory:")) as conn:
-        conn.executescript(SCHEMA)
+        for statement in statements:
+            conn.execute(statement)
         return _table_layout(conn)
+
+
+_LAYOUTS = {1: _layout_of([_IMAGES_V1, *_INDEXES_V1]), SCHEMA_VERSION: _layout_of(_STATEMENTS)}
+"""The tables and columns of each known schema version."""
+
+
+def _version_of(layout: dict[str, list[tuple[str, str, int, int]]]) -> int | None:
+    """The schema version whose tables and columns are exactly ``layout`` (None: foreign)."""
+    return next((version for version, known in _LAYOUTS.items() if known == layout), None)
 
 
 def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
@@ -87,25 +184,55 @@ class Catalog:
     # ------------------------------------------------------------------ opening
 
     def _init(self) -> None:
-        """Create or open the catalog (WAL, schema) and check it (``PRAGMA quick_check``).
+        """Create, upgrade or open the catalog (WAL, schema) and check it (``PRAGMA quick_check``).
+
+        A version-1 catalog (before issue 10) is upgraded in place, in one transaction: its rows,
+        and so who added each image, are kept (:data:`_MIGRATIONS`).
 
         Raises:
             sqlite3.DatabaseError: the file is not a database, is damaged (``quick_check`` failed)
-                or has other tables or columns than ours (a foreign file or an older schema).
+                or has other tables or columns than any version of ours (a foreign file).
         """
-        with contextlib.closing(sqlite3.connect(self.path, timeout=60)) as conn:
-            layout = _table_layout(conn)  # read before anything is written to a foreign file
-            if layout and layout != _expected_layout():  # empty: a new catalog
-                raise _SchemaMismatch(
-                    f"its tables are not this program's (found {sorted(layout)}, images columns "
-                    f"{[c[0] for c in layout.get('images', [])]}): a foreign file or an older schema"
-                )
+        with contextlib.closing(sqlite3.connect(self.path, timeout=60, isolation_level=None)) as conn:
+            self._check_layout(conn)  # read before anything is written to a foreign file
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(SCHEMA)
-            conn.commit()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                version = self._check_layout(conn)  # again, now that no other writer can change it
+                if version is None:  # a new, empty catalog
+                    for statement in _STATEMENTS:
+                        conn.execute(statement)
+                while version is not None and version < SCHEMA_VERSION:
+                    for statement in _MIGRATIONS[version]:
+                        conn.execute(statement)
+                    logger.info("catalog %s upgraded in place from schema %d to %d", self.path, version, version + 1)
+                    version += 1
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
             problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
         if problems != ["ok"]:
             raise sqlite3.DatabaseError(f"quick_check: {'; '.join(map(str, problems[:3]))}")
+
+    @staticmethod
+    def _check_layout(conn: sqlite3.Connection) -> int | None:
+        """The catalog's schema version, None for an empty database.
+
+        Raises:
+            _SchemaMismatch: the tables are not those of any version of ours.
+        """
+        layout = _table_layout(conn)
+        if not layout:
+            return None
+        version = _version_of(layout)
+        if version is None:
+            raise _SchemaMismatch(
+                f"its tables are not this program's (found {sorted(layout)}, images columns "
+                f"{[c[0] for c in layout.get('images', [])]}): a foreign file or an older schema"
+            )
+        return version
 
     def open(self) -> str | None:
         """Open the catalog, creating it, or rebuilding an empty one if it is missing or corrupt.
@@ -187,9 +314,9 @@ class Catalog:
         """
         with self.connect() as conn:
             rows = {
-                (label, sha): (ext, added_by, chat_id, added_at)
-                for sha, label, ext, added_by, chat_id, added_at in conn.execute(
-                    "SELECT sha256, label, ext, added_by, chat_id, added_at FROM images"
+                (label, sha): (ext, added_by, chat_id, added_at, suggested_by)
+                for sha, label, ext, added_by, chat_id, added_at, suggested_by in conn.execute(
+                    "SELECT sha256, label, ext, added_by, chat_id, added_at, suggested_by FROM images"
                 )
             }
             gone = [key for key in rows if key not in on_disk]
@@ -207,16 +334,17 @@ class Catalog:
                         )
                     continue
                 if sha in orphans:
-                    _, added_by, chat_id, added_at = orphans[sha]
+                    _, added_by, chat_id, added_at, suggested_by = orphans[sha]
                 else:
-                    added_by, chat_id = None, None
+                    added_by, chat_id, suggested_by = None, None, None
                     try:
                         added_at = file.path.stat().st_mtime
                     except FileNotFoundError:
                         continue
                 conn.execute(
-                    "INSERT INTO images (sha256, label, ext, added_by, chat_id, added_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    (sha, folder, file.ext, added_by, chat_id, added_at),
+                    "INSERT INTO images (sha256, label, ext, added_by, chat_id, added_at, suggested_by) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (sha, folder, file.ext, added_by, chat_id, added_at, suggested_by),
                 )
                 added += 1
         if gone or added:
@@ -226,14 +354,23 @@ class Catalog:
     # ------------------------------------------------------------------ rows
 
     def add(
-        self, sha: str, folder: str, ext: str, added_by: int | None, chat_id: int | None, *, replace: bool = True
+        self,
+        sha: str,
+        folder: str,
+        ext: str,
+        added_by: int | None,
+        chat_id: int | None,
+        *,
+        replace: bool = True,
+        suggested_by: int | None = None,
     ) -> None:
         """Record an image added now (``replace=False``: keep an existing row for it)."""
         verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
         with self.connect() as conn:
             conn.execute(
-                f"{verb} INTO images (sha256, label, ext, added_by, chat_id, added_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (sha, folder, ext, added_by, chat_id, time.time()),
+                f"{verb} INTO images (sha256, label, ext, added_by, chat_id, added_at, suggested_by) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (sha, folder, ext, added_by, chat_id, time.time(), suggested_by),
             )
 
     def relabel(self, folders: list[str], new_folder: str) -> None:
