@@ -50,7 +50,7 @@ from bot.state import BotState
 from bot.training_runner import Trainer, retrain_command
 from model_store.classifier import Classifier
 from model_store.errors import LabelgramError
-from model_store.review import ReviewSettings, ReviewStore
+from model_store.review import ReviewSettings
 from model_store.workspace import Workspace
 
 __all__ = [
@@ -212,6 +212,7 @@ def build_application(
         config.store_dir,
         min_free_bytes=config.limits.min_free_disk_mb * 1024 * 1024,
         max_pixels=config.classify.max_pixels,
+        review=review_settings(config),
     )
     classifier = Classifier(ws.registry, max_batch=config.classify.max_batch, engine=config.engine.settings())
     top_k = config.classify.top_k
@@ -278,7 +279,7 @@ def build_application(
     data.rate = RateLimiter(config.limits.photos_per_minute)
     data.message_rate = RateLimiter(config.limits.messages_per_minute)
     data.image_slots = asyncio.Semaphore(2 * config.classify.max_batch)
-    data.review = ReviewStore(ws.store, review_settings(config))
+    data.review = ws.review  # a workspace passed in keeps its own review settings
     add_handlers(application, data.admins)
     data.schedule_job = setup_schedule(application, data)
     return application

@@ -303,7 +303,11 @@ async def _labels(data: BotData, answer: Answer) -> list[str]:
 async def on_feedback_button(update: Update, context: Context) -> None:
     """A press on a feedback button (see the module docstring)."""
     query = update.callback_query
-    if query is None or not isinstance(query.data, FeedbackButton):
+    if query is None:
+        return
+    if not isinstance(query.data, FeedbackButton):  # a press without data: PTB's type pattern lets it through
+        log.info("ignored a button press without data from user %s", query.from_user.id)
+        await _answer_query(query, NOT_VALID, alert=True)
         return
     button: FeedbackButton = query.data
     answer = button.answer

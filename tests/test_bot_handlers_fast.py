@@ -64,7 +64,7 @@ async def test_every_admin_command_is_refused_to_others_by_name_and_logged_by_id
         texts = {c: bot.reply_to(await bot.text(USER, f"{c} x")) for c in commands}
         shouted = bot.reply_to(await bot.text(USER, "/RETRAIN@labelgram_test_bot"))
         labels_for_admin = bot.reply_to(await bot.text(ADMIN, "/labels"))
-    assert commands == ["/add", "/undo", "/labels", "/rename", "/delete", "/retrain", "/status", "/rollback"]
+    assert commands == ["/add", "/undo", "/labels", "/rename", "/delete", "/retrain", "/status", "/rollback", "/review"]
     for command, text in texts.items():
         assert text == f"Sorry, only the bot's admins can use {command}. {REFUSAL_END}"
     assert shouted.startswith("Sorry, only the bot's admins can use /retrain.")
