@@ -26,6 +26,12 @@ data anyway, and because the labels offered can be longer than 64 bytes. Its cos
 answer older than the last ``button_cache`` keyboards, or made after a restart, arrives as
 ``InvalidCallbackData`` and is answered "this button has expired" (the answer itself is still
 in the store, for the admins' queue and its expiry). Forged data gets "not valid".
+
+Why this module is long (~470 lines): it is the whole of a user's side of the loop, the keyboard
+states (buttons, label pages, thanks), the recording that must never cost the reply, the press
+handler with its refusals, the teachers' shortcut into the training photos (with its undo on a
+change of mind) and ``/withdraw``; they share the :class:`Answer` state and its wording, and
+splitting them would spread one keyboard's life over several files.
 """
 
 from __future__ import annotations
@@ -261,8 +267,9 @@ async def add_by_file_id(
     )
 
 
-def _base_text(message: Message | None) -> str:
-    text = (message.text if message is not None else None) or ""
+def _base_text(message: object) -> str:
+    """The answer's text without the thanks line of an earlier verdict."""
+    text = (message.text if isinstance(message, Message) else None) or ""
     return text.split(THANKS_SEPARATOR, 1)[0]
 
 

@@ -12,6 +12,11 @@ the serving model since it was trained (the feedback buttons, :mod:`bot.feedback
 label (``right / rated``, the precision users observed), next to the test split's precision of the
 same label. ``/status`` shows it for the serving model; the training report for the model that
 served until that training.
+
+Why this module is long (~460 lines): every text an admin reads about a model's quality is made
+here, so that the report, ``/status`` and the real-world figures word accuracy, intervals and
+per-label figures the same way (Wilson interval, too-few-test-images hint, users' feedback next to
+the test split), plus the sending of the report with its confusion matrix.
 """
 
 from __future__ import annotations
@@ -243,10 +248,9 @@ def real_world_lines(real: RealWorld) -> list[str]:
             f"(95% interval {_pct(low)}–{_pct(high)}){test}"
         )
         for name, (right, rated) in list(real.per_label.items())[:MAX_LABEL_LINES]:
-            test = per_label_test.get(name) if isinstance(per_label_test, dict) else None
-            test_part = (
-                f"; test precision {_pct(test.get('precision'), 0)}" if isinstance(test, dict) and test.get("precision") is not None else ""
-            )
+            figures = per_label_test.get(name) if isinstance(per_label_test, dict) else None
+            precision = figures.get("precision") if isinstance(figures, dict) else None
+            test_part = f"; test precision {_pct(precision, 0)}" if precision is not None else ""
             lines.append(f"  {name}: users {right}/{rated} right ({_pct(right / rated, 0)}){test_part}")
         if len(real.per_label) > MAX_LABEL_LINES:
             lines.append(f"  … and {len(real.per_label) - MAX_LABEL_LINES} more labels")
