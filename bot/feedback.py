@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -432,13 +433,23 @@ async def _teach(
     return f"{verb} my training photos of {added.label} ({images_text(count)})."
 
 
+def _issued_by_ptb(data: str) -> bool:
+    """Whether ``data`` has the shape of PTB's callback-data ids (two uuid4 hex strings, 64 characters)."""
+    if len(data) != 64:
+        return False
+    try:
+        return all(uuid.UUID(hex=half).hex == half for half in (data[:32], data[32:]))
+    except ValueError:
+        return False
+
+
 async def on_stale_button(update: Update, context: Context) -> None:
     """A non-admin pressed a button the bot does not know: forgotten (expired) or never issued."""
     query = update.callback_query
     if query is None:
         return
     raw = query.data.callback_data if isinstance(query.data, InvalidCallbackData) else None
-    if isinstance(raw, str) and len(raw) == 64:
+    if isinstance(raw, str) and _issued_by_ptb(raw):
         await _answer_query(query, EXPIRED, alert=True)
         try:
             await query.edit_message_reply_markup(None)

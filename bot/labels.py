@@ -36,6 +36,12 @@ log = logging.getLogger(__name__)
 #: how long the buttons of one /delete request can be pressed
 DELETE_CONFIRM_SECONDS = 600.0
 
+#: the answer to an admin's press on a button the bot no longer remembers (any kind of button)
+EXPIRED_BUTTON = (
+    "This button has expired: I only remember recent buttons, and none from before a restart. "
+    "Send the command (/delete <label>, /review) or the photo again."
+)
+
 RENAME_USAGE = 'Use /rename <old> <new>. Put names with spaces in quotes: /rename "t shirt" t-shirt'
 
 
@@ -196,7 +202,8 @@ async def on_unknown_button(update: Update, context: Context) -> None:
         return
     raw = query.data.callback_data if isinstance(query.data, InvalidCallbackData) else None
     if isinstance(raw, str) and _issued_by_ptb(raw):
-        await query.answer("This button has expired. Send /delete <label> again.", show_alert=True)
+        # any admin button: /delete's, /review's, or the feedback buttons under an answer
+        await query.answer(EXPIRED_BUTTON, show_alert=True)
         await _drop_keyboard(query)
         return
     log.info("ignored unknown button data from admin %s", query.from_user.id)

@@ -139,12 +139,12 @@ async def test_delete_buttons_carry_their_request_and_are_honoured_once(tmp_path
         "stranger": "Sorry, only the bot's admins can use these buttons.",
         "other admin": "Only the admin who asked for this can confirm it.",
         "tampered": "This button is not valid.",
-        "never issued": "This button has expired. Send /delete <label> again.",
+        "never issued": labels.EXPIRED_BUTTON,
         "no data": "This button is not valid.",
         "yes": "Deleted.",
-        "again": "This button has expired. Send /delete <label> again.",
+        "again": labels.EXPIRED_BUTTON,
         "late": "This button has expired. Send /delete <label> again.",
-        "late, then in time": "This button has expired. Send /delete <label> again.",
+        "late, then in time": labels.EXPIRED_BUTTON,
     }
     assert {i.name: i.count for i in ImageStore(store).labels()} == {"shoes": 1}
     edits = [c.params["text"] for c in bot.request.sent("editMessageText")]

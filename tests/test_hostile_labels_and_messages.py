@@ -396,7 +396,7 @@ async def test_tampered_foreign_stale_and_expired_delete_buttons_delete_nothing(
 
     for key, answer in tampered.items():
         assert answer["show_alert"] is True, key
-        assert answer["text"] in ("This button is not valid.", "This button has expired. Send /delete <label> again."), (key, answer)
+        assert answer["text"] in ("This button is not valid.", labels.EXPIRED_BUTTON), (key, answer)
     assert tampered["path"]["text"] == "This button is not valid."
     assert elsewhere["text"] == inline_answer["text"] == "Only the admin who asked for this can confirm it."
     assert "no longer exists" in renamed["text"]
