@@ -10,9 +10,10 @@ accepts it, and then added exactly like ``/add`` (:meth:`ReviewStore.accept` or
 The loop:
 
 1. :meth:`ReviewStore.record_answer` for every classified photo (returns the ``answer_id`` the bot
-   puts in its feedback buttons). With ``auto_queue`` (active learning), an *uncertain* answer
-   enters the queue without feedback: the margin between its two best probabilities is below
-   :attr:`ReviewSettings.uncertain_margin` (default 0.2), or the open-set check flagged it unknown.
+   puts in its feedback buttons). A photo the open-set check flagged *unknown* enters the queue
+   without feedback (issue 10, point 4: unknown photos feed the queue); with ``auto_queue``
+   (active learning, point 3) so does an *uncertain* one: the margin between its two best
+   probabilities is below :attr:`ReviewSettings.uncertain_margin` (default 0.2).
 2. :meth:`ReviewStore.set_feedback`: only the photo's sender may rate it ("right", "wrong" with or
    without the right label, "none" of the labels); a second call replaces the first (change of
    mind). A verdict that disagrees with the answer queues the photo; "right" never dequeues an
@@ -109,7 +110,7 @@ class ReviewSettings:
             after the photo was answered / the decision taken.
         uncertain_margin: an answer whose two best probabilities differ by less than this
             (``p1 - p2 < uncertain_margin``, margin sampling) is "uncertain" and, with
-            ``auto_queue``, enters the queue without feedback; unknown photos always are.
+            ``auto_queue``, enters the queue without feedback (unknown photos always do).
 
     Raises:
         ValueError: a bound below 1, a retention not above 0, a margin outside [0, 1].
@@ -143,7 +144,7 @@ class Answer:
         unknown: the open-set flag (None: the model version has no open-set check).
         model_version: the serving version's name, if known.
         uncertainty: :func:`model_store.active_learning.margin_uncertainty` of the answer.
-        auto_queued: it entered the queue as uncertain (active learning).
+        auto_queued: it entered the queue without feedback (unknown, or uncertain with ``auto_queue``).
         created_at: unix seconds.
         verdict: the sender's feedback, None if none.
         verdict_label: the label the feedback names: the top-1 label for "right" (None for an
@@ -507,7 +508,8 @@ class ReviewStore:
             unknown: the open-set flag of the answer (None: no open-set check).
             model_version: the serving version's name.
             auto_queue: active learning: an uncertain answer (margin below
-                ``settings.uncertain_margin``, or unknown) enters the review queue at once.
+                ``settings.uncertain_margin``) enters the review queue at once. An unknown answer
+                (``unknown`` True) always does.
 
         Returns:
             The ``answer_id`` (an int > 0, never reused), for the feedback buttons.
@@ -539,7 +541,7 @@ class ReviewStore:
                     None if unknown is None else int(bool(unknown)),
                     model_version,
                     uncertainty,
-                    int(bool(auto_queue) and uncertain),
+                    int((bool(auto_queue) and uncertain) or bool(unknown)),
                     self._clock(),
                 ),
             )

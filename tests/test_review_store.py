@@ -272,7 +272,8 @@ def test_only_uncertain_or_unknown_answers_enter_the_queue_without_feedback(tmp_
     answer(review, "close", [0.5, 0.35, 0.15])  # margin 0.15
     answer(review, "unknown", [0.9, 0.05, 0.05], unknown=True)
     answer(review, "off", [0.4, 0.39, 0.21], auto_queue=False)  # active learning off
-    assert {item.file_unique_id for item in review.pending_items()} == {"close", "unknown"}
+    answer(review, "unknown-off", [0.9, 0.05, 0.05], unknown=True, auto_queue=False)  # unknown photos always
+    assert {item.file_unique_id for item in review.pending_items()} == {"close", "unknown", "unknown-off"}
     assert all(item.reason == "uncertain" for item in review.pending_items())
 
 
