@@ -179,6 +179,20 @@ def test_a_catalog_of_no_known_layout_is_still_set_aside_and_rebuilt(tmp_path: P
     assert ws.review.pending_count() == 0
 
 
+def test_a_catalog_of_a_newer_version_is_refused_not_set_aside(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    ImageStore(root).add(photo("hat"), "hat", added_by=3)
+    with contextlib.closing(sqlite3.connect(root / "catalog.sqlite")) as conn:
+        conn.execute("ALTER TABLE images ADD COLUMN future TEXT")
+        conn.execute("PRAGMA user_version = 3")
+        conn.commit()
+    with pytest.raises(sqlite3.OperationalError, match="newer version"):
+        ImageStore(root)
+    assert list(root.glob("catalog.sqlite.corrupt-*")) == []
+    with contextlib.closing(sqlite3.connect(root / "catalog.sqlite")) as conn:
+        assert conn.execute("SELECT added_by FROM images").fetchall() == [(3,)]
+
+
 def test_a_damaged_catalog_is_still_set_aside(tmp_path: Path) -> None:
     root = tmp_path / "store"
     ImageStore(root)
