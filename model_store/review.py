@@ -352,7 +352,7 @@ class ReviewStore:
         self._lock = threading.Lock()
         self._last_expiry = -math.inf
         # One connection, used under self._lock by whichever thread calls: opening and closing one
-        # per call costs ~10 ms (closing the last connection checkpoints the WAL and fsyncs).
+        # per call costs 2-4 times as much (benchmarks/bench_review_store.py).
         self._conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
         self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit survives a crash of the process
         with self._transaction() as conn:
@@ -373,10 +373,14 @@ class ReviewStore:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                # Also when COMMIT itself failed (disk full, I/O error): the shared connection must
+                # not stay inside a transaction, or every later call would fail.
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
 
     def _answers_of(self, conn: sqlite3.Connection, file_unique_id: str) -> list[Answer]:
         rows = conn.execute(
@@ -447,19 +451,7 @@ class ReviewStore:
             ).fetchall()
             conn.executemany("DELETE FROM review_answers WHERE answer_id = ?", [(r[0],) for r in rows])
             for unique_id in {r[1] for r in rows}:
-                self._refresh_or_forget(conn, unique_id)
-
-    def _refresh_or_forget(self, conn: sqlite3.Connection, file_unique_id: str) -> None:
-        """After answers of a photo were deleted: drop its item if none is left, else refresh it."""
-        left = conn.execute(
-            "SELECT 1 FROM review_answers WHERE file_unique_id = ? LIMIT 1", (file_unique_id,)
-        ).fetchone()
-        if left is None:
-            conn.execute(
-                "DELETE FROM review_items WHERE file_unique_id = ? AND status = 'pending'", (file_unique_id,)
-            )
-        else:
-            self._refresh(conn, file_unique_id)
+                self._refresh(conn, unique_id)
 
     def _expire(self, conn: sqlite3.Connection, now: float) -> int:
         cutoff = now - self.settings.retention_days * _DAY
@@ -468,7 +460,7 @@ class ReviewStore:
         ).fetchall()
         conn.execute("DELETE FROM review_answers WHERE created_at < ?", (cutoff,))
         for unique_id in {r[1] for r in rows}:
-            self._refresh_or_forget(conn, unique_id)
+            self._refresh(conn, unique_id)
         conn.execute("DELETE FROM review_items WHERE status != 'pending' AND resolved_at < ?", (cutoff,))
         self._last_expiry = now
         if rows:

@@ -507,6 +507,36 @@ def test_settings_are_checked() -> None:
             ReviewSettings(**bad)  # type: ignore[arg-type]
 
 
+class FailingCommit:
+    """The review store's connection, whose next COMMIT fails (as on a full disk)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.armed = True
+
+    def execute(self, sql: str, *args):  # noqa: ANN202 - a stand-in for sqlite3.Connection.execute
+        if sql == "COMMIT" and self.armed:
+            self.armed = False
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self.conn, name)
+
+
+def test_a_failed_commit_records_nothing_and_the_store_keeps_working(tmp_path: Path) -> None:
+    review = review_store(tmp_path / "store")
+    kept = answer(review, "u0", [0.5, 0.45])
+    failing = FailingCommit(review._conn)
+    review._conn = failing  # type: ignore[assignment]
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        answer(review, "u1", [0.5, 0.45])
+    assert not failing.conn.in_transaction
+    assert review.answer_count() == 1 and [i.file_unique_id for i in review.pending_items()] == ["u0"]
+    assert review.set_feedback(answer_id=kept, user_id=7, verdict="none").changed
+    assert answer(review, "u2", [0.5, 0.45]) > kept
+
+
 # ---------------------------------------------------------------------------- threads
 
 
