@@ -43,10 +43,10 @@ excluded too) on the store's one connection, under its lock; the bot calls it fr
 Every write is such a transaction (WAL, ``synchronous=NORMAL``: a committed write survives a crash
 of the process; a power cut may lose the last ones, never leave the tables half-written).
 
-Why this module is long (~850 lines, over a third docstrings): it is the whole contract of issue 10's store side (the
-settings, four result types, the queue's rules of entry, order, bound and expiry, withdrawal and
-real-world accuracy), each rule a few lines of SQL next to the docstring that states it; splitting
-it would spread one transaction's invariants over several files.
+Why this module is long (~850 lines, over a third docstrings): it is the whole contract of issue
+10's store side (the settings, four result types, the queue's rules of entry, order, bound and
+expiry, withdrawal and real-world accuracy), each rule a few lines of SQL next to the docstring
+that states it; splitting it would spread one transaction's invariants over several files.
 """
 
 from __future__ import annotations

@@ -507,6 +507,56 @@ def test_settings_are_checked() -> None:
             ReviewSettings(**bad)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_sequences_of_calls_keep_the_queue_consistent(tmp_path: Path, seed: int) -> None:
+    """Whatever users and admins do, in any order: bounds hold, and the queue is exactly the photos
+    the rules say, each with the priority recomputed from its answers."""
+    rng = random.Random(seed)
+    clock = Clock(tick=0.0)
+    settings = ReviewSettings(max_queue=6, max_answers=25, retention_days=1, uncertain_margin=0.3)
+    review = review_store(tmp_path / "store", settings, clock)
+    ids: list[int] = []
+    for _ in range(300):
+        op = rng.random()
+        clock.now += rng.uniform(0, 900)
+        if op < 0.45:
+            p1 = rng.uniform(0.34, 1.0)
+            ids.append(answer(review, f"u{rng.randrange(15)}", [p1, 1 - p1], sender=rng.randrange(5),
+                              unknown=rng.random() < 0.1, auto_queue=rng.random() < 0.8, labels=["hat", "pants"]))
+        elif op < 0.75 and ids:
+            aid = rng.choice(ids)
+            got = review.get_answer(aid)
+            verdict = rng.choice(["right", "wrong", "none"])
+            label = rng.choice(["pants", "shoes", None]) if verdict == "wrong" else None
+            with contextlib.suppress(UnknownAnswerError):
+                review.set_feedback(answer_id=aid, user_id=got.sender_id if got else 0, verdict=verdict, label=label)
+        elif op < 0.85:
+            item = review.next_item()
+            if item is not None:
+                review.resolve(item.item_id, action=rng.choice(["accepted", "discarded"]), by=99, label="hat")
+        elif op < 0.9:
+            review.withdraw(rng.randrange(5))
+        else:
+            clock.now += rng.uniform(0, DAY / 2)
+
+        review.expire()
+        assert review.answer_count() <= settings.max_answers
+        items = review.pending_items()
+        assert len(items) == review.pending_count() <= settings.max_queue
+        cutoff = clock.now - DAY
+        for item in items:
+            answers = item.answers
+            assert answers and all(a.file_unique_id == item.file_unique_id and a.created_at >= cutoff for a in answers)
+            latest_by_user = {a.sender_id: a for a in answers if a.verdict is not None}
+            wrong = sum(1 for a in latest_by_user.values() if not a.agreed)
+            right = len(latest_by_user) - wrong
+            assert wrong or any(a.auto_queued for a in answers)
+            last = answers[-1]
+            assert item.priority == priority([p for _, p in last.predictions], unknown=last.unknown, wrong=wrong, right=right)
+        keys = [(i.priority, -i.queued_at, -i.item_id) for i in items]
+        assert keys == sorted(keys, reverse=True)
+
+
 class FailingCommit:
     """The review store's connection, whose next COMMIT fails (as on a full disk)."""
 
