@@ -10,9 +10,10 @@ accepts it, and then added exactly like ``/add`` (:meth:`ReviewStore.accept` or
 The loop:
 
 1. :meth:`ReviewStore.record_answer` for every classified photo (returns the ``answer_id`` the bot
-   puts in its feedback buttons). With ``auto_queue`` (active learning), an *uncertain* answer
-   enters the queue without feedback: the margin between its two best probabilities is below
-   :attr:`ReviewSettings.uncertain_margin` (default 0.2), or the open-set check flagged it unknown.
+   puts in its feedback buttons). A photo the open-set check flagged *unknown* enters the queue
+   without feedback (issue 10, point 4: unknown photos feed the queue); with ``auto_queue``
+   (active learning, point 3) so does an *uncertain* one: the margin between its two best
+   probabilities is below :attr:`ReviewSettings.uncertain_margin` (default 0.2).
 2. :meth:`ReviewStore.set_feedback`: only the photo's sender may rate it ("right", "wrong" with or
    without the right label, "none" of the labels); a second call replaces the first (change of
    mind). A verdict that disagrees with the answer queues the photo; "right" never dequeues an
@@ -38,12 +39,14 @@ they stay in the store (with ``added_by`` the admin and ``suggested_by`` the use
 removes them.
 
 Thread-safe: every method is one SQLite transaction (``BEGIN IMMEDIATE``, so other processes are
-excluded too) under one lock per :class:`ReviewStore`; the bot calls it from worker threads.
+excluded too) on the store's one connection, under its lock; the bot calls it from worker threads.
+Every write is such a transaction (WAL, ``synchronous=NORMAL``: a committed write survives a crash
+of the process; a power cut may lose the last ones, never leave the tables half-written).
 
-Why this module is long (~600 lines): it is the whole contract of issue 10's store side (the
-settings, four result types, the queue's rules of entry, order, bound and expiry, withdrawal and
-real-world accuracy), each rule a few lines of SQL next to the docstring that states it; splitting
-it would spread one transaction's invariants over several files.
+Why this module is long (~850 lines, over a third docstrings): it is the whole contract of issue
+10's store side (the settings, four result types, the queue's rules of entry, order, bound and
+expiry, withdrawal and real-world accuracy), each rule a few lines of SQL next to the docstring
+that states it; splitting it would spread one transaction's invariants over several files.
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ class ReviewSettings:
             after the photo was answered / the decision taken.
         uncertain_margin: an answer whose two best probabilities differ by less than this
             (``p1 - p2 < uncertain_margin``, margin sampling) is "uncertain" and, with
-            ``auto_queue``, enters the queue without feedback; unknown photos always are.
+            ``auto_queue``, enters the queue without feedback (unknown photos always do).
 
     Raises:
         ValueError: a bound below 1, a retention not above 0, a margin outside [0, 1].
@@ -141,7 +144,7 @@ class Answer:
         unknown: the open-set flag (None: the model version has no open-set check).
         model_version: the serving version's name, if known.
         uncertainty: :func:`model_store.active_learning.margin_uncertainty` of the answer.
-        auto_queued: it entered the queue as uncertain (active learning).
+        auto_queued: it entered the queue without feedback (unknown, or uncertain with ``auto_queue``).
         created_at: unix seconds.
         verdict: the sender's feedback, None if none.
         verdict_label: the label the feedback names: the top-1 label for "right" (None for an
@@ -348,8 +351,17 @@ class ReviewStore:
         self._clock = clock
         self._lock = threading.Lock()
         self._last_expiry = -math.inf
+        # One connection, used under self._lock by whichever thread calls: opening and closing one
+        # per call costs 2-4 times as much (benchmarks/bench_review_store.py).
+        self._conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit survives a crash of the process
         with self._transaction() as conn:
             self._maybe_expire(conn)
+
+    def close(self) -> None:
+        """Close the connection to the catalog (further calls raise ``sqlite3.ProgrammingError``)."""
+        with self._lock:
+            self._conn.close()
 
     # ------------------------------------------------------------------ transactions
 
@@ -357,18 +369,18 @@ class ReviewStore:
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE`` transaction under the store's lock: committed, or rolled back on error."""
         with self._lock:
-            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.execute("PRAGMA synchronous=NORMAL")
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield conn
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
+                yield conn
                 conn.execute("COMMIT")
-            finally:
-                conn.close()
+            except BaseException:
+                # Also when COMMIT itself failed (disk full, I/O error): the shared connection must
+                # not stay inside a transaction, or every later call would fail.
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise
 
     def _answers_of(self, conn: sqlite3.Connection, file_unique_id: str) -> list[Answer]:
         rows = conn.execute(
@@ -439,19 +451,7 @@ class ReviewStore:
             ).fetchall()
             conn.executemany("DELETE FROM review_answers WHERE answer_id = ?", [(r[0],) for r in rows])
             for unique_id in {r[1] for r in rows}:
-                self._refresh_or_forget(conn, unique_id)
-
-    def _refresh_or_forget(self, conn: sqlite3.Connection, file_unique_id: str) -> None:
-        """After answers of a photo were deleted: drop its item if none is left, else refresh it."""
-        left = conn.execute(
-            "SELECT 1 FROM review_answers WHERE file_unique_id = ? LIMIT 1", (file_unique_id,)
-        ).fetchone()
-        if left is None:
-            conn.execute(
-                "DELETE FROM review_items WHERE file_unique_id = ? AND status = 'pending'", (file_unique_id,)
-            )
-        else:
-            self._refresh(conn, file_unique_id)
+                self._refresh(conn, unique_id)
 
     def _expire(self, conn: sqlite3.Connection, now: float) -> int:
         cutoff = now - self.settings.retention_days * _DAY
@@ -460,7 +460,7 @@ class ReviewStore:
         ).fetchall()
         conn.execute("DELETE FROM review_answers WHERE created_at < ?", (cutoff,))
         for unique_id in {r[1] for r in rows}:
-            self._refresh_or_forget(conn, unique_id)
+            self._refresh(conn, unique_id)
         conn.execute("DELETE FROM review_items WHERE status != 'pending' AND resolved_at < ?", (cutoff,))
         self._last_expiry = now
         if rows:
@@ -500,7 +500,8 @@ class ReviewStore:
             unknown: the open-set flag of the answer (None: no open-set check).
             model_version: the serving version's name.
             auto_queue: active learning: an uncertain answer (margin below
-                ``settings.uncertain_margin``, or unknown) enters the review queue at once.
+                ``settings.uncertain_margin``) enters the review queue at once. An unknown answer
+                (``unknown`` True) always does.
 
         Returns:
             The ``answer_id`` (an int > 0, never reused), for the feedback buttons.
@@ -532,7 +533,7 @@ class ReviewStore:
                     None if unknown is None else int(bool(unknown)),
                     model_version,
                     uncertainty,
-                    int(bool(auto_queue) and uncertain),
+                    int((bool(auto_queue) and uncertain) or bool(unknown)),
                     self._clock(),
                 ),
             )

@@ -488,12 +488,32 @@ def test_reconcile_folder_renamed_by_hand_keeps_provenance(
     tmp_path: Path, photos: dict[str, list[bytes]]
 ) -> None:
     store = ImageStore(tmp_path / "store")
-    store.add(photos["hat"][0], "hat", added_by=11, chat_id=22)
+    store.add(photos["hat"][0], "hat", added_by=11, chat_id=22, suggested_by=33)
     os.rename(store.images_dir / "hat", store.images_dir / "caps")
     reopened = ImageStore(tmp_path / "store")
     [row] = catalog_rows(reopened)
     assert row[1:5] == ("caps", "jpg", 11, 22)
+    assert suggested_by(reopened, photos["hat"][0]) == 33
     assert [r.label for r in reopened.last_added_by(11)] == ["caps"]
+
+
+def suggested_by(store: ImageStore, data: bytes | None = None) -> object:
+    """The ``suggested_by`` column: of one image (``data``), else {sha256: value} of all rows."""
+    with sqlite3.connect(store.catalog_path) as conn:
+        rows = dict(conn.execute("SELECT sha256, suggested_by FROM images").fetchall())
+    return rows.get(sha(data)) if data is not None else rows
+
+
+def test_add_records_who_suggested_the_label_and_a_duplicate_keeps_the_first_provenance(
+    store: ImageStore, photos: dict[str, list[bytes]]
+) -> None:
+    data = photos["pants"][0]
+    assert store.add(data, "pants", added_by=1, chat_id=-3, suggested_by=2).created
+    assert store.add(data, "Pants", added_by=4, suggested_by=5).created is False
+    [row] = catalog_rows(store)
+    assert row[3:5] == (1, -3) and suggested_by(store, data) == 2
+    assert store.add(photos["hat"][0], "hat", added_by=1).created
+    assert suggested_by(store, photos["hat"][0]) is None
 
 
 def test_reconcile_removes_leftover_temp_files(tmp_path: Path, photos: dict[str, list[bytes]]) -> None:

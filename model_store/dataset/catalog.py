@@ -222,11 +222,20 @@ class Catalog:
 
         Raises:
             _SchemaMismatch: the tables are not those of any version of ours.
+            sqlite3.OperationalError: a layout we do not know from a newer schema version (not set
+                aside: the program must be upgraded).
         """
         layout = _table_layout(conn)
         if not layout:
             return None
         version = _version_of(layout)
+        (stamped,) = conn.execute("PRAGMA user_version").fetchone()
+        if version is None and int(stamped) > SCHEMA_VERSION:
+            # Written by a newer labelgram: setting it aside would lose that version's data.
+            raise sqlite3.OperationalError(
+                f"the catalog was written by a newer version of this program (schema {stamped}, this "
+                f"one knows up to {SCHEMA_VERSION}): upgrade the program, or move the file aside"
+            )
         if version is None:
             raise _SchemaMismatch(
                 f"its tables are not this program's (found {sorted(layout)}, images columns "
