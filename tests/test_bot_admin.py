@@ -187,7 +187,7 @@ async def test_command_menus_for_everyone_and_for_admins(botapi: BotApiStandIn, 
         default = botapi.commands()
         admin = botapi.commands({"type": "chat", "chat_id": ADMIN})
         other = botapi.commands({"type": "chat", "chat_id": OTHER_ADMIN})
-    assert [c["command"] for c in default] == [c.command for c in PUBLIC_COMMANDS] == ["start", "help"]
+    assert [c["command"] for c in default] == [c.command for c in PUBLIC_COMMANDS] == ["start", "help", "withdraw"]
     assert [c["command"] for c in admin] == [c.command for c in ADMIN_COMMANDS]
     assert other == admin
     assert botapi.commands({"type": "chat", "chat_id": USER}) == []
