@@ -40,6 +40,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -410,14 +411,15 @@ class Config(BaseSettings):
 
     @field_validator("admins", "teachers")
     @classmethod
-    def _admin_ids(cls, value: list[int]) -> list[int]:
+    def _admin_ids(cls, value: list[int], info: ValidationInfo) -> list[int]:
+        role, article = ("teacher", "a") if info.field_name == "teachers" else ("admin", "an")
         for uid in value:
             if uid <= 0:
                 raise ValueError(f"{uid} is not a user id (user ids are positive numbers)")
             if uid in PSEUDO_USER_IDS:
                 raise ValueError(
-                    f"{uid} is not a person but {PSEUDO_USER_IDS[uid]}; as an admin it would make "
-                    "strangers admins of this bot. List the admins' own numeric user ids instead."
+                    f"{uid} is not a person but {PSEUDO_USER_IDS[uid]}; as {article} {role} it would make "
+                    f"strangers {role}s of this bot. List the {role}s' own numeric user ids instead."
                 )
         return list(dict.fromkeys(value))
 
