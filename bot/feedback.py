@@ -331,6 +331,9 @@ async def on_feedback_button(update: Update, context: Context) -> None:
     if not answer.recorded.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(answer.recorded.wait(), RECORD_WAIT_SECONDS)
+        if not answer.recorded.is_set():  # the store is slow (busy disk, locked catalog): not lost yet
+            await _answer_query(query, "I'm still saving my answer; please tap again in a moment.", alert=True)
+            return
     if answer.answer_id is None:
         await _answer_query(query, NOT_KEPT, alert=True)
         await _set_markup(context, query, None)
