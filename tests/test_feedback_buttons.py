@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from bot import feedback
 from model_store.dataset import ImageStore
 from model_store.review import ReviewStore
 from tests.auxil.bot_harness import ADMIN, TRAIN_PER_LABEL, USER, bot_config, labels_in, photos, running_bot
@@ -128,15 +131,33 @@ async def test_in_a_group_only_the_sender_rates_and_every_album_photo_has_its_ow
     assert_no_traceback(api)
 
 
-async def test_a_failing_review_store_costs_the_keyboard_never_the_answer(
+async def test_a_slow_or_failing_review_store_costs_the_keyboard_never_the_answer(
     api: ReviewStandIn, store_copy: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with running_bot(api, bot_config(api, store_copy)) as bot:
+        review = bot.svc.review
+        # a slow store: the answer goes out at once; a press before it is recorded asks to tap again
+        gate = threading.Event()
+        record = review.record_answer
+
+        def slow(**kwargs: Any) -> int:
+            gate.wait(30)
+            return record(**kwargs)
+
+        monkeypatch.setattr(feedback, "RECORD_WAIT_SECONDS", 0.2)
+        monkeypatch.setattr(review, "record_answer", slow)
+        waiting = await bot.reply(USER, bot.send_photo(USER, held_out("t-shirt")))
+        early = await press(api, USER, waiting, "Right")
+        gate.set()
+        await until(lambda: review.answer_count() == 1)
+        later = await press(api, USER, waiting, "Right")
+        assert early["text"] == "I'm still saving my answer; please tap again in a moment."
+        assert later["text"] == "Thanks!"
 
         def broken(**kwargs: object) -> int:
             raise sqlite3.OperationalError("database is locked")
 
-        monkeypatch.setattr(bot.svc.review, "record_answer", broken)
+        monkeypatch.setattr(review, "record_answer", broken)
         mid = bot.send_photo(USER, held_out("pants"))
         answer = await bot.reply(USER, mid)
         assert labels_in(str(answer.params["text"]))  # the answer went out
