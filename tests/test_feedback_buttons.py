@@ -25,8 +25,6 @@ from tests.auxil.bot_harness import ADMIN, TRAIN_PER_LABEL, USER, bot_config, la
 from tests.auxil.review_harness import ReviewStandIn, buttons, current, press, press_data, until
 from tests.auxil.store_checks import assert_no_traceback
 
-pytestmark = pytest.mark.slow  # each test starts the bot on a trained model
-
 GROUP = -100777
 OTHER = 3003
 

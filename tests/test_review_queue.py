@@ -32,8 +32,6 @@ from tests.auxil.review_harness import ReviewStandIn, buttons, current, press, u
 from tests.auxil.store_checks import assert_no_traceback, catalog_matches_folders
 from tests.botapi_standin import Call
 
-pytestmark = pytest.mark.slow  # each test starts the bot on a trained model
-
 LABELS = {"shoes", "pants", "t-shirt"}
 
 
@@ -84,6 +82,7 @@ def catalog_row(store: Path, sha: str) -> tuple[str, int, int | None]:
         return conn.execute("SELECT label, added_by, suggested_by FROM images WHERE sha256 = ?", (sha,)).fetchone()
 
 
+@pytest.mark.slow  # a real training (/retrain, in a subprocess)
 async def test_review_accept_adds_the_photo_like_add_and_the_next_training_uses_it(
     api: ReviewStandIn, store_copy: Path
 ) -> None:
