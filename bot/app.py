@@ -2,8 +2,8 @@
 
 :func:`build_application` wires the configuration, the model store and the feature modules into a
 python-telegram-bot ``Application``: token and Bot API URLs from the config, the typed context
-(:class:`bot.context.BotData` as ``context.bot_data``), arbitrary callback data (the ``/delete``
-buttons), a rate limiter for Telegram's flood limits (429 pauses per chat, :mod:`bot.ratelimit`),
+(:class:`bot.context.BotData` as ``context.bot_data``), arbitrary callback data (the ``/delete``,
+feedback and ``/review`` buttons; ``review.button_cache`` keyboards), a rate limiter for Telegram's flood limits (429 pauses per chat, :mod:`bot.ratelimit`),
 concurrent update handling (photos are answered in parallel and batched into one forward pass),
 the command menus (one for everyone, one per admin chat, :mod:`bot.menus`), and the retraining schedule.
 
@@ -12,7 +12,9 @@ feature module exports its handlers, and the order here decides which one an upd
 
 * group -2: :func:`bot.menus.on_any_update` (an admin's first update sets their command menu);
 * group -1: :func:`bot.access.limit_messages` (a non-admin over the message limit goes no further);
-* group 0, first match wins: /start and /help (:mod:`bot.general`); the admins' routes of
+* group 0, first match wins: /start and /help (:mod:`bot.general`); /withdraw and everyone's
+  presses of the feedback buttons under answers, and non-admins' presses of forgotten buttons
+  (:mod:`bot.feedback`); the admins' /review and its buttons (:mod:`bot.review`); the admins' routes of
   :mod:`bot.teaching` (albums first, then ``/add`` captions), :mod:`bot.labels` and
   :mod:`bot.models`, all filtered by the one ``filters.User`` of admins; the refusals for everyone
   else (:mod:`bot.access`); then every other photo is classified (:mod:`bot.classifying`).
