@@ -165,16 +165,19 @@ async def _send_next(context: Context, chat_id: int, skip: tuple[int, ...], *, b
     pending = await asyncio.to_thread(review.pending_count)
     caption = item_text(item, pending, before=before)
     markup = item_keyboard(item, skip)
+    params = _reply_params(reply_to)
     try:
-        await context.bot.send_photo(
-            chat_id, item.file_id, caption=caption, reply_markup=markup,
-            reply_parameters=_reply_params(reply_to),
-        )
+        await context.bot.send_photo(chat_id, item.file_id, caption=caption, reply_markup=markup, reply_parameters=params)
+        return
+    except BadRequest as exc:  # an image sent as a file has a document's file id
+        log.info("review item %s: not sent as a photo by file id: %s", item.item_id, exc.message)
+    try:
+        await context.bot.send_document(chat_id, item.file_id, caption=caption, reply_markup=markup, reply_parameters=params)
     except BadRequest as exc:  # the file id is no longer valid: still reviewable (discard), say why
-        log.info("review item %s: photo not sent by file id: %s", item.item_id, exc.message)
+        log.info("review item %s: not sent as a file by file id either: %s", item.item_id, exc.message)
         await context.bot.send_message(
             chat_id, caption + "\n(Telegram no longer shows this photo: discard it.)", reply_markup=markup,
-            reply_parameters=_reply_params(reply_to),
+            reply_parameters=params,
         )
 
 

@@ -268,3 +268,25 @@ async def test_status_shows_real_world_accuracy_next_to_the_test_split(api: Revi
         assert f"  {wrong_guess}: users 0/1 right (0%); test precision" in status
     assert "Review queue: 1 waiting (/review)" in status
     assert_no_traceback(api)
+
+
+async def test_an_image_sent_as_a_file_is_reviewed_as_a_file(api: ReviewStandIn, store_copy: Path) -> None:
+    async with running_bot(api, bot_config(api, store_copy, review={"auto_queue": False})) as bot:
+        review = bot.svc.review
+        data = held_out("shoes", 1).read_bytes()
+        answer = await bot.reply(USER, bot.send_document(USER, data, file_name="IMG_1.JPG", mime_type="image/jpeg"))
+        await until(lambda: review.answer_count() == 1)
+        await press(api, USER, answer, "Wrong")
+        await press(api, USER, answer, "None of these")
+        item = await review_message(bot, api)
+        refused_as_photo = [c for c in api.failed_calls("sendPhoto") if c.params.get("photo") == item.params.get("document")]
+        mark = api.mark()
+        await press(api, ADMIN, item, "Another label")
+        await press(api, ADMIN, item, "shoes")
+        done = await next_message(api, mark)
+    # sent as a photo first (the real server refuses a document's id there), then as the file it is
+    assert item.method == "sendDocument" and item.params["document"] == review.get_answer(1).file_id  # type: ignore[union-attr]
+    assert len(refused_as_photo) == 1
+    assert "Users said: none of these (1)" in str(item.params["caption"])
+    assert done.params["text"].startswith("Added to shoes (")
+    assert_no_traceback(api)

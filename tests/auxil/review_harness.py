@@ -1,9 +1,9 @@
 """What the feedback and review tests share: a stand-in that sends photos by file id, and buttons.
 
 * :class:`ReviewStandIn`: :class:`~tests.auxil.standin_extras.HardenedStandIn` whose ``sendPhoto``
-  also takes a ``file_id`` the stand-in knows (as the real server does for a file it holds), which
-  ``/review`` uses to show a kept photo without downloading it; an unknown id gets the real
-  server's "wrong file identifier" error.
+  and ``sendDocument`` also take a ``file_id`` the stand-in knows, of their kind (as the real server
+  does for a file it holds), which ``/review`` uses to show a kept photo without downloading it; an
+  unknown id, or one of the other kind, gets the real server's error.
 * :func:`buttons` / :func:`press`: the inline keyboard of a message as the stand-in holds it now
   (after edits), and a press on one of its buttons by its text, waiting for the bot's answer.
 """
@@ -23,28 +23,37 @@ __all__ = ["ReviewStandIn", "buttons", "current", "press", "press_data", "until"
 
 
 class ReviewStandIn(HardenedStandIn):
-    """The hardened stand-in whose ``sendPhoto`` also accepts a known ``file_id``."""
+    """The hardened stand-in whose ``sendPhoto`` / ``sendDocument`` also accept a known ``file_id``.
 
-    def _m_send_photo(self, p: dict[str, Any], f: dict[str, Any]) -> dict[str, Any]:
-        photo = p.get("photo")
-        if "photo" in f or not isinstance(photo, str):
-            return super()._m_send_photo(p, f)
+    As on the real server, a file id is only good for its kind: a document's id sent as a photo
+    is refused ("can't use file of type Document as Photo"), and an unknown id too.
+    """
+
+    def _by_file_id(self, p: dict[str, Any], name: str, kind: str) -> dict[str, Any]:
         with self._lock:
-            stored = self._files.get(photo)
+            stored = self._files.get(str(p.get(name)))
         if stored is None:
             raise _ApiError(400, "Bad Request: wrong file identifier/HTTP URL specified")
+        if not stored.file_path.startswith(f"{kind}/"):
+            raise _ApiError(400, f"Bad Request: can't use file of type {stored.file_path.split('/')[0]} as {name}")
         message, chat = self._new_bot_message(p)
-        message["photo"] = [
-            {
-                "file_id": stored.file_id,
-                "file_unique_id": stored.file_unique_id,
-                "file_size": stored.file_size,
-                "width": stored.width,
-                "height": stored.height,
-            }
-        ]
+        entry = {"file_id": stored.file_id, "file_unique_id": stored.file_unique_id, "file_size": stored.file_size}
+        if name == "photo":
+            message["photo"] = [{**entry, "width": stored.width, "height": stored.height}]
+        else:
+            message["document"] = {**entry, "file_name": stored.file_name or "image", "mime_type": stored.mime_type}
         self._apply_caption(message, p)
         return self._finish_bot_message(message, chat)
+
+    def _m_send_photo(self, p: dict[str, Any], f: dict[str, Any]) -> dict[str, Any]:
+        if "photo" in f or not isinstance(p.get("photo"), str):
+            return super()._m_send_photo(p, f)
+        return self._by_file_id(p, "photo", "photos")
+
+    def _m_send_document(self, p: dict[str, Any], f: dict[str, Any]) -> dict[str, Any]:
+        if "document" in f or not isinstance(p.get("document"), str):
+            return super()._m_send_document(p, f)
+        return self._by_file_id(p, "document", "documents")
 
 
 def buttons(message: dict[str, Any]) -> dict[str, str]:
