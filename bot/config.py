@@ -307,8 +307,8 @@ class ReviewConfig(_Section):
 
     #: the feedback buttons under every answer to a photo (false: answers carry no keyboard)
     feedback: bool = True
-    #: active learning: answers the model is least sure of (or "unknown" ones) enter the queue
-    #: even without feedback
+    #: active learning: answers the model is least sure of enter the queue even without feedback
+    #: ("unknown" ones always do)
     auto_queue: bool = True
     #: an answer enters the queue on its own when the margin between its two best probabilities is
     #: under this (model_store.active_learning.margin_uncertainty)

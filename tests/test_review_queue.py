@@ -235,12 +235,21 @@ async def test_active_learning_queues_uncertain_answers_within_the_bound(api: Re
     assert caption.startswith(("To review (2 waiting): I was unsure.", "To review (2 waiting): it looked like none of my labels."))
     assert item.params["photo"] == queued[0].file_id  # the queue's order: the most uncertain first
     assert "Users said: nothing yet" in caption
-    # auto_queue off: nothing enters the queue without feedback
+    # auto_queue off: an uncertain answer (a known photo, at this margin) no longer enters the queue,
+    # an unknown one still does (unknown photos always feed the queue)
     async with running_bot(api, bot_config(api, store_copy, review={"auto_queue": False, "uncertain_margin": 1.0})) as bot:
-        await bot.reply(USER, bot.send_photo(USER, untaught("shorts")))
-        await until(lambda: bot.svc.review.answer_count() == 4)
-        empty_off = bot.svc.review.pending_count()
-    assert empty_off == 2  # the two queued before, no new one
+        review = bot.svc.review
+        await bot.reply(USER, bot.send_photo(USER, held_out("shoes")))
+        await until(lambda: review.answer_count() == 4)
+        known = review.get_answer(4)
+        after_known = review.pending_count()
+        await bot.reply(USER, bot.send_photo(USER, untaught("shorts", 1)))
+        await until(lambda: review.answer_count() == 5)
+        other = review.get_answer(5)
+        after_other = review.pending_count()
+    assert known is not None and not known.unknown and not known.auto_queued
+    assert after_known == 2  # the two queued before, no new one
+    assert other is not None and after_other == (3 if other.unknown else 2)
     assert_no_traceback(api)
 
 
