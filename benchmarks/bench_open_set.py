@@ -3,34 +3,39 @@
 For each label u of ``--image_dir`` (10 labels in clothing-small/dev): the other labels are
 "known", split by content hash exactly as a training run splits them (``training.assign_split``,
 10% validation, 10% test); the head is trained on the known training photos
-(``training.train_head``, default ``TrainConfig``, every cached view), the scorer is fitted on
-them and its threshold calibrated on the known validation photos (95% pass), as
-``stages.gate.evaluate_head`` does at training time. Then, on the known test photos and on every
+(``training.train_head``, default ``TrainConfig``, every cached view), the scorers are fitted on
+them and their thresholds calibrated on the known validation photos, as
+``stages.gate.fit_open_set`` does at training time. Then, on the known test photos and on every
 photo of u (never trained on):
 
 * ``auroc``: area under the ROC curve of the unknown score separating u's photos from the known
   test photos (Mann-Whitney U, ties counted half);
 * ``unknown_caught``: share of u's photos above the threshold;
-* ``known_rejected``: share of known test photos above it (the calibration aims at 5%);
+* ``known_rejected``: share of known test photos above it;
 * ``top1`` / ``top1_with_rejection``: top-1 accuracy of the head on the known test photos, and the
-  same counting every rejected known photo as a miss; ``top1_change`` the difference in points.
-  The score is computed beside the softmax and never changes the head's output: the labels a
-  photo gets are the same with or without it.
+  same counting every rejected known photo as a miss; ``top1_change_points`` the difference in
+  points. The score is computed beside the softmax and never changes the head's output.
 
-Candidates (one JSON line per left-out label and method, then one summary line per method):
+Methods (one JSON line per left-out label and method, then one summary line per method); the
+first two are the old and the new served method, side by side:
 
-* ``knn`` (the method served, ``model_store.openset``): 1 - cosine to the k-th nearest training
-  photo (Sun et al., ICML 2022), k by ``openset.choose_k`` (about 1% of a label's photos: 2 here);
-* ``knn1`` / ``knn10``: the same with k = 1 and k = 10 (how much k matters);
-* ``mahalanobis``: min over labels of the Mahalanobis distance to the label's mean with one shared
-  covariance (Lee et al., NeurIPS 2018), on the crop-averaged bottleneck, covariance shrunk
-  towards its mean variance by 0.1 (a fixed choice: 1,280 features, ~2,000 photos);
-* ``msp``: 1 - the maximum softmax probability (Hendrycks and Gimpel, ICLR 2017), the baseline.
+* ``knn@95 (old)``: served before: 1 - cosine to the k-th nearest training photo (Sun et al., ICML
+  2022), k by ``openset.choose_k`` (2 here), threshold the empirical 95% quantile of validation;
+* ``knn+msp@99 (new)``: served now (``model_store.openset.METHOD``): the kNN distance and one minus
+  the max softmax probability, each over its own threshold, the larger ratio; both thresholds one
+  common conformal quantile so that 99% of validation photos pass both (``openset.calibrate_union``);
+* the parts and the alternatives considered, each at the 99% conformal threshold
+  (``openset.calibrate_threshold``): ``knn@99``, ``msp@99`` (Hendrycks and Gimpel, ICLR 2017),
+  ``energy@99`` (minus logsumexp of the logits, Liu et al., NeurIPS 2020) and ``vim@99``
+  (Virtual-logit Matching, Wang et al., CVPR 2022, class :class:`ViM`).
+
+``--far_dir DIR`` (repeatable): photos of another domain (any image files): trained on every label
+of ``--image_dir`` as a training run, its test photos vs those (one line per method).
 
 Serving cost (last line but one): the classifier's forward pass for 8 photos x 2 crops (the
 backbone on the serving engine, LiteRT by default, plus the softmax head in NumPy) timed side by
-side with the same plus the open-set score against all the dev photos' vectors (a bank of ~2,600),
-alternating, median of ``--repeats``; the added milliseconds per photo and the ratio.
+side with the same plus the served open-set score against all the dev photos' vectors (a bank of
+~2,600), alternating, median of ``--repeats``; the added milliseconds per photo and the ratio.
 
 Bottlenecks come from the project's ``BottleneckCache`` in ``--cache_dir`` (computed once; a rerun
 with a filled cache costs only the 10 head trainings). Example::
@@ -41,6 +46,7 @@ with a filled cache costs only the 10 head trainings). Example::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -51,7 +57,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.cv_accuracy import list_images  # noqa: E402
+from benchmarks.cv_accuracy import IMAGE_SUFFIXES, list_images  # noqa: E402
 from model_store.backbones import load_backbone  # noqa: E402
 from model_store.bottlenecks import BottleneckCache  # noqa: E402
 from model_store.openset import OpenSet, calibrate_threshold  # noqa: E402
@@ -125,14 +131,19 @@ def old_threshold(scores: np.ndarray) -> float:
 def leave_one_out(feats, y, shas, labels, u, config) -> tuple[dict[str, dict], float]:
     """Figures of every candidate with label ``u`` left out; also the seconds the served scoring took."""
     known = y != u
+    return known_vs_unknown(feats[known], y[known], np.asarray(shas)[known], labels, feats[~known], config)
+
+
+def known_vs_unknown(kf, ky, shas, labels, unk, config) -> tuple[dict[str, dict], float]:
+    """Train on the known photos ``kf`` ``(N, V, D)`` (labels ``ky``) split as a training run splits
+    them, score their test split against the photos ``unk`` never trained on; figures of every candidate."""
     splits, _ = assign_split(
-        [(s, labels[c]) for s, c in zip(np.asarray(shas)[known], y[known], strict=True)],
+        [(s, labels[c]) for s, c in zip(shas, ky, strict=True)],
         validation_percentage=config.validation_percentage,
         testing_percentage=config.testing_percentage,
         min_images_per_label=1,
     )
     splits = np.array(splits)
-    kf, ky = feats[known], y[known]
     remap = {c: n for n, c in enumerate(sorted(set(ky.tolist())))}
     ky = np.array([remap[c] for c in ky])
     tr, va, te = splits == TRAINING, splits == VALIDATION, splits == TESTING
@@ -141,7 +152,6 @@ def leave_one_out(feats, y, shas, labels, u, config) -> tuple[dict[str, dict], f
     )
     weights = head_weights(head)
     assert weights is not None
-    unk = feats[~known]
     p_te = mean_softmax(head, kf[te])
     correct = p_te.argmax(1) == ky[te]
 
@@ -247,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache_dir", type=Path, default=Path("/work/cv-cache"))
     ap.add_argument("--repeats", type=int, default=20, help="timed repeats of the serving comparison")
     ap.add_argument("--serving_only", action="store_true", help="only the serving-cost line")
+    ap.add_argument("--far_dir", type=Path, action="append", default=[],
+                    help="a folder of photos of another domain (any files of images, no labels): "
+                         "trained on every label of --image_dir, its test photos vs these; repeatable")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     t0 = time.perf_counter()
@@ -267,6 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.serving_only:
         print(json.dumps(serving_cost(backbone, args.cache_dir, paths, feats[:, :2], y, args.repeats)))
         return 0
+
+    for far_dir in args.far_dir:
+        far = [(hashlib.sha256(p.read_bytes()).hexdigest(), p) for p in sorted(far_dir.iterdir())
+               if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        far_feats, far_failed = cache.get(far, views=views)
+        far_feats = far_feats[[i for i in range(len(far)) if i not in set(far_failed)]]
+        res, _ = known_vs_unknown(feats, y, shas, labels, far_feats, config)
+        for name, r in res.items():
+            print(json.dumps({"far_domain": str(far_dir), "method": name, **{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}}), flush=True)
 
     per_method: dict[str, list[dict]] = {}
     knn_times = []

@@ -67,6 +67,7 @@ __all__ = [
     "MAX_BANK",
     "METHOD",
     "MIN_CALIBRATION_IMAGES",
+    "MSP_FLOOR",
     "OPENSET_FILE",
     "PASS_RATE",
     "OpenSet",
@@ -209,8 +210,12 @@ def calibrate_union(far: np.ndarray, near: np.ndarray, pass_rate: float = PASS_R
     return float(sa[lo - 1]), float(sb[lo - 1])
 
 
-#: smallest threshold a score is divided by (a near-score threshold can be 0 if most photos are certain)
+#: smallest threshold a score is divided by
 _EPS = 1e-12
+#: lowest max-softmax threshold: a photo whose top label has at least 1 - this probability is never
+#: flagged by the near score (a head can be so sure of its validation photos that 99% of them score
+#: 0 in float64, which would flag any photo not equally sure)
+MSP_FLOOR = 1e-6
 
 
 @dataclass
@@ -333,7 +338,7 @@ class OpenSet:
         Args:
             knn: float ``(N,)`` kNN scores of known photos (:meth:`knn_scores`, or leave-one-out).
             msp: float ``(N,)`` max-softmax scores of the same photos (:data:`METHOD`; ignored
-                without a head copy).
+                without a head copy). Its threshold is at least :data:`MSP_FLOOR`.
             pass_rate: share in (0, 1] to pass.
 
         Raises:
@@ -345,7 +350,8 @@ class OpenSet:
             return self.threshold
         if msp is None:
             raise ValueError("the combined score needs the max-softmax scores of the calibration photos")
-        self.knn_threshold, self.msp_threshold = calibrate_union(knn, msp, pass_rate)
+        self.knn_threshold, msp_threshold = calibrate_union(knn, msp, pass_rate)
+        self.msp_threshold = max(msp_threshold, MSP_FLOOR)
         self.threshold = 1.0
         return self.threshold
 
