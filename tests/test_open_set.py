@@ -225,8 +225,10 @@ def test_retrain_stores_the_threshold_and_classify_flags_a_label_never_taught(tr
     assert info["pass_rate"] == PASS_RATE
     assert 0 <= info["test_rejected"] <= info["test_images"] == version.metrics["test_images"]
     assert info["file_bytes"] == (version.path / OPENSET_FILE).stat().st_size
-    # float16 vectors of the training photos: bounded by the number of photos, not the model
-    assert info["file_bytes"] < info["bank_images"] * version.metrics["backbone"]["feature_dim"] * 2 + 4096
+    # float16 vectors of the training photos and a float32 copy of the head's last layer: bounded
+    # by the number of photos and labels, not the model
+    dim, labels = version.metrics["backbone"]["feature_dim"], len(version.labels)
+    assert info["file_bytes"] < info["bank_images"] * dim * 2 + (dim + 1) * labels * 4 + 4096
 
     clf = Classifier(ws.registry)
     unseen = [decode_image(p.read_bytes()) for label in UNSEEN for p in clothing_photos()[label][:4]]
