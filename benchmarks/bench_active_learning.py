@@ -115,16 +115,11 @@ def _head_and_probs(feats, y, labelled, val_mask, num_labels, config, eval_sets)
 
 
 def _unknown_flags(head, feats, y, tr, va, pool) -> np.ndarray:
-    """Open-set flags of the pool photos as a training run would serve them (``stages.gate.fit_open_set``'s rule)."""
-    from model_store.openset import MIN_CALIBRATION_IMAGES, OpenSet
+    """Open-set flags of the pool photos as a training run would serve them (``openset.fit_calibrated``)."""
+    from model_store.openset import fit_calibrated
     from model_store.stages.gate import head_weights
 
-    scorer = OpenSet.fit(feats[tr], y[tr], head_weights=head_weights(head))
-    knn, msp = scorer.knn_scores(feats[va]), scorer.msp_scores(feats[va])
-    if len(knn) < MIN_CALIBRATION_IMAGES:
-        knn = np.concatenate([knn, scorer.leave_one_out_scores()])
-        msp = np.concatenate([msp, scorer.msp_scores(feats[tr])])
-    scorer.calibrate_scores(knn, msp)
+    scorer, _, _ = fit_calibrated(feats[tr], y[tr], feats[va], head_weights=head_weights(head))
     return scorer.is_unknown(scorer.score(feats[pool]))
 
 

@@ -34,9 +34,11 @@ hundred photos lost, so a 1% rejection rate keeps the loss at or under 1 point b
 With n calibration photos the threshold is the ``ceil(p (n + 1))``-th smallest score (the
 split-conformal quantile, Vovk et al. 2005; Angelopoulos and Bates, "A Gentle Introduction to
 Conformal Prediction", 2021): a new known photo then passes with probability at least p. It needs
-n >= p / (1 - p) = 99 photos; with fewer than :data:`MIN_CALIBRATION_IMAGES` validation photos
-(a small store), the training photos' leave-one-out kNN scores and their softmax are added, and
-below 99 photos in all the largest score is the threshold (the guarantee is then only n / (n + 1)).
+n >= p / (1 - p) = 99 photos. With fewer than :data:`MIN_CALIBRATION_IMAGES` validation photos (a
+small store, :func:`fit_calibrated`), the kNN part is calibrated on them plus the training photos'
+leave-one-out scores, the softmax part on the validation photos alone (the head has seen its
+training photos), each part at ``1 - (1 - p) / 2`` so that ``p`` pass both (Bonferroni); below
+the photos a quantile needs, the largest score is the threshold (the guarantee is then n / (n + 1)).
 
 What a version stores (:data:`OPENSET_FILE`, written through :mod:`model_store.fs`): the training
 photos' normalised vectors as float16 (at most :data:`MAX_BANK` of them, an even subsample beyond:
@@ -76,6 +78,7 @@ __all__ = [
     "calibrate_union",
     "choose_k",
     "embed",
+    "fit_calibrated",
     "load_open_set",
     "max_softmax_scores",
 ]
@@ -356,6 +359,30 @@ class OpenSet:
         self.threshold = 1.0
         return self.threshold
 
+    def calibrate_parts(self, knn: np.ndarray, msp: np.ndarray, pass_rate: float = PASS_RATE) -> float:
+        """Set the two thresholds from different known photos (a small store, see :func:`fit_calibrated`)
+        and return :attr:`threshold` (1.0).
+
+        Each part gets the conformal threshold for ``1 - (1 - pass_rate) / 2`` of its own scores
+        (Bonferroni: at least ``pass_rate`` then pass both); a part without scores is not used
+        (its threshold infinite).
+
+        Args:
+            knn: float ``(N,)`` kNN scores of known photos (validation and leave-one-out training).
+            msp: float ``(M,)`` max-softmax scores of known photos the head was not trained on.
+
+        Raises:
+            ValueError: a scorer without a head copy, no kNN score, or a bad pass rate.
+        """
+        if self.kernel is None:
+            raise ValueError("calibrate_parts needs a head copy; use calibrate_scores")
+        each = 1 - (1 - pass_rate) / 2
+        self.pass_rate = pass_rate
+        self.knn_threshold = calibrate_threshold(knn, each)
+        self.msp_threshold = max(calibrate_threshold(msp, each), MSP_FLOOR) if len(msp) else math.inf
+        self.threshold = 1.0
+        return self.threshold
+
     def calibrate(self, val_feats: np.ndarray, pass_rate: float = PASS_RATE) -> float:
         """Set the thresholds from known validation photos (``(N, V, D)``, N >= 1) and return :attr:`threshold`."""
         msp = self.msp_scores(val_feats) if self.kernel is not None else None
@@ -391,6 +418,53 @@ class OpenSet:
         data = self.to_bytes()
         write_atomic(Path(version_dir) / OPENSET_FILE, data, mode=0o644)
         return len(data)
+
+
+def fit_calibrated(
+    train_feats: np.ndarray,
+    train_y: np.ndarray,
+    val_feats: np.ndarray,
+    *,
+    head_weights: tuple[np.ndarray, np.ndarray] | None = None,
+    pass_rate: float = PASS_RATE,
+) -> tuple[OpenSet, str, int]:
+    """The scorer of a training run: fitted on the training photos, calibrated on the validation ones.
+
+    With at least :data:`MIN_CALIBRATION_IMAGES` validation photos, both thresholds jointly on them
+    (:meth:`OpenSet.calibrate_scores`). With fewer (a small store), the kNN part also on the
+    training photos' leave-one-out scores, and the max-softmax part on the validation photos only
+    (the head has seen its training photos: their softmax is over-confident), each part at
+    ``1 - (1 - pass_rate) / 2`` (:meth:`OpenSet.calibrate_parts`).
+
+    Args:
+        train_feats: float ``(N, V, D)`` eval views of the training photos (N >= 1); ``train_y`` ``(N,)``.
+        val_feats: float ``(M, V, D)`` eval views of the validation photos (M may be 0).
+        head_weights: the head's ``(kernel, bias)`` for :data:`METHOD`, None for the kNN alone.
+        pass_rate: share of known photos to pass.
+
+    Returns:
+        ``(scorer, calibration, n)``: what it was calibrated on (``"validation"`` or
+        ``"validation + training (leave-one-out)"``) and the number of kNN calibration scores.
+
+    Raises:
+        ValueError: no training photo, or no photo to calibrate on.
+    """
+    scorer = OpenSet.fit(train_feats, train_y, head_weights=head_weights)
+    knn = scorer.knn_scores(val_feats)
+    msp = scorer.msp_scores(val_feats) if head_weights is not None else None
+    if len(knn) >= MIN_CALIBRATION_IMAGES:
+        scorer.calibrate_scores(knn, msp, pass_rate)
+        return scorer, "validation", len(knn)
+    loo = scorer.leave_one_out_scores() if len(scorer.bank) == len(train_feats) else np.zeros(0, np.float32)
+    if len(knn) + len(loo) == 0:
+        raise ValueError("no photos to calibrate the open-set threshold on")
+    calibration = "validation + training (leave-one-out)" if len(loo) else "validation"
+    knn = np.concatenate([knn, loo])
+    if msp is None:
+        scorer.calibrate_scores(knn, None, pass_rate)
+    else:
+        scorer.calibrate_parts(knn, msp, pass_rate)
+    return scorer, calibration, len(knn)
 
 
 def load_open_set(version_dir: Path) -> OpenSet | None:

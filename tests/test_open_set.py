@@ -19,12 +19,14 @@ from model_store.openset import (
     KNN_METHOD,
     MAX_K,
     METHOD,
+    MSP_FLOOR,
     OPENSET_FILE,
     PASS_RATE,
     OpenSet,
     calibrate_threshold,
     calibrate_union,
     choose_k,
+    fit_calibrated,
     load_open_set,
     max_softmax_scores,
 )
@@ -129,6 +131,31 @@ def test_combined_score_flags_a_far_photo_and_one_the_head_cannot_tell_apart() -
     knn_alone.calibrate(feats[val])
     assert not knn_alone.is_unknown(knn_alone.score(held_between)).any()  # the kNN distance misses them
     assert scorer.is_unknown(scorer.score(held_between)).all()
+
+
+def test_a_small_store_calibrates_the_softmax_part_on_validation_photos_only() -> None:
+    """Under MIN_CALIBRATION_IMAGES validation photos: the kNN part also on the training photos'
+    leave-one-out scores, the softmax part on the validation photos alone (the head was trained on
+    the others: their softmax is over-confident), each at 1 - (1 - 0.99) / 2 (Bonferroni)."""
+    _, _, y, feats, weights = _clusters(6, 90, 32)
+    train, val = np.arange(90) % 3 != 0, np.arange(90) % 3 == 0  # 60 training, 30 validation photos
+    scorer, calibration, n = fit_calibrated(feats[train], y[train], feats[val], head_weights=weights)
+    assert calibration == "validation + training (leave-one-out)" and n == 90
+    knn_all = np.concatenate([scorer.knn_scores(feats[val]), scorer.leave_one_out_scores()])
+    assert scorer.knn_threshold == calibrate_threshold(knn_all, 0.995) == knn_all.max()  # 90 < 199 photos
+    assert scorer.msp_threshold == max(scorer.msp_scores(feats[val]).max(), MSP_FLOOR)
+    assert not scorer.is_unknown(scorer.score(feats[val])).any()
+    # no validation photo at all: the softmax part is not used, the kNN part is as alone
+    alone, calibration, _ = fit_calibrated(feats[train], y[train], feats[:0], head_weights=weights)
+    assert alone.msp_threshold == np.inf and calibration == "validation + training (leave-one-out)"
+    np.testing.assert_allclose(alone.score(feats), alone.knn_scores(feats) / alone.knn_threshold, rtol=1e-6)
+    # enough validation photos: both jointly on them
+    big = np.arange(600) % 2 == 1
+    _, _, y2, feats2, w2 = _clusters(1)
+    _, calibration, n = fit_calibrated(feats2[~big], y2[~big], feats2[big], head_weights=w2)
+    assert (calibration, n) == ("validation", 300)
+    with pytest.raises(ValueError):
+        fit_calibrated(feats[:1], y[:1], feats[:0], head_weights=weights)  # 1 photo, k = 1: nothing held out
 
 
 def test_max_softmax_score_is_one_minus_the_mean_softmax_top_probability() -> None:

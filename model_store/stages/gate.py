@@ -151,8 +151,8 @@ def head_weights(head) -> tuple[np.ndarray, np.ndarray] | None:
 def fit_open_set(bn: Bottlenecks, split: Split, head=None) -> tuple[OpenSet | None, dict]:
     """Fit the open-set scorer on the training photos' eval views, calibrate its thresholds on the
     validation split (:data:`model_store.openset.PASS_RATE` pass; with fewer than
-    ``MIN_CALIBRATION_IMAGES`` validation photos, on them plus the training photos' leave-one-out
-    kNN scores and their softmax) and count the test photos it rejects.
+    ``MIN_CALIBRATION_IMAGES`` validation photos, ``openset.fit_calibrated``'s small-store rule)
+    and count the test photos it rejects.
 
     With a linear ``head`` the scorer is the served combination (``openset.METHOD``: kNN distance
     and max-softmax); without one, or with a hidden layer, the kNN distance alone.
@@ -166,29 +166,25 @@ def fit_open_set(bn: Bottlenecks, split: Split, head=None) -> tuple[OpenSet | No
         ``test_images``, ``test_rejected``, ``test_rejected_share``, ``bank_images`` and later
         (``stages.version``) ``file_bytes``.
     """
-    from model_store.openset import MIN_CALIBRATION_IMAGES
+    from model_store.openset import fit_calibrated
 
     feats = bn.feats[:, bn.eval_idx]
     weights = head_weights(head) if head is not None else None
-    scorer = OpenSet.fit(feats[split.train], bn.y[split.train], head_weights=weights)
-    knn = scorer.knn_scores(feats[split.val])
-    msp = scorer.msp_scores(feats[split.val]) if weights is not None else None
-    calibration = "validation"
-    if len(knn) < MIN_CALIBRATION_IMAGES:
-        loo = scorer.leave_one_out_scores() if len(scorer.bank) == int(split.train.sum()) else np.zeros(0)
-        if len(loo):
-            knn, calibration = np.concatenate([knn, loo]), "validation + training (leave-one-out)"
-            if msp is not None:
-                msp = np.concatenate([msp, scorer.msp_scores(feats[split.train])])
-    if len(knn) == 0:
-        return None, {"method": None, "reason": "no photos to calibrate the threshold on"}
-    scorer.calibrate_scores(knn, msp, scorer.pass_rate)
+    try:
+        scorer, calibration, n_calibration = fit_calibrated(
+            feats[split.train], bn.y[split.train], feats[split.val], head_weights=weights
+        )
+    except ValueError as exc:
+        return None, {"method": None, "reason": str(exc)}
     val_unknown = scorer.is_unknown(scorer.score(feats[split.val]))
     test_unknown = scorer.is_unknown(scorer.score(feats[split.test]))
     n_test = int(split.test.sum())
     extra = {}
     if weights is not None:
-        extra = {"knn_threshold": scorer.knn_threshold, "msp_threshold": scorer.msp_threshold}
+        msp_threshold = scorer.msp_threshold
+        # infinite when there was no validation photo to calibrate the softmax part on (not used)
+        extra = {"knn_threshold": scorer.knn_threshold,
+                 "msp_threshold": None if msp_threshold is None or np.isinf(msp_threshold) else msp_threshold}
     return scorer, {
         "method": scorer.method,
         "k": scorer.k,
@@ -196,7 +192,7 @@ def fit_open_set(bn: Bottlenecks, split: Split, head=None) -> tuple[OpenSet | No
         "pass_rate": scorer.pass_rate,
         **extra,
         "calibration": calibration,
-        "calibration_images": len(knn),
+        "calibration_images": n_calibration,
         "validation_images": int(split.val.sum()),
         "validation_passed": int((~val_unknown).sum()),
         "test_images": n_test,
