@@ -8,8 +8,12 @@ for ``--rounds`` rounds, chosen from the photos not yet labelled (the "pool") ei
   head's softmax (the mean over the eval crops, as served), highest first: the smallest margin
   between the two most probable labels first (margin sampling, Scheffer et al. 2001);
 * ``queue``: the same, with the open-set check's "unknown" flag as the review queue gets it
-  (``model_store.openset``, fitted and calibrated on the labelled photos as a training run does:
-  an unknown photo counts as maximally uncertain and comes first).
+  (``model_store.openset.fit_calibrated`` on the labelled photos, as a training run does: an
+  unknown photo counts as maximally uncertain and comes first).
+
+Ties in the queue's order (every unknown photo has uncertainty 1.0) are broken in a random
+arrival order, as photos reach the queue from a chat (the pool's own order groups photos by
+label, which would hand the first labels alphabetically all the tied picks).
 
 The "admin" labels the chosen photos with their true label (the folder they are in). After each
 round the head is retrained from scratch as a training run does (``training.train_head``, default
@@ -79,13 +83,15 @@ def choose(strategy: str, pool: np.ndarray, n: int, rng: np.random.Generator, pr
         return rng.choice(pool, size=n, replace=False)
     if probs is None:
         raise ValueError(f"{strategy} needs the pool's softmax probabilities")
-    if strategy == "margin":
-        return pool[queue_order(probs)[:n]]
-    if strategy == "queue":
-        if unknown is None:
-            raise ValueError("queue needs the pool's unknown flags")
-        return pool[queue_order(probs, unknown)[:n]]
-    raise ValueError(f"unknown strategy {strategy!r}")
+    if strategy not in ("margin", "queue"):
+        raise ValueError(f"unknown strategy {strategy!r}")
+    if strategy == "queue" and unknown is None:
+        raise ValueError("queue needs the pool's unknown flags")
+    # Photos reach the queue in the order people send them, not grouped by label as the pool's
+    # indices are: ties (every unknown photo has uncertainty 1.0) are broken in a random order.
+    arrival = rng.permutation(len(pool))
+    flags = None if strategy == "margin" else np.asarray(unknown)[arrival]
+    return pool[arrival[queue_order(np.asarray(probs)[arrival], flags)[:n]]]
 
 
 def starting_set(y: np.ndarray, pool: np.ndarray, per_label: int, rng: np.random.Generator) -> np.ndarray:

@@ -43,13 +43,25 @@ def test_unknown_photos_come_first_then_the_lowest_margin() -> None:
     unknown[[7, 42]] = True
     order = queue_order(probs, unknown)
     assert set(order[:2].tolist()) == {7, 42}
-    assert order[0] == 7  # both count as uncertainty 1.0; ties keep the pool's order
+    assert order[0] == 7  # both count as uncertainty 1.0; ties keep the pool's order in queue_order
     picked = choose("queue", np.arange(100), 10, rng, probs=probs, unknown=unknown)
     assert {7, 42} <= set(picked.tolist())
     rest = [i for i in queue_order(probs) if i not in (7, 42)][:8]  # then the lowest margins
     assert set(picked.tolist()) == {7, 42, *rest}
     with pytest.raises(ValueError):
         choose("queue", np.arange(100), 10, rng, probs=probs)
+
+
+def test_ties_are_broken_in_a_random_arrival_order_not_by_label() -> None:
+    """60 unknown photos, pool grouped by label (as the benchmark's indices are): the 50 picked
+    among them are not simply the first 50 of the pool."""
+    rng = np.random.default_rng(2)
+    probs = _probs(rng, 300)
+    unknown = np.zeros(300, bool)
+    unknown[:60] = True
+    picked = choose("queue", np.arange(300), 50, rng, probs=probs, unknown=unknown)
+    assert set(picked.tolist()) <= set(range(60))
+    assert set(picked.tolist()) != set(range(50))
 
 
 def test_random_picks_are_distinct_from_the_pool_and_seeded() -> None:
