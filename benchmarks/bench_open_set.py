@@ -3,34 +3,39 @@
 For each label u of ``--image_dir`` (10 labels in clothing-small/dev): the other labels are
 "known", split by content hash exactly as a training run splits them (``training.assign_split``,
 10% validation, 10% test); the head is trained on the known training photos
-(``training.train_head``, default ``TrainConfig``, every cached view), the scorer is fitted on
-them and its threshold calibrated on the known validation photos (95% pass), as
-``stages.gate.evaluate_head`` does at training time. Then, on the known test photos and on every
+(``training.train_head``, default ``TrainConfig``, every cached view), the scorers are fitted on
+them and their thresholds calibrated on the known validation photos, as
+``stages.gate.fit_open_set`` does at training time. Then, on the known test photos and on every
 photo of u (never trained on):
 
 * ``auroc``: area under the ROC curve of the unknown score separating u's photos from the known
   test photos (Mann-Whitney U, ties counted half);
 * ``unknown_caught``: share of u's photos above the threshold;
-* ``known_rejected``: share of known test photos above it (the calibration aims at 5%);
+* ``known_rejected``: share of known test photos above it;
 * ``top1`` / ``top1_with_rejection``: top-1 accuracy of the head on the known test photos, and the
-  same counting every rejected known photo as a miss; ``top1_change`` the difference in points.
-  The score is computed beside the softmax and never changes the head's output: the labels a
-  photo gets are the same with or without it.
+  same counting every rejected known photo as a miss; ``top1_change_points`` the difference in
+  points. The score is computed beside the softmax and never changes the head's output.
 
-Candidates (one JSON line per left-out label and method, then one summary line per method):
+Methods (one JSON line per left-out label and method, then one summary line per method); the
+first two are the old and the new served method, side by side:
 
-* ``knn`` (the method served, ``model_store.openset``): 1 - cosine to the k-th nearest training
-  photo (Sun et al., ICML 2022), k by ``openset.choose_k`` (about 1% of a label's photos: 2 here);
-* ``knn1`` / ``knn10``: the same with k = 1 and k = 10 (how much k matters);
-* ``mahalanobis``: min over labels of the Mahalanobis distance to the label's mean with one shared
-  covariance (Lee et al., NeurIPS 2018), on the crop-averaged bottleneck, covariance shrunk
-  towards its mean variance by 0.1 (a fixed choice: 1,280 features, ~2,000 photos);
-* ``msp``: 1 - the maximum softmax probability (Hendrycks and Gimpel, ICLR 2017), the baseline.
+* ``knn@95 (old)``: served before: 1 - cosine to the k-th nearest training photo (Sun et al., ICML
+  2022), k by ``openset.choose_k`` (2 here), threshold the empirical 95% quantile of validation;
+* ``knn+msp@99 (new)``: served now (``model_store.openset.METHOD``): the kNN distance and one minus
+  the max softmax probability, each over its own threshold, the larger ratio; both thresholds one
+  common conformal quantile so that 99% of validation photos pass both (``openset.calibrate_union``);
+* the parts and the alternatives considered, each at the 99% conformal threshold
+  (``openset.calibrate_threshold``): ``knn@99``, ``msp@99`` (Hendrycks and Gimpel, ICLR 2017),
+  ``energy@99`` (minus logsumexp of the logits, Liu et al., NeurIPS 2020) and ``vim@99``
+  (Virtual-logit Matching, Wang et al., CVPR 2022, class :class:`ViM`).
+
+``--far_dir DIR`` (repeatable): photos of another domain (any image files): trained on every label
+of ``--image_dir`` as a training run, its test photos vs those (one line per method).
 
 Serving cost (last line but one): the classifier's forward pass for 8 photos x 2 crops (the
 backbone on the serving engine, LiteRT by default, plus the softmax head in NumPy) timed side by
-side with the same plus the open-set score against all the dev photos' vectors (a bank of ~2,600),
-alternating, median of ``--repeats``; the added milliseconds per photo and the ratio.
+side with the same plus the served open-set score against all the dev photos' vectors (a bank of
+~2,600), alternating, median of ``--repeats``; the added milliseconds per photo and the ratio.
 
 Bottlenecks come from the project's ``BottleneckCache`` in ``--cache_dir`` (computed once; a rerun
 with a filled cache costs only the 10 head trainings). Example::
@@ -41,6 +46,7 @@ with a filled cache costs only the 10 head trainings). Example::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -51,10 +57,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.cv_accuracy import list_images  # noqa: E402
+from benchmarks.cv_accuracy import IMAGE_SUFFIXES, list_images  # noqa: E402
 from model_store.backbones import load_backbone  # noqa: E402
 from model_store.bottlenecks import BottleneckCache  # noqa: E402
 from model_store.openset import OpenSet, calibrate_threshold  # noqa: E402
+from model_store.stages.gate import head_weights  # noqa: E402
 from model_store.training import TESTING, TRAINING, VALIDATION, TrainConfig, assign_split, softmax, train_head  # noqa: E402
 
 
@@ -77,70 +84,97 @@ def auroc(known: np.ndarray, unknown: np.ndarray) -> float:
     return float((r_unknown - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
-class Mahalanobis:
-    """Class-conditional Gaussian with a shared covariance (Lee et al., 2018), on crop-averaged bottlenecks."""
-
-    def __init__(self, feats: np.ndarray, y: np.ndarray, shrink: float = 0.1):
-        x = feats.mean(axis=1).astype(np.float64)
-        labels = np.unique(y)
-        self.means = np.stack([x[y == c].mean(0) for c in labels])
-        centred = x - self.means[np.searchsorted(labels, y)]
-        cov = centred.T @ centred / len(x)
-        cov = (1 - shrink) * cov + shrink * np.trace(cov) / len(cov) * np.eye(len(cov))
-        self.precision = np.linalg.inv(cov)
-
-    def score(self, feats: np.ndarray) -> np.ndarray:
-        x = feats.mean(axis=1).astype(np.float64)
-        d = []
-        for m in self.means:
-            z = x - m
-            d.append(np.einsum("nd,de,ne->n", z, self.precision, z))
-        return np.min(d, axis=0)
-
-
 def mean_softmax(head, feats: np.ndarray) -> np.ndarray:
     """Mean softmax of ``head`` over the views of ``feats`` ``(N, V, D)``."""
     return np.mean([softmax(np.asarray(head(feats[:, v], training=False))) for v in range(feats.shape[1])], axis=0)
 
 
+class ViM:
+    """Virtual-logit Matching (Wang, Li, Feng and Zhang, CVPR 2022) on crop-averaged bottlenecks.
+
+    Origin ``u = -pinv(W^T) b``; principal subspace: the top ``dim`` eigenvectors of the uncentred
+    covariance of the training features minus u (the paper's ``EmpiricalCovariance(assume_centered=True)``);
+    virtual logit ``alpha * ||residual||`` with ``alpha`` = mean max-logit / mean residual norm on the
+    training photos; unknown score = virtual logit - energy (logsumexp of the logits). ``dim``: half
+    the feature dimension (the paper: 1,000 of 2,048 features for BiT, 512 of 768 for ViT), fewer
+    than the training photos.
+    """
+
+    def __init__(self, feats: np.ndarray, kernel: np.ndarray, bias: np.ndarray):
+        x = feats.mean(axis=1).astype(np.float64)
+        self.w, self.b = kernel.astype(np.float64), bias.astype(np.float64)
+        self.u = -np.linalg.pinv(self.w.T) @ self.b
+        z = x - self.u
+        eigval, eigvec = np.linalg.eigh(z.T @ z / len(z))
+        dim = min(x.shape[1] // 2, len(x) - 1)
+        self.ns = eigvec[:, np.argsort(eigval)[::-1][dim:]]
+        logits = x @ self.w + self.b
+        self.alpha = logits.max(1).mean() / np.linalg.norm(z @ self.ns, axis=1).mean()
+
+    def energy(self, feats: np.ndarray) -> np.ndarray:
+        """logsumexp of the logits of the crop-averaged bottleneck (Liu et al., NeurIPS 2020: minus
+        the free energy; higher = more known)."""
+        logits = feats.mean(axis=1).astype(np.float64) @ self.w + self.b
+        m = logits.max(1, keepdims=True)
+        return (m + np.log(np.exp(logits - m).sum(1, keepdims=True)))[:, 0]
+
+    def score(self, feats: np.ndarray) -> np.ndarray:
+        x = feats.mean(axis=1).astype(np.float64)
+        return self.alpha * np.linalg.norm((x - self.u) @ self.ns, axis=1) - self.energy(feats)
+
+
+def old_threshold(scores: np.ndarray) -> float:
+    """The threshold as served before: the empirical 95% quantile (``inverted_cdf``) of the validation scores."""
+    return float(np.quantile(np.asarray(scores, np.float64), 0.95, method="inverted_cdf"))
+
+
 def leave_one_out(feats, y, shas, labels, u, config) -> tuple[dict[str, dict], float]:
-    """Figures of every candidate with label ``u`` left out; also the seconds the kNN scoring took."""
+    """Figures of every candidate with label ``u`` left out; also the seconds the served scoring took."""
     known = y != u
+    return known_vs_unknown(feats[known], y[known], np.asarray(shas)[known], labels, feats[~known], config)
+
+
+def known_vs_unknown(kf, ky, shas, labels, unk, config) -> tuple[dict[str, dict], float]:
+    """Train on the known photos ``kf`` ``(N, V, D)`` (labels ``ky``) split as a training run splits
+    them, score their test split against the photos ``unk`` never trained on; figures of every candidate."""
     splits, _ = assign_split(
-        [(s, labels[c]) for s, c in zip(np.asarray(shas)[known], y[known], strict=True)],
+        [(s, labels[c]) for s, c in zip(shas, ky, strict=True)],
         validation_percentage=config.validation_percentage,
         testing_percentage=config.testing_percentage,
         min_images_per_label=1,
     )
     splits = np.array(splits)
-    kf, ky = feats[known], y[known]
     remap = {c: n for n, c in enumerate(sorted(set(ky.tolist())))}
     ky = np.array([remap[c] for c in ky])
     tr, va, te = splits == TRAINING, splits == VALIDATION, splits == TESTING
     head, _ = train_head(
         kf[tr].reshape(-1, kf.shape[2]), np.repeat(ky[tr], kf.shape[1]), kf[va, 0], ky[va], len(remap), config
     )
-    unk = feats[~known]
-    p_te, p_va, p_unk = mean_softmax(head, kf[te]), mean_softmax(head, kf[va]), mean_softmax(head, unk)
+    weights = head_weights(head)
+    assert weights is not None
+    p_te = mean_softmax(head, kf[te])
     correct = p_te.argmax(1) == ky[te]
 
     t = time.perf_counter()
-    knn = OpenSet.fit(kf[tr], ky[tr])
-    knn_scores = (knn.score(kf[va]), knn.score(kf[te]), knn.score(unk))
-    knn_s = time.perf_counter() - t
-    knn1 = OpenSet.fit(kf[tr], ky[tr], k=1)
-    knn10 = OpenSet.fit(kf[tr], ky[tr], k=10)
-    maha = Mahalanobis(kf[tr], ky[tr])
-    scores = {
-        "knn": knn_scores,
-        "knn1": (knn1.score(kf[va]), knn1.score(kf[te]), knn1.score(unk)),
-        "knn10": (knn10.score(kf[va]), knn10.score(kf[te]), knn10.score(unk)),
-        "mahalanobis": (maha.score(kf[va]), maha.score(kf[te]), maha.score(unk)),
-        "msp": (1 - p_va.max(1), 1 - p_te.max(1), 1 - p_unk.max(1)),
-    }
+    served = OpenSet.fit(kf[tr], ky[tr], head_weights=weights)
+    served.calibrate(kf[va])
+    served_scores = (served.score(kf[va]), served.score(kf[te]), served.score(unk))
+    served_s = time.perf_counter() - t
+    knn = (served.knn_scores(kf[va]), served.knn_scores(kf[te]), served.knn_scores(unk))
+    msp = (served.msp_scores(kf[va]), served.msp_scores(kf[te]), served.msp_scores(unk))
+    vim = ViM(kf[tr], *weights)
+    # (method name, (validation, test, unknown) scores, threshold rule)
+    candidates = [
+        ("knn@95 (old)", knn, old_threshold),
+        ("knn+msp@99 (new)", served_scores, lambda s: served.threshold),
+        ("knn@99", knn, calibrate_threshold),
+        ("msp@99", msp, calibrate_threshold),
+        ("energy@99", tuple(-vim.energy(f) for f in (kf[va], kf[te], unk)), calibrate_threshold),
+        ("vim@99", (vim.score(kf[va]), vim.score(kf[te]), vim.score(unk)), calibrate_threshold),
+    ]
     out = {}
-    for name, (s_va, s_te, s_unk) in scores.items():
-        thr = calibrate_threshold(s_va)
+    for name, (s_va, s_te, s_unk), rule in candidates:
+        thr = rule(s_va)
         rejected = s_te > thr
         top1 = float(correct.mean())
         top1_rej = float((correct & ~rejected).mean())
@@ -154,9 +188,9 @@ def leave_one_out(feats, y, shas, labels, u, config) -> tuple[dict[str, dict], f
             "known_test": int(te.sum()),
             "unknown_photos": len(unk),
             "validation": int(va.sum()),
-            "k": knn.k,
+            "k": served.k,
         }
-    return out, knn_s
+    return out, served_s
 
 
 def serving_cost(backbone, cache_dir: Path, paths: list[Path], feats: np.ndarray, y: np.ndarray, repeats: int) -> dict:
@@ -173,8 +207,9 @@ def serving_cost(backbone, cache_dir: Path, paths: list[Path], feats: np.ndarray
          for p in paths[:8] for f in crops]
     )
     rng = np.random.default_rng(0)
-    kernel = rng.normal(size=(feats.shape[2], int(y.max()) + 1)).astype(np.float32)  # a head's shape
-    scorer = OpenSet.fit(feats, y)
+    kernel = (0.05 * rng.normal(size=(feats.shape[2], int(y.max()) + 1))).astype(np.float32)  # a head's shape
+    bias = np.zeros(kernel.shape[1], np.float32)
+    scorer = OpenSet.fit(feats, y, head_weights=(kernel, bias))  # the served combination
     scorer.calibrate(feats[:100])
 
     def plain() -> None:
@@ -222,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache_dir", type=Path, default=Path("/work/cv-cache"))
     ap.add_argument("--repeats", type=int, default=20, help="timed repeats of the serving comparison")
     ap.add_argument("--serving_only", action="store_true", help="only the serving-cost line")
+    ap.add_argument("--far_dir", type=Path, action="append", default=[],
+                    help="a folder of photos of another domain (any files of images, no labels): "
+                         "trained on every label of --image_dir, its test photos vs these; repeatable")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     t0 = time.perf_counter()
@@ -242,6 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.serving_only:
         print(json.dumps(serving_cost(backbone, args.cache_dir, paths, feats[:, :2], y, args.repeats)))
         return 0
+
+    for far_dir in args.far_dir:
+        far = [(hashlib.sha256(p.read_bytes()).hexdigest(), p) for p in sorted(far_dir.iterdir())
+               if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        far_feats, far_failed = cache.get(far, views=views)
+        far_feats = far_feats[[i for i in range(len(far)) if i not in set(far_failed)]]
+        res, _ = known_vs_unknown(feats, y, shas, labels, far_feats, config)
+        for name, r in res.items():
+            print(json.dumps({"far_domain": str(far_dir), "method": name, **{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}}), flush=True)
 
     per_method: dict[str, list[dict]] = {}
     knn_times = []
@@ -271,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "seconds_total": round(time.perf_counter() - t0, 1),
                 "seconds_bottlenecks": round(t_bottlenecks, 1),
-                "knn_fit_and_score_s_per_run": round(float(np.mean(knn_times)), 3),
+                "served_fit_calibrate_score_s_per_run": round(float(np.mean(knn_times)), 3),
             }
         )
     )

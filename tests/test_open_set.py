@@ -4,6 +4,7 @@ the bot's reply."""
 
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,21 @@ from bot.classifying import format_predictions, reply_text, unknown_text
 from model_store.bottlenecks import BottleneckCache
 from model_store.classifier import Classifier, Predictions
 from model_store.images import decode_image
-from model_store.openset import MAX_K, OPENSET_FILE, OpenSet, calibrate_threshold, choose_k, load_open_set
+from model_store.openset import (
+    KNN_METHOD,
+    MAX_K,
+    METHOD,
+    MSP_FLOOR,
+    OPENSET_FILE,
+    PASS_RATE,
+    OpenSet,
+    calibrate_threshold,
+    calibrate_union,
+    choose_k,
+    fit_calibrated,
+    load_open_set,
+    max_softmax_scores,
+)
 from model_store.training import TrainConfig
 from model_store.workspace import Workspace
 from tests.auxil.bot_harness import TRAIN_PER_LABEL, TRAINED_LABELS, USER, bot_config, photos, running_bot
@@ -26,11 +41,14 @@ UNSEEN = ("hat", "skirt", "dress")
 
 
 # ------------------------------------------------------------------------------ synthetic features
-def test_threshold_is_the_empirical_quantile_of_known_scores() -> None:
+def test_threshold_is_the_conformal_quantile_of_known_scores() -> None:
     scores = np.random.default_rng(0).permutation(np.arange(200, dtype=np.float64))
     thr = calibrate_threshold(scores, 0.95)
-    assert thr == 189.0  # the 190th smallest of 200: exactly 95% at or below it
-    assert (scores <= thr).mean() == pytest.approx(0.95)
+    assert thr == 190.0  # the ceil(0.95 * 201) = 191st smallest of 200
+    assert calibrate_threshold(scores) == 198.0  # 99% (default): the ceil(0.99 * 201) = 199th
+    assert PASS_RATE == 0.99
+    # fewer than 99 photos: no 99% quantile exists; the largest score is the threshold
+    assert calibrate_threshold(np.arange(50.0)) == 49.0
     assert calibrate_threshold(np.array([0.3]), 0.95) == 0.3
     with pytest.raises(ValueError):
         calibrate_threshold(np.array([]))
@@ -38,19 +56,117 @@ def test_threshold_is_the_empirical_quantile_of_known_scores() -> None:
         calibrate_threshold(scores, 0.0)
 
 
-def test_calibrated_scorer_passes_95_percent_of_known_and_flags_a_far_cluster() -> None:
-    rng = np.random.default_rng(1)
-    centres = rng.normal(size=(3, 64))
-    y = np.repeat(np.arange(3), 200)
-    feats = (centres[y] + 0.3 * rng.normal(size=(600, 64))).astype(np.float32)[:, None, :]  # (N, 1, D)
+def test_conformal_threshold_lets_99_percent_of_new_known_photos_pass() -> None:
+    """Over many draws of 250 calibration scores, a fresh known score passes 99% of the time on
+    average (the split-conformal guarantee); the empirical 99% quantile used before would give
+    less (it is the 248th of 250, not the 249th)."""
+    rng = np.random.default_rng(7)
+    passed = [rng.normal() <= calibrate_threshold(rng.normal(size=250)) for _ in range(20_000)]
+    assert np.mean(passed) >= 0.989
+
+
+def _clusters(seed: int = 1, n: int = 600, dim: int = 64):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(3, dim))
+    y = np.repeat(np.arange(3), n // 3)
+    feats = (centres[y] + 0.3 * rng.normal(size=(n, dim))).astype(np.float32)[:, None, :]  # (N, 1, D)
+    kernel, bias = (0.2 * centres.T).astype(np.float32), np.zeros(3, np.float32)  # logits = 0.2 x . centre
+    return rng, centres, y, feats, (kernel, bias)
+
+
+def test_calibrated_knn_scorer_passes_its_rate_of_known_and_flags_a_far_cluster() -> None:
+    rng, _, y, feats, _ = _clusters()
     train, val = np.arange(600) % 2 == 0, np.arange(600) % 2 == 1
     scorer = OpenSet.fit(feats[train], y[train], k=10)
-    assert scorer.k == 10
-    scorer.calibrate(feats[val])
+    assert scorer.k == 10 and scorer.method == KNN_METHOD
+    scorer.calibrate(feats[val], 0.95)
     passed = ~scorer.is_unknown(scorer.score(feats[val]))
     assert passed.mean() == pytest.approx(0.95, abs=0.005)
     far = (rng.normal(size=(1, 64)) + 0.3 * rng.normal(size=(50, 64))).astype(np.float32)
     assert scorer.is_unknown(scorer.score(far)).mean() > 0.9
+
+
+def test_union_thresholds_let_the_rate_pass_both_scores() -> None:
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=500), rng.normal(size=500)
+    ta, tb = calibrate_union(a, b, 0.99)
+    passing = (a <= ta) & (b <= tb)
+    assert passing.sum() >= np.ceil(0.99 * 501)
+    # the same quantile of each score: as many photos at or under each threshold
+    assert (a <= ta).sum() == (b <= tb).sum()
+    # and the smallest such: one rank lower lets too few pass
+    sa, sb = np.sort(a), np.sort(b)
+    j = int((a <= ta).sum())
+    assert ((a <= sa[j - 2]) & (b <= sb[j - 2])).sum() < np.ceil(0.99 * 501)
+    assert calibrate_union(a, a, 0.99) == (calibrate_threshold(a, 0.99),) * 2  # one score twice: as alone
+    with pytest.raises(ValueError):
+        calibrate_union(a, b[:10])
+
+
+def test_combined_score_flags_a_far_photo_and_one_the_head_cannot_tell_apart() -> None:
+    """The served method (kNN + max-softmax): a photo far from everything is flagged by the kNN
+    part; a photo right between two labels, which the kNN distance alone passes (its like was
+    trained on), is flagged by the softmax part. 99% of known validation photos pass."""
+    rng, centres, y, feats, weights = _clusters()
+    between = ((centres[0] + centres[1]) / 2 + 0.05 * rng.normal(size=(8, 64))).astype(np.float32)[:, None, :]
+    train, val = np.arange(600) % 2 == 0, np.arange(600) % 2 == 1
+    train_feats = np.concatenate([feats[train], between[:4]])  # taught: some photos look like it...
+    train_y = np.concatenate([y[train], [0, 1, 0, 1]])  # ... and the labels disagree
+    scorer = OpenSet.fit(train_feats, train_y, k=2, head_weights=weights)
+    assert scorer.method == METHOD
+    assert scorer.calibrate(feats[val]) == 1.0
+    assert scorer.knn_threshold is not None and scorer.msp_threshold is not None
+    s_val = scorer.score(feats[val])
+    assert (~scorer.is_unknown(s_val)).mean() >= 0.99
+    # the unknown score is the larger of the two scores, each over its own threshold
+    np.testing.assert_allclose(
+        s_val,
+        np.maximum(scorer.knn_scores(feats[val]) / scorer.knn_threshold, scorer.msp_scores(feats[val]) / scorer.msp_threshold),
+        rtol=1e-5,
+    )
+    far = (rng.normal(size=(1, 64)) + 0.3 * rng.normal(size=(20, 64))).astype(np.float32)
+    assert scorer.is_unknown(scorer.score(far)).all()
+    held_between = between[4:]
+    knn_alone = OpenSet.fit(train_feats, train_y, k=2)
+    knn_alone.calibrate(feats[val])
+    assert not knn_alone.is_unknown(knn_alone.score(held_between)).any()  # the kNN distance misses them
+    assert scorer.is_unknown(scorer.score(held_between)).all()
+
+
+def test_a_small_store_calibrates_the_softmax_part_on_validation_photos_only() -> None:
+    """Under MIN_CALIBRATION_IMAGES validation photos: the kNN part also on the training photos'
+    leave-one-out scores, the softmax part on the validation photos alone (the head was trained on
+    the others: their softmax is over-confident), each at 1 - (1 - 0.99) / 2 (Bonferroni)."""
+    _, _, y, feats, weights = _clusters(6, 90, 32)
+    train, val = np.arange(90) % 3 != 0, np.arange(90) % 3 == 0  # 60 training, 30 validation photos
+    scorer, calibration, n = fit_calibrated(feats[train], y[train], feats[val], head_weights=weights)
+    assert calibration == "validation + training (leave-one-out)" and n == 90
+    knn_all = np.concatenate([scorer.knn_scores(feats[val]), scorer.leave_one_out_scores()])
+    assert scorer.knn_threshold == calibrate_threshold(knn_all, 0.995) == knn_all.max()  # 90 < 199 photos
+    assert scorer.msp_threshold == max(scorer.msp_scores(feats[val]).max(), MSP_FLOOR)
+    assert not scorer.is_unknown(scorer.score(feats[val])).any()
+    # no validation photo at all: the softmax part is not used, the kNN part is as alone
+    alone, calibration, _ = fit_calibrated(feats[train], y[train], feats[:0], head_weights=weights)
+    assert alone.msp_threshold == np.inf and calibration == "validation + training (leave-one-out)"
+    np.testing.assert_allclose(alone.score(feats), alone.knn_scores(feats) / alone.knn_threshold, rtol=1e-6)
+    # enough validation photos: both jointly on them
+    big = np.arange(600) % 2 == 1
+    _, _, y2, feats2, w2 = _clusters(1)
+    _, calibration, n = fit_calibrated(feats2[~big], y2[~big], feats2[big], head_weights=w2)
+    assert (calibration, n) == ("validation", 300)
+    with pytest.raises(ValueError):
+        fit_calibrated(feats[:1], y[:1], feats[:0], head_weights=weights)  # 1 photo, k = 1: nothing held out
+
+
+def test_max_softmax_score_is_one_minus_the_mean_softmax_top_probability() -> None:
+    feats = np.array([[[1.0, 0.0], [0.0, 1.0]]], np.float32)  # one photo, two crops
+    kernel, bias = np.array([[2.0, 0.0], [0.0, 2.0]], np.float32), np.zeros(2, np.float32)
+    p = np.exp(2) / (np.exp(2) + 1)
+    # crop 1 says label 0 with p, crop 2 label 1 with p: the mean is 50/50
+    assert max_softmax_scores(feats, kernel, bias)[0] == pytest.approx(0.5)
+    assert max_softmax_scores(feats[:, :1], kernel, bias)[0] == pytest.approx(1 - p)
+    with pytest.raises(ValueError):
+        OpenSet.fit(feats, np.zeros(1, int), head_weights=(kernel[:1], bias))
 
 
 def test_k_is_about_one_percent_of_a_labels_training_photos() -> None:
@@ -63,17 +179,41 @@ def test_k_is_about_one_percent_of_a_labels_training_photos() -> None:
 
 
 def test_open_set_file_round_trip_and_unusable_files(tmp_path: Path) -> None:
-    feats = np.random.default_rng(3).normal(size=(40, 2, 16)).astype(np.float32)
-    scorer = OpenSet.fit(feats, np.zeros(40, int), k=5)
-    scorer.calibrate(feats[:10])
+    _, _, y, feats, weights = _clusters(3, 120, 16)
+    scorer = OpenSet.fit(feats[:80], y[:80], k=5, head_weights=weights)
+    scorer.calibrate(feats[80:])
     size = scorer.save(tmp_path)
     assert size == (tmp_path / OPENSET_FILE).stat().st_size
     loaded = load_open_set(tmp_path)
-    assert loaded is not None and loaded.k == 5 and loaded.threshold == scorer.threshold
-    np.testing.assert_allclose(loaded.score(feats), scorer.score(feats), atol=2e-3)  # float16 bank
+    assert loaded is not None and loaded.method == METHOD and loaded.k == 5
+    assert (loaded.threshold, loaded.knn_threshold, loaded.msp_threshold) == (1.0, scorer.knn_threshold, scorer.msp_threshold)
+    np.testing.assert_allclose(loaded.score(feats), scorer.score(feats), rtol=0.02)  # float16 bank
+    assert (loaded.is_unknown(loaded.score(feats)) == scorer.is_unknown(scorer.score(feats))).mean() > 0.97
     assert load_open_set(tmp_path / "absent") is None
     (tmp_path / OPENSET_FILE).write_bytes(b"not a zip")
     assert load_open_set(tmp_path) is None
+    # a combined file without its head copy is unusable, not half-loaded
+    buf = io.BytesIO()
+    np.savez(buf, bank=scorer.bank.astype(np.float16), k=np.int64(5), threshold=np.float64(1.0),
+             pass_rate=np.float64(0.99), method=np.str_(METHOD))
+    (tmp_path / OPENSET_FILE).write_bytes(buf.getvalue())
+    assert load_open_set(tmp_path) is None
+
+
+def test_a_version_written_before_the_combined_score_still_loads_as_knn(tmp_path: Path) -> None:
+    """openset.npz as the previous release wrote it (kNN alone, 95% pass): served as it was."""
+    feats = np.random.default_rng(5).normal(size=(40, 2, 16)).astype(np.float32)
+    bank = OpenSet.fit(feats, np.zeros(40, int), k=3).bank
+    buf = io.BytesIO()
+    np.savez(buf, bank=bank.astype(np.float16), k=np.int64(3), threshold=np.float64(0.25),
+             pass_rate=np.float64(0.95), method=np.str_("knn-cosine"))
+    (tmp_path / OPENSET_FILE).write_bytes(buf.getvalue())
+    old = load_open_set(tmp_path)
+    assert old is not None and old.method == KNN_METHOD == "knn-cosine"
+    assert (old.threshold, old.pass_rate, old.kernel) == (0.25, 0.95, None)
+    scores = old.score(feats)
+    np.testing.assert_allclose(scores, old.knn_scores(feats))
+    assert (old.is_unknown(scores) == (scores > 0.25)).all()
 
 
 # ------------------------------------------------------------------------------------ real photos
@@ -107,13 +247,15 @@ def test_retrain_stores_the_threshold_and_classify_flags_a_label_never_taught(tr
     version = ws.registry.current()
     assert version is not None
     info = version.metrics["open_set"]
-    assert info["method"] == "knn-cosine"
-    assert 0 < info["threshold"] < 2
-    assert info["pass_rate"] == 0.95
+    assert info["method"] == METHOD
+    assert info["threshold"] == 1.0 and 0 < info["knn_threshold"] < 2 and 0 <= info["msp_threshold"] < 1
+    assert info["pass_rate"] == PASS_RATE
     assert 0 <= info["test_rejected"] <= info["test_images"] == version.metrics["test_images"]
     assert info["file_bytes"] == (version.path / OPENSET_FILE).stat().st_size
-    # float16 vectors of the training photos: bounded by the number of photos, not the model
-    assert info["file_bytes"] < info["bank_images"] * version.metrics["backbone"]["feature_dim"] * 2 + 4096
+    # float16 vectors of the training photos and a float32 copy of the head's last layer: bounded
+    # by the number of photos and labels, not the model
+    dim, labels = version.metrics["backbone"]["feature_dim"], len(version.labels)
+    assert info["file_bytes"] < info["bank_images"] * dim * 2 + (dim + 1) * labels * 4 + 4096
 
     clf = Classifier(ws.registry)
     unseen = [decode_image(p.read_bytes()) for label in UNSEEN for p in clothing_photos()[label][:4]]

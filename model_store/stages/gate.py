@@ -139,46 +139,60 @@ class Evaluated:
     open_set_metrics: dict | None = None
 
 
-def fit_open_set(bn: Bottlenecks, split: Split) -> tuple[OpenSet | None, dict]:
-    """Fit the open-set scorer on the training photos' eval views, calibrate its threshold on the
-    validation split (:data:`model_store.openset.PASS_RATE` pass; with fewer than
-    ``MIN_CALIBRATION_IMAGES`` validation photos, on them plus the training photos' leave-one-out
-    scores) and count the test photos it rejects.
+def head_weights(head) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(kernel (D, C), bias (C,))`` of a linear head's logits layer (``training.build_head`` with
+    no hidden layer: dropout is the identity when serving), or None for a head with a hidden layer."""
+    if any(layer.name == "hidden" for layer in head.layers):
+        return None
+    kernel, bias = head.get_layer("logits").get_weights()
+    return np.asarray(kernel, np.float32), np.asarray(bias, np.float32)
 
+
+def fit_open_set(bn: Bottlenecks, split: Split, head=None) -> tuple[OpenSet | None, dict]:
+    """Fit the open-set scorer on the training photos' eval views, calibrate its thresholds on the
+    validation split (:data:`model_store.openset.PASS_RATE` pass; with fewer than
+    ``MIN_CALIBRATION_IMAGES`` validation photos, ``openset.fit_calibrated``'s small-store rule)
+    and count the test photos it rejects.
+
+    With a linear ``head`` the scorer is the served combination (``openset.METHOD``: kNN distance
+    and max-softmax); without one, or with a hidden layer, the kNN distance alone.
     Without any photo to calibrate on, returns ``(None, {"method": None, "reason": ...})`` and the
     version serves without the unknown-photo check.
 
     Returns:
         ``(scorer, metrics)``; metrics: ``method``, ``k``, ``threshold``, ``pass_rate``,
-        ``calibration`` (what it was calibrated on), ``calibration_images``,
-        ``validation_images``, ``validation_passed``, ``test_images``, ``test_rejected``,
-        ``test_rejected_share``, ``bank_images`` and later (``stages.version``) ``file_bytes``.
+        ``knn_threshold`` and ``msp_threshold`` (combined method), ``calibration`` (what it was
+        calibrated on), ``calibration_images``, ``validation_images``, ``validation_passed``,
+        ``test_images``, ``test_rejected``, ``test_rejected_share``, ``bank_images`` and later
+        (``stages.version``) ``file_bytes``.
     """
-    from model_store.openset import METHOD, MIN_CALIBRATION_IMAGES, calibrate_threshold
+    from model_store.openset import fit_calibrated
 
     feats = bn.feats[:, bn.eval_idx]
-    scorer = OpenSet.fit(feats[split.train], bn.y[split.train])
-    val_scores = scorer.score(feats[split.val])
-    calibration = "validation"
-    scores = val_scores
-    if len(val_scores) < MIN_CALIBRATION_IMAGES:
-        loo = scorer.leave_one_out_scores() if len(scorer.bank) == int(split.train.sum()) else np.zeros(0)
-        if len(loo):
-            scores, calibration = np.concatenate([val_scores, loo]), "validation + training (leave-one-out)"
-    if len(scores) == 0:
-        return None, {"method": None, "reason": "no photos to calibrate the threshold on"}
-    scorer.threshold = calibrate_threshold(scores, scorer.pass_rate)
-    threshold = scorer.threshold
-    val_unknown = scorer.is_unknown(val_scores)
+    weights = head_weights(head) if head is not None else None
+    try:
+        scorer, calibration, n_calibration = fit_calibrated(
+            feats[split.train], bn.y[split.train], feats[split.val], head_weights=weights
+        )
+    except ValueError as exc:
+        return None, {"method": None, "reason": str(exc)}
+    val_unknown = scorer.is_unknown(scorer.score(feats[split.val]))
     test_unknown = scorer.is_unknown(scorer.score(feats[split.test]))
     n_test = int(split.test.sum())
+    extra = {}
+    if weights is not None:
+        msp_threshold = scorer.msp_threshold
+        # infinite when there was no validation photo to calibrate the softmax part on (not used)
+        extra = {"knn_threshold": scorer.knn_threshold,
+                 "msp_threshold": None if msp_threshold is None or np.isinf(msp_threshold) else msp_threshold}
     return scorer, {
-        "method": METHOD,
+        "method": scorer.method,
         "k": scorer.k,
-        "threshold": threshold,
+        "threshold": scorer.threshold,
         "pass_rate": scorer.pass_rate,
+        **extra,
         "calibration": calibration,
-        "calibration_images": len(scores),
+        "calibration_images": n_calibration,
         "validation_images": int(split.val.sum()),
         "validation_passed": int((~val_unknown).sum()),
         "test_images": n_test,
@@ -222,7 +236,7 @@ def evaluate_head(
                 m["probability"],
             )
     comparison = gate_against_current(ws, backbone, feats[split.test][:, eval_idx], test_recs, test_probs, labels)
-    open_set, open_set_metrics = fit_open_set(bn, split)
+    open_set, open_set_metrics = fit_open_set(bn, split, head)
     return Evaluated(ev, val_acc, comparison, open_set, open_set_metrics)
 
 
