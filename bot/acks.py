@@ -6,14 +6,22 @@ photos of a burst share a :class:`TeachingAck`: the first stored photo is answer
 and that message is edited as the others land, at most every ``limits.teaching_edit_seconds``
 (the final state always arrives)::
 
-    Teaching: 14 photos.
-    hat: 12 added, 1 duplicate (57 images in total).
-    1 could not be added:
+    Teaching: 14 photos, 2 still being stored…
+    hat: 11 added, 1 duplicate (56 images in total).
+
+and, once every photo is in::
+
+    Added 12 images to hat (57 images in total).
+    1 image was already there.
+    1 photo could not be added:
     • #7: That file is too large (25.0 MB): ...
 
-A photo joins the admin's open acknowledgement in that chat while any of its photos is still being
-stored, or within ``limits.teaching_burst_seconds`` after the last of a burst of two or more;
-otherwise it starts a new one. A lone photo's acknowledgement reads as before ("Added to hat
+(one line per label, "hat: 12 added, 1 duplicate (57 images in total).", when several labels were taught).
+
+A single ``/add`` photo joins the admin's open acknowledgement in that chat while any of its photos
+is still being stored, or within ``limits.teaching_burst_seconds`` after the last of a burst of
+two or more; otherwise it starts a new one. An album is a burst of its own (one acknowledgement,
+which takes the album's stragglers only while it is still being stored). A lone photo's acknowledgement reads as before ("Added to hat
 (57 images)."), so an admin teaching one photo at a time gets one answer per photo.
 
 Sending and editing go through the rate limiter like every message (:mod:`bot.ratelimit`); a
@@ -74,6 +82,9 @@ class TeachingAck:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     failures: int = 0
+    version: int = 0  # bumped by every settled photo
+    sent_version: int = 0  # the version the last send attempt showed
+    waiters: list[tuple[float, asyncio.Future[None]]] = field(default_factory=list)
 
     # ------------------------------------------------------------------ outcomes
 
@@ -106,6 +117,7 @@ class TeachingAck:
         self._settled()
 
     def _settled(self) -> None:
+        self.version += 1
         self.pending -= 1
         self.last_activity = time.monotonic()
         self.changed.set()
@@ -121,29 +133,61 @@ class TeachingAck:
             if tally.added:
                 return f"Added to {label} ({images_text(totals.get(label, 0))})."
             return f"That image is already in {label} ({images_text(totals.get(label, 0))})."
-        head = f"Teaching: {self.photos} photos"
-        head += f", {self.pending} still being stored…" if self.pending else "."
-        lines = [head]
-        for label, tally in self.tallies.items():
-            parts = [f"{tally.added} added"]
+        if not self.pending and not self.tallies and len({text for _, text in self.problems}) == 1:
+            return cut_text(self.problems[0][1])  # nothing stored, for one reason (a bad label, a full disk)
+        lines: list[str]
+        if not self.pending and len(self.tallies) == 1:  # one label, all done: the summary it always had
+            (label, tally), = self.tallies.items()
+            lines = [f"Added {images_text(tally.added)} to {label} ({images_text(totals.get(label, 0))} in total)."]
             if tally.duplicates:
-                parts.append(f"{tally.duplicates} duplicate{'s' if tally.duplicates != 1 else ''}")
-            lines.append(f"{label}: {', '.join(parts)} ({images_text(totals.get(label, 0))} in total).")
+                were = "was" if tally.duplicates == 1 else "were"
+                lines.append(f"{images_text(tally.duplicates).capitalize()} {were} already there.")
+        else:
+            head = f"Teaching: {self.photos} photos"
+            lines = [head + (f", {self.pending} still being stored…" if self.pending else ".")]
+            for label, tally in self.tallies.items():
+                parts = [f"{tally.added} added"]
+                if tally.duplicates:
+                    parts.append(f"{tally.duplicates} duplicate{'s' if tally.duplicates != 1 else ''}")
+                lines.append(f"{label}: {', '.join(parts)} ({images_text(totals.get(label, 0))} in total).")
         if self.problems:
-            lines.append(f"{images_text(len(self.problems)).capitalize().replace('image', 'photo')} could not be added:")
-            shown = sorted(self.problems)[:MAX_LISTED_PROBLEMS]
-            lines += [f"• #{n}: {text}" for n, text in shown]
-            if len(self.problems) > len(shown):
-                lines.append(f"… and {len(self.problems) - len(shown)} more.")
+            lines.append(f"{images_text(len(self.problems)).capitalize()} could not be added:")
+            by_text: dict[str, list[int]] = {}
+            for n, text in sorted(self.problems):
+                by_text.setdefault(text, []).append(n)
+            for text, numbers in list(by_text.items())[:MAX_LISTED_PROBLEMS]:
+                shown = ", ".join(f"#{n}" for n in numbers[:5]) + (f" and {len(numbers) - 5} more" if len(numbers) > 5 else "")
+                lines.append(f"• {shown}: {text}")
+            if len(by_text) > MAX_LISTED_PROBLEMS:
+                lines.append(f"… and {len(by_text) - MAX_LISTED_PROBLEMS} other reasons.")
         return cut_text("\n".join(lines))
 
     # ------------------------------------------------------------------ sending
 
-    def kick(self, application: Any, count_images: Any) -> None:
-        """Make sure the current state will be sent (starts the sender task if none runs)."""
+    async def flush(self, application: Any, count_images: Any) -> None:
+        """Have the current state sent (by the sender task, started if none runs) and wait until it was.
+
+        The wait is at most ``edit_seconds`` plus the chat's turn in the rate limiter; sending
+        problems are logged by the task, never raised here.
+        """
         self.changed.set()
         if self.task is None:
             self.task = application.create_task(self._send_loop(count_images), name="teaching-ack")
+        if self.sent_version >= self.version:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.append((self.version, future))
+        await future
+
+    def _release(self, version: float) -> None:
+        self.sent_version = max(self.sent_version, int(min(version, self.version)))
+        waiting, self.waiters = self.waiters, []
+        for wanted, future in waiting:
+            if wanted <= version:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                self.waiters.append((wanted, future))
 
     async def _send_loop(self, count_images: Any) -> None:
         try:
@@ -154,12 +198,15 @@ class TeachingAck:
                     if delay > 0:
                         await asyncio.sleep(delay)
                         self.changed.clear()  # what came meanwhile is in this edit
+                version = self.version
                 totals = await asyncio.to_thread(_totals, count_images, list(self.tallies))
                 text = self.render(totals)
                 if text != self.sent_text:
                     await self._send(text)
+                self._release(version)
         finally:
             self.task = None
+            self._release(float("inf"))
 
     async def _send(self, text: str) -> None:
         try:
@@ -191,24 +238,26 @@ def _totals(count_images: Any, labels: list[str]) -> dict[str, int]:
     return {label: count_images(label) for label in labels}
 
 
-def join(acks: dict[tuple[int, int], TeachingAck], anchor: Message, user_id: int, *,
-         edit_seconds: float, burst_seconds: float) -> TeachingAck:
+def join(acks: dict[tuple[int, int, str], TeachingAck], anchor: Message, user_id: int, *,
+         album: str | None, edit_seconds: float, burst_seconds: float) -> TeachingAck:
     """The admin's open acknowledgement in the anchor's chat, or a new one quoting ``anchor``.
 
     Args:
-        acks: ``BotData.teaching_acks`` ((chat id, admin's user id) -> acknowledgement).
+        acks: ``BotData.teaching_acks`` ((chat id, admin's user id, album id or "") -> acknowledgement).
         anchor: the photo (or command) message a new acknowledgement replies to.
         user_id: the admin.
+        album: the album's ``media_group_id`` (an album is a burst of its own: its acknowledgement
+            takes only its own stragglers, while it is still being stored), None for single photos.
         edit_seconds: ``limits.teaching_edit_seconds``.
-        burst_seconds: ``limits.teaching_burst_seconds``.
+        burst_seconds: ``limits.teaching_burst_seconds`` (single photos only).
     """
     now = time.monotonic()
-    key = (anchor.chat_id, user_id)
+    key = (anchor.chat_id, user_id, album or "")
     ack = acks.get(key)
     if ack is not None and ack.open_for_more(now):
         return ack
     if len(acks) >= _MAX_OPEN:
         for old in [k for k, a in acks.items() if a.pending == 0 and a.task is None]:
             del acks[old]
-    ack = acks[key] = TeachingAck(anchor, edit_seconds, burst_seconds)
+    ack = acks[key] = TeachingAck(anchor, edit_seconds, burst_seconds if album is None else 0.0)
     return ack

@@ -96,8 +96,8 @@ class BotData:
         self.schedule_job: Job[Any] | None = None
         #: admins' albums being collected or recently handled (bot.teaching)
         self.albums: dict[AlbumKey, Album] = {}
-        #: admins' open teaching acknowledgements, by (chat id, user id) (bot.acks, bot.teaching)
-        self.teaching_acks: dict[tuple[int, int], TeachingAck] = {}
+        #: admins' open teaching acknowledgements, by (chat id, user id, album id or "") (bot.acks)
+        self.teaching_acks: dict[tuple[int, int, str], TeachingAck] = {}
         #: the start-up load of the serving model (bot.app)
         self.warmup: asyncio.Future[Any] | None = None
 

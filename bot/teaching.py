@@ -77,7 +77,7 @@ async def add_images(context: Context, anchor: Message, refs: list[ImageRef], la
     data = context.bot_data
     limits = data.config.limits
     ack = acks.join(
-        data.teaching_acks, anchor, user_id,
+        data.teaching_acks, anchor, user_id, album=anchor.media_group_id,
         edit_seconds=limits.teaching_edit_seconds, burst_seconds=limits.teaching_burst_seconds,
     )
     numbers = ack.reserve(len(refs))
@@ -114,7 +114,7 @@ async def add_images(context: Context, anchor: Message, refs: list[ImageRef], la
         if settled < len(numbers):  # an unexpected error (reported by the error handler): not stored
             for rest in numbers[settled:]:
                 ack.failed(rest, "Something went wrong on my side; it was not added.")
-        ack.kick(context.application, data.label_count)
+        await ack.flush(context.application, data.label_count)
 
 
 async def add_from_caption(context: Context, message: Message, label: str, user_id: int) -> None:
