@@ -17,9 +17,9 @@ docstring: "A RetryAfter exception will halt *all* requests for retry_after + 0.
   to a chat takes one from the overall bucket (``overall_per_second``). Waiting requests of one
   chat go in the order they came (aiolimiter's waiters are a FIFO heap); other chats do not wait.
 * **A 429 is waited out.** ``RetryAfter`` pauses the chat it concerns (or everything, for a
-  request without a chat: ``getUpdates``, ``getFile``) for ``retry_after`` seconds and refills
-  that chat's bucket, so the requests queued behind it leave one by one at the chat's rate after
-  the pause instead of together (PTB's limiter fired them all at once, each got a 429 again).
+  request without a chat: ``getUpdates``, ``getFile``) for ``retry_after`` seconds, after which
+  that chat's bucket starts full but one token, so the requests queued behind it leave one by one
+  at the chat's rate instead of together (PTB's limiter fired them all at once, each got a 429 again).
   The request is retried for as long as it is still worth sending: until ``deadline`` seconds
   after it was made (``limits.reply_deadline_seconds``; a request's ``rate_limit_args`` overrides
   it). Only then is it given up: logged once, one line, no traceback, and
@@ -109,6 +109,7 @@ class ChatPacedRateLimiter(BaseRateLimiter[float]):
         )
         self._buckets: dict[int | str, AsyncLimiter] = {}
         self._paused_until: dict[Any, float] = {}  # chat id (or _ALL) -> event-loop time
+        self._refill_due: dict[int | str, bool] = {}  # chats whose bucket is full once their pause is over
         self.refusals = 0
         self.dropped = 0
 
@@ -139,14 +140,17 @@ class ChatPacedRateLimiter(BaseRateLimiter[float]):
             bucket = self._buckets[chat] = AsyncLimiter(*shape)
         return bucket
 
-    async def _refill(self, chat: int | str) -> None:
-        """After a 429: the chat's bucket is full (Telegram just said so), later requests trickle."""
+    async def _refill_if_due(self, chat: int | str) -> None:
+        """After a 429's pause: the chat's bucket starts full but one token (Telegram said it was
+        full), so the requests queued behind the 429 leave one by one at the chat's rate."""
+        if self._refill_due.pop(chat, None) is None:
+            return
         shape = self._shape(chat)
         if shape is None:
             return
-        bucket = AsyncLimiter(*shape)
-        await bucket.acquire(bucket.max_rate)  # an empty new bucket: returns at once, full
-        self._buckets[chat] = bucket  # waiters of the old one come out, see the pause, queue here
+        bucket = self._buckets[chat] = AsyncLimiter(*shape)  # the old bucket's waiters re-queue here
+        if bucket.max_rate > 1:
+            await bucket.acquire(bucket.max_rate - 1)  # an empty new bucket: returns at once
 
     def _remaining_pause(self, key: Any) -> float:
         now = asyncio.get_running_loop().time()
@@ -167,10 +171,12 @@ class ChatPacedRateLimiter(BaseRateLimiter[float]):
         while True:
             while (remaining := self._remaining_pause(key)) > 0:
                 await asyncio.sleep(remaining)
-            if paced and key is not None and (bucket := self._bucket(key)) is not None:
-                await bucket.acquire()
-                if self._remaining_pause(key) > 0:  # a 429 came while this one queued
-                    continue
+            if paced and key is not None:
+                await self._refill_if_due(key)
+                if (bucket := self._bucket(key)) is not None:
+                    await bucket.acquire()
+                    if self._remaining_pause(key) > 0 or self._buckets.get(key) is not bucket:
+                        continue  # a 429 came while this one queued: wait for the pause, queue again
             if key is not None and self._overall is not None:
                 await self._overall.acquire()
             return
@@ -217,7 +223,7 @@ class ChatPacedRateLimiter(BaseRateLimiter[float]):
                 seconds = retry_after_seconds(exc)
                 self._pause(key, seconds + 0.1)
                 if paced and key is not None:
-                    await self._refill(key)
+                    self._refill_due[key] = True
                 if best_effort:
                     raise
                 if loop.time() + seconds > deadline:
