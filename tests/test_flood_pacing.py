@@ -19,6 +19,7 @@ The before/after figures are benchmarks/bench_flood.py's (docs/flood_control.md)
 from __future__ import annotations
 
 import asyncio
+import datetime as dtm
 import io
 import logging
 import re
@@ -151,7 +152,7 @@ async def test_a_group_of_20_users_sending_5_photos_each_is_answered_once_per_ph
 
 
 async def test_the_stand_in_refuses_a_chat_over_its_burst_with_retry_after(botapi: BotApiStandIn) -> None:
-    botapi.set_flood_limits(FloodLimits(private_burst=3, private_per_second=2.0, group_burst=2, group_per_minute=60))
+    botapi.set_flood_limits(FloodLimits(private_burst=3, private_per_second=10.0, group_burst=2, group_per_minute=60))
     async with Bot(botapi.token, base_url=botapi.base_url) as bot:
         for _ in range(3):
             await bot.send_message(7, "ok")
@@ -159,7 +160,7 @@ async def test_the_stand_in_refuses_a_chat_over_its_burst_with_retry_after(botap
             await bot.send_message(7, "one too many")
         await bot.send_message(8, "another chat is not limited")
         await bot.send_chat_action(7, "typing")  # chat actions are not counted
-        await asyncio.sleep(0.55)  # 2 per second: one more token
+        await asyncio.sleep(0.15)  # 10 per second: one more token
         await bot.send_message(7, "again")
         for _ in range(2):
             await bot.send_message(-9, "group")
@@ -171,14 +172,14 @@ async def test_the_stand_in_refuses_a_chat_over_its_burst_with_retry_after(botap
     assert FloodLimits().scaled(10).group_per_minute == 200
 
 
-def _request(calls: list[tuple[str, float]], name: str, failures: int = 0, retry_after: int = 1):  # noqa: ANN202
+def _request(calls: list[tuple[str, float]], name: str, failures: int = 0, retry_after: float = 0.2):  # noqa: ANN202
     left = {"n": failures}
 
     async def callback() -> str:
         calls.append((name, asyncio.get_running_loop().time()))
         if left["n"] > 0:
             left["n"] -= 1
-            raise RetryAfter(retry_after)
+            raise RetryAfter(dtm.timedelta(seconds=retry_after))
         return name
 
     return callback
@@ -204,7 +205,7 @@ async def test_the_limiter_paces_each_chat_to_its_burst_and_rate() -> None:
 
 async def test_a_429_pauses_only_its_chat_and_is_waited_out(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    limiter = ChatPacedRateLimiter(overall_per_second=0, chat_burst=5, chat_per_second=5)
+    limiter = ChatPacedRateLimiter(overall_per_second=0, chat_burst=5, chat_per_second=10)
     calls: list[tuple[str, float]] = []
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -219,22 +220,22 @@ async def test_a_429_pauses_only_its_chat_and_is_waited_out(caplog: pytest.LogCa
     assert await first == "a" and [await q for q in queued] == ["q0", "q1", "q2"]
     at = {name: t - start for name, t in calls}
     tries = [t - start for name, t in calls if name == "a"]
-    assert len(tries) == 3 and tries[1] >= 1.0 and tries[2] >= 2.0, tries  # retry_after 1 s, twice
-    # after the pause the queued ones trickle at the chat's rate (5/s), not all at once
+    assert len(tries) == 3 and tries[1] >= 0.2 and tries[2] >= 0.4, tries  # retry_after 0.2 s, twice
+    # after the pause the queued ones trickle at the chat's rate (10/s), not all at once
     queued_at = sorted(at[f"q{i}"] for i in range(3))
-    assert queued_at[0] >= 1.0 and queued_at[2] - queued_at[0] >= 0.3, at
+    assert queued_at[0] >= 0.2 and queued_at[2] - queued_at[0] >= 0.15, at
     assert limiter.refusals == 2 and limiter.dropped == 0
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING]
 
 
 async def test_past_the_deadline_a_reply_is_dropped_once_without_a_traceback(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    limiter = ChatPacedRateLimiter(overall_per_second=0, deadline=1.5)
+    limiter = ChatPacedRateLimiter(overall_per_second=0, deadline=0.45)
     calls: list[tuple[str, float]] = []
     with pytest.raises(ReplyDropped) as dropped:
-        await limiter.process_request(_request(calls, "x", failures=10, retry_after=1), (), {}, "sendMessage",
+        await limiter.process_request(_request(calls, "x", failures=10), (), {}, "sendMessage",
                                       {"chat_id": 4}, None)
-    assert len(calls) == 2, "retried while the deadline allowed it (1 s + 1 s > 1.5 s)"
+    assert len(calls) == 2, "retried while the deadline allowed it (0.3 s + 0.2 s > 0.45 s)"
     assert dropped.value.chat_id == 4 and dropped.value.endpoint == "sendMessage"
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "dropped sendMessage to chat 4" in warnings[0].getMessage()
@@ -245,4 +246,18 @@ async def test_past_the_deadline_a_reply_is_dropped_once_without_a_traceback(cap
     assert [n for n, _ in calls].count("typing") == 1
     # the per-request deadline (rate_limit_args)
     with pytest.raises(ReplyDropped):
-        await limiter.process_request(_request(calls, "y", failures=1), (), {}, "sendMessage", {"chat_id": 6}, 0.5)
+        await limiter.process_request(_request(calls, "y", failures=1), (), {}, "sendMessage", {"chat_id": 6}, 0.1)
+
+
+async def test_a_429_without_a_chat_pauses_every_request() -> None:
+    limiter = ChatPacedRateLimiter(overall_per_second=0)
+    calls: list[tuple[str, float]] = []
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    poll = asyncio.create_task(limiter.process_request(_request(calls, "poll", failures=1), (), {}, "getUpdates", {}, None))
+    while not calls:
+        await asyncio.sleep(0.001)
+    assert await limiter.process_request(_request(calls, "c"), (), {}, "sendMessage", {"chat_id": 3}, None) == "c"
+    assert await poll == "poll"
+    at = {name: t - start for name, t in calls}
+    assert at["c"] >= 0.2, "a chat's message waited for the pause of all requests"
