@@ -3,7 +3,8 @@
 :func:`build_application` wires the configuration, the model store and the feature modules into a
 python-telegram-bot ``Application``: token and Bot API URLs from the config, the typed context
 (:class:`bot.context.BotData` as ``context.bot_data``), arbitrary callback data (the ``/delete``
-buttons), a rate limiter for Telegram's flood limits (429 pauses per chat, :mod:`bot.ratelimit`),
+buttons), a rate limiter for Telegram's flood limits (each chat paced to its limit, 429s waited
+out per chat, :mod:`bot.ratelimit`),
 concurrent update handling (photos are answered in parallel and batched into one forward pass),
 the command menus (one for everyone, one per admin chat, :mod:`bot.menus`), and the retraining schedule.
 

@@ -6,6 +6,10 @@ came for ``classify.album_wait_ms`` (a ``JobQueue.run_once`` job keyed by the al
 admin's album without ``/add`` is classified photo by photo. Stragglers arriving after their
 album was handled get the same treatment, answered on their own.
 
+Every stored (or refused) photo is counted in the admin's teaching acknowledgement
+(:mod:`bot.acks`): one message per burst of ``/add`` photos or per album, edited as they land and
+paced to the chat's flood limit, instead of one message per photo (issue 12).
+
 Store calls run in worker threads (the decode pool for adds, which decode the image to check it).
 """
 
