@@ -181,7 +181,7 @@ def run_teach(api: BotApiStandIn, args: argparse.Namespace, work: Path) -> dict[
     write_config(config, api, store, args.scale)
     proc, log_path = start_bot(args.bot_root, config, work)
     try:
-        api.wait_for_sync(lambda c: c.method == "getUpdates", timeout=120)
+        api.wait_for_sync(lambda c: c.method == "deleteWebhook", timeout=120)  # polling starts next
         folder = store / "images" / "hat"
 
         def stored() -> int:
@@ -216,7 +216,7 @@ def run_group(api: BotApiStandIn, args: argparse.Namespace, work: Path) -> dict[
     write_config(config, api, store, args.scale)
     proc, log_path = start_bot(args.bot_root, config, work)
     try:
-        api.wait_for_sync(lambda c: c.method == "getUpdates", timeout=120)
+        api.wait_for_sync(lambda c: c.method == "deleteWebhook", timeout=120)  # polling starts next
         warm = api.make_photo_update(ADMIN, ADMIN, pool[0])
         api.push_update(warm)
         api.wait_for_sync(lambda c: c.method == "sendMessage" and c.reply_to == warm["message"]["message_id"], timeout=300)
