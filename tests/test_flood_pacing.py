@@ -261,3 +261,23 @@ async def test_a_429_without_a_chat_pauses_every_request() -> None:
     assert await poll == "poll"
     at = {name: t - start for name, t in calls}
     assert at["c"] >= 0.2, "a chat's message waited for the pause of all requests"
+
+
+async def test_a_reply_dropped_past_the_deadline_is_one_log_line_not_a_traceback_nor_an_apology(
+    botapi: BotApiStandIn, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    config = bot_config(botapi, tmp_path / "store", limits={"reply_deadline_seconds": 0.5})
+    async with running_bot(botapi, config) as bot:
+        await bot.ask(ADMIN, "/help")  # the bot is up
+        botapi.fail_next("sendMessage", retry_after=5)  # Telegram: wait 5 s, past the 0.5 s deadline
+        mid = bot.send_text(ADMIN, "/help")
+        deadline = time.monotonic() + 10
+        while not any("dropped sendMessage" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "the reply was never given up"
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+    assert botapi.replies_to(ADMIN, mid) == []
+    assert not [c for c in botapi.sent if APOLOGY in str(c.params.get("text", ""))]
+    assert log_problems(caplog) == []
+    assert sum("dropped sendMessage" in r.getMessage() for r in caplog.records) == 1
