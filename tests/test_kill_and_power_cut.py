@@ -259,7 +259,7 @@ async def test_sigkill_of_the_bot_while_an_admin_adds_photos(
     assert labels_in(answer)[0] == "shoes"
     assert all(t.startswith((f"Added to {lb}", f"That image is already in {lb}")) for t, (_, _, lb) in zip(texts, sent, strict=True))
     assert "hat — 20" in labels and "skirt — 20" in labels
-    print(f"\nbot killed after {len(acknowledged)} of {len(sent)} photos were acknowledged; all present after restart")
+    print(f"\nbot killed after {sum(acknowledged.values())} of {len(sent)} photos were acknowledged; all present after restart")
 
 
 @pytest.mark.slow
