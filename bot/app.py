@@ -3,7 +3,8 @@
 :func:`build_application` wires the configuration, the model store and the feature modules into a
 python-telegram-bot ``Application``: token and Bot API URLs from the config, the typed context
 (:class:`bot.context.BotData` as ``context.bot_data``), arbitrary callback data (the ``/delete``,
-feedback and ``/review`` buttons; ``review.button_cache`` keyboards), a rate limiter for Telegram's flood limits (429 pauses per chat, :mod:`bot.ratelimit`),
+feedback and ``/review`` buttons; ``review.button_cache`` keyboards), a rate limiter for Telegram's
+flood limits (each chat paced to its limit, 429s waited out per chat, :mod:`bot.ratelimit`),
 concurrent update handling (photos are answered in parallel and batched into one forward pass),
 the command menus (one for everyone, one per admin chat, :mod:`bot.menus`), and the retraining schedule.
 
@@ -46,7 +47,7 @@ from bot.config import CONFIG_PATH_ENV, Config, ConfigError, load_config
 from bot.context import CONTEXT_TYPES, BotData
 from bot.limits import RateLimiter
 from bot.logsafe import configure_logging, install_token_filter, redact
-from bot.ratelimit import ChatRetryRateLimiter
+from bot.ratelimit import ChatPacedRateLimiter, on_flood_error
 from bot.schedule import setup_schedule
 from bot.state import BotState
 from bot.training_runner import Trainer, retrain_command
@@ -247,11 +248,15 @@ def build_application(
         .token(token)
         .concurrent_updates(tg.concurrent_updates)
         .rate_limiter(
-            # AIORateLimiter's throttling, but a 429 pauses only the chat it concerns (bot/ratelimit.py)
-            ChatRetryRateLimiter(
-                overall_max_rate=tg.max_requests_per_second,
-                overall_time_period=1 if tg.max_requests_per_second else 0,
-                max_retries=2,
+            # each chat paced to its limit, the overall limit on top; a 429 pauses only the chat
+            # it concerns and is waited out until limits.reply_deadline_seconds (bot/ratelimit.py)
+            ChatPacedRateLimiter(
+                overall_per_second=tg.max_requests_per_second,
+                chat_burst=config.limits.chat_messages_burst,
+                chat_per_second=config.limits.chat_messages_per_second,
+                group_burst=config.limits.group_messages_burst,
+                group_per_minute=config.limits.group_messages_per_minute,
+                deadline=config.limits.reply_deadline_seconds,
             )
         )
         .post_init(_post_init)
@@ -322,6 +327,8 @@ def add_handlers(application: Application[Any, Any, Any, Any, Any, Any], admins:
             *classifying.handlers(),  # every other photo
         ]
     )
+    # a message dropped by flood control was logged once by the limiter: no traceback, no apology
+    application.add_error_handler(on_flood_error)
     application.add_error_handler(general.on_error)
 
 

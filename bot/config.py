@@ -295,6 +295,15 @@ class LimitsConfig(_Section):
     photos_per_minute: int = Field(30, ge=0)
     messages_per_minute: int = Field(60, ge=0)
     min_free_disk_mb: int = Field(500, ge=0)
+    # Outgoing messages, paced to Telegram's flood limits (bot.ratelimit; docs/flood_control.md)
+    chat_messages_burst: int = Field(20, ge=1)
+    chat_messages_per_second: float = Field(1.0, ge=0)
+    group_messages_burst: int = Field(20, ge=1)
+    group_messages_per_minute: float = Field(20.0, ge=0)
+    reply_deadline_seconds: float = Field(600.0, gt=0)
+    # Coalesced /add acknowledgements (bot.acks)
+    teaching_edit_seconds: float = Field(3.0, ge=0)
+    teaching_burst_seconds: float = Field(10.0, ge=0)
 
 
 class ReviewConfig(_Section):

@@ -27,6 +27,7 @@ from model_store.labels import label_key
 if TYPE_CHECKING:
     import numpy as np
 
+    from bot.acks import TeachingAck
     from bot.batching import MicroBatcher
     from bot.config import Config
     from bot.menus import AdminMenus
@@ -99,6 +100,8 @@ class BotData:
         self.schedule_job: Job[Any] | None = None
         #: admins' albums being collected or recently handled (bot.teaching)
         self.albums: dict[AlbumKey, Album] = {}
+        #: admins' open teaching acknowledgements, by (chat id, user id, album id or "") (bot.acks)
+        self.teaching_acks: dict[tuple[int, int, str], TeachingAck] = {}
         #: the start-up load of the serving model (bot.app)
         self.warmup: asyncio.Future[Any] | None = None
 

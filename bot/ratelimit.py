@@ -1,22 +1,36 @@
-"""Outgoing requests: Telegram's flood limits, with a 429 pausing only the chat it concerns.
+"""Outgoing requests paced to Telegram's flood limits, per chat; a 429 waited out, never a traceback.
 
-python-telegram-bot's ``AIORateLimiter`` answers a ``RetryAfter`` (HTTP 429) by clearing one
-``asyncio.Event`` that *every* request of the bot waits on, so a flood-control pause in one chat
-stops the whole bot, long polling included, for ``retry_after + 0.1`` seconds. Its docstring says
-so ("A RetryAfter exception will halt *all* requests for retry_after + 0.1 seconds. This may be
-stricter than necessary"), see ``AIORateLimiter`` in
-https://github.com/python-telegram-bot/python-telegram-bot/blob/v22.0/telegram/ext/_aioratelimiter.py
-Telegram's limits are mostly per chat (about one message a second in a chat, 20 a minute in a
-group), and a busy group would otherwise stall every private chat.
+Telegram limits a bot per chat, not only overall (Bot FAQ, "My bot is hitting limits, how do I
+avoid this?"): about one message a second in a chat (short bursts tolerated), 20 messages a minute
+in a group, about 30 messages a second in all. The exact thresholds are not published, and edits
+count as well. python-telegram-bot's ``AIORateLimiter`` only has the overall and the group limit,
+and its ``RetryAfter`` handling stops *every* request of the bot for ``retry_after`` seconds (its
+docstring: "A RetryAfter exception will halt *all* requests for retry_after + 0.1 seconds").
 
-:class:`ChatRetryRateLimiter` implements PTB's public :class:`telegram.ext.BaseRateLimiter` with
-the same throttling as ``AIORateLimiter`` (``aiolimiter.AsyncLimiter``: an overall rate for
-requests to a chat, a per-group rate for groups and channels, Telegram's paid-broadcast rate) and
-its own ``RetryAfter`` handling: a 429 on a request that names a chat delays later requests *to
-that chat* until the pause is over, then retries; a 429 on a request without a chat
-(``getUpdates``, ``getFile``, ...) pauses everything.
+:class:`ChatPacedRateLimiter` implements PTB's public :class:`telegram.ext.BaseRateLimiter`:
 
-The limit on *incoming* updates per user is :func:`bot.access.limit_messages`.
+* **Pacing before Telegram refuses.** Every request that creates or edits a message in a chat
+  (``send*`` except ``sendChatAction``, ``edit*``, ``copy*``, ``forward*``) first takes a token
+  from that chat's bucket: an ``aiolimiter.AsyncLimiter`` (a leaky bucket) of ``chat_burst``
+  messages refilled at ``chat_per_second`` in private chats, of ``group_burst`` refilled at
+  ``group_per_minute`` in groups and channels (negative ids, ``@usernames``); then every request
+  to a chat takes one from the overall bucket (``overall_per_second``). Waiting requests of one
+  chat go in the order they came (aiolimiter's waiters are a FIFO heap); other chats do not wait.
+* **A 429 is waited out.** ``RetryAfter`` pauses the chat it concerns (or everything, for a
+  request without a chat: ``getUpdates``, ``getFile``) for ``retry_after`` seconds, after which
+  that chat's bucket starts full but one token, so the requests queued behind it leave one by one
+  at the chat's rate instead of together (PTB's limiter fired them all at once, each got a 429 again).
+  The request is retried for as long as it is still worth sending: until ``deadline`` seconds
+  after it was made (``limits.reply_deadline_seconds``; a request's ``rate_limit_args`` overrides
+  it). Only then is it given up: logged once, one line, no traceback, and
+  :class:`bot.telegram_io.ReplyDropped` is raised, which :func:`on_flood_error` (an error
+  handler registered before the general one) stops without a traceback or an apology (an
+  apology would be flood-limited as well).
+* ``sendChatAction`` ("typing…") is best effort: not paced, never retried.
+
+The limit on *incoming* updates per user is :func:`bot.access.limit_messages`; the tests'
+Bot API stand-in enforces the same kind of limits (``tests/botapi_standin.py``, ``FloodLimits``).
+Figures: docs/flood_control.md.
 """
 
 from __future__ import annotations
@@ -30,47 +44,74 @@ from typing import Any
 from aiolimiter import AsyncLimiter
 from telegram import constants
 from telegram.error import RetryAfter
-from telegram.ext import BaseRateLimiter
+from telegram.ext import ApplicationHandlerStop, BaseRateLimiter
 
-from bot.telegram_io import retry_after_seconds
+from bot.telegram_io import ReplyDropped, retry_after_seconds
 
-__all__ = ["ChatRetryRateLimiter"]
+__all__ = ["ChatPacedRateLimiter", "is_paced", "on_flood_error"]
 
 log = logging.getLogger(__name__)
 
 _MAX_PAUSED_CHATS = 1024
-_MAX_GROUP_LIMITERS = 512
+_MAX_CHAT_BUCKETS = 4096
 _ALL = object()  # the key of a pause that applies to every request
 _Result = bool | dict[str, Any] | list[dict[str, Any]]
+_PACED_PREFIXES = ("send", "edit", "copy", "forward")
+_BEST_EFFORT = frozenset({"sendchataction"})
 
 
-class ChatRetryRateLimiter(BaseRateLimiter[int]):
-    """Throttling as ``AIORateLimiter``'s; a ``RetryAfter`` pauses the affected chat only.
+def is_paced(endpoint: str) -> bool:
+    """Whether a Bot API method creates or edits a message (and so counts against a chat's limit).
+
+    ``sendMessage``, ``sendPhoto``, ``editMessageText``, ``copyMessage``, ``forwardMessage`` ...:
+    True; ``sendChatAction``, ``getFile``, ``answerCallbackQuery``, ``deleteMessage``: False.
+    """
+    name = endpoint.lower()
+    return name.startswith(_PACED_PREFIXES) and name not in _BEST_EFFORT
+
+
+class ChatPacedRateLimiter(BaseRateLimiter[float]):
+    """Per-chat token buckets, the overall limit on top, 429s waited out until a deadline.
 
     Args:
-        overall_max_rate: requests to chats per ``overall_time_period`` (0: no limit).
-        overall_time_period: seconds (0: no limit).
-        group_max_rate: requests to one group or channel per ``group_time_period`` (0: no limit).
-        group_time_period: seconds (0: no limit).
-        max_retries: retries after a ``RetryAfter`` (a request's ``rate_limit_args`` overrides it).
+        overall_per_second: requests to chats per second, all chats together (0: no limit;
+            Telegram's ~30, ``telegram.max_requests_per_second``).
+        chat_burst: messages a private chat may get at once (``limits.chat_messages_burst``).
+        chat_per_second: then this many per second (``limits.chat_messages_per_second``; 0: no
+            per-chat limit).
+        group_burst: messages a group or channel may get at once (``limits.group_messages_burst``).
+        group_per_minute: then this many per minute (``limits.group_messages_per_minute``; 0: no
+            group limit).
+        deadline: seconds a request may wait (queued, paused, retried) before it is given up
+            (``limits.reply_deadline_seconds``). ``rate_limit_args`` of a request overrides it.
+
+    Attributes:
+        refusals: 429 answers received (for the benchmark and the logs).
+        dropped: requests given up after ``deadline``.
     """
 
     def __init__(
         self,
-        overall_max_rate: float = constants.FloodLimit.MESSAGES_PER_SECOND,
-        overall_time_period: float = 1,
-        group_max_rate: float = constants.FloodLimit.MESSAGES_PER_MINUTE_PER_GROUP,
-        group_time_period: float = 60,
-        max_retries: int = 0,
+        *,
+        overall_per_second: float = constants.FloodLimit.MESSAGES_PER_SECOND,
+        chat_burst: int = 20,
+        chat_per_second: float = 1.0,
+        group_burst: int = 20,
+        group_per_minute: float = constants.FloodLimit.MESSAGES_PER_MINUTE_PER_GROUP,
+        deadline: float = 600.0,
     ) -> None:
-        self.max_retries = max_retries
-        self._overall = (
-            AsyncLimiter(overall_max_rate, overall_time_period) if overall_max_rate and overall_time_period else None
+        self.deadline = deadline
+        self._overall = AsyncLimiter(overall_per_second, 1) if overall_per_second > 0 else None
+        # AsyncLimiter(max_rate, time_period): a bucket of max_rate tokens, refilled at max_rate / time_period
+        self._private = (chat_burst, chat_burst / chat_per_second) if chat_burst > 0 and chat_per_second > 0 else None
+        self._group = (
+            (group_burst, group_burst * 60.0 / group_per_minute) if group_burst > 0 and group_per_minute > 0 else None
         )
-        self._group_rate = (group_max_rate, group_time_period) if group_max_rate and group_time_period else None
-        self._groups: dict[int | str, AsyncLimiter] = {}
-        self._paid = AsyncLimiter(constants.FloodLimit.PAID_MESSAGES_PER_SECOND, 1)
+        self._buckets: dict[int | str, AsyncLimiter] = {}
         self._paused_until: dict[Any, float] = {}  # chat id (or _ALL) -> event-loop time
+        self._refill_due: dict[int | str, bool] = {}  # chats whose bucket is full once their pause is over
+        self.refusals = 0
+        self.dropped = 0
 
     async def initialize(self) -> None:
         """Nothing to set up."""
@@ -78,36 +119,45 @@ class ChatRetryRateLimiter(BaseRateLimiter[int]):
     async def shutdown(self) -> None:
         """Nothing to release."""
 
-    def _group_limiter(self, group: int | str) -> AsyncLimiter:
-        assert self._group_rate is not None
-        if len(self._groups) > _MAX_GROUP_LIMITERS:  # forget idle groups (full capacity again)
-            self._groups = {k: v for k, v in self._groups.items() if k == group or not v.has_capacity(v.max_rate)}
-        if group not in self._groups:
-            self._groups[group] = AsyncLimiter(*self._group_rate)
-        return self._groups[group]
+    # ------------------------------------------------------------------ buckets and pauses
 
-    async def _throttled(
-        self, chat: bool, group: int | str | None, paid: bool, callback: Callable[..., Coroutine[Any, Any, _Result]],
-        args: Any, kwargs: dict[str, Any],
-    ) -> _Result:
-        if paid:
-            async with self._paid:
-                return await callback(*args, **kwargs)
-        async with contextlib.AsyncExitStack() as stack:
-            if group is not None and self._group_rate is not None:
-                await stack.enter_async_context(self._group_limiter(group))
-            if chat and self._overall is not None:
-                await stack.enter_async_context(self._overall)
-            return await callback(*args, **kwargs)
+    @staticmethod
+    def _is_group(chat: int | str) -> bool:
+        # the same grouping as AIORateLimiter's: negative ids and @usernames are groups and channels
+        return isinstance(chat, str) or chat < 0
 
-    async def _wait_if_paused(self, key: Any) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            until = max(self._paused_until.get(_ALL, 0.0), self._paused_until.get(key, 0.0) if key is not None else 0.0)
-            remaining = until - loop.time()
-            if remaining <= 0:
-                return
-            await asyncio.sleep(remaining)
+    def _shape(self, chat: int | str) -> tuple[float, float] | None:
+        return self._group if self._is_group(chat) else self._private
+
+    def _bucket(self, chat: int | str) -> AsyncLimiter | None:
+        shape = self._shape(chat)
+        if shape is None:
+            return None
+        bucket = self._buckets.get(chat)
+        if bucket is None:
+            if len(self._buckets) >= _MAX_CHAT_BUCKETS:  # forget idle chats (an empty bucket is a new one)
+                self._buckets = {k: v for k, v in self._buckets.items() if not v.has_capacity(v.max_rate)}
+            bucket = self._buckets[chat] = AsyncLimiter(*shape)
+        return bucket
+
+    async def _refill_if_due(self, chat: int | str) -> None:
+        """After a 429's pause: the chat's bucket starts full but one token (Telegram said it was
+        full), so the requests queued behind the 429 leave one by one at the chat's rate."""
+        if self._refill_due.pop(chat, None) is None:
+            return
+        shape = self._shape(chat)
+        if shape is None:
+            return
+        bucket = self._buckets[chat] = AsyncLimiter(*shape)  # the old bucket's waiters re-queue here
+        if bucket.max_rate > 1:
+            await bucket.acquire(bucket.max_rate - 1)  # an empty new bucket: returns at once
+
+    def _remaining_pause(self, key: Any) -> float:
+        now = asyncio.get_running_loop().time()
+        until = self._paused_until.get(_ALL, 0.0)
+        if key is not None:
+            until = max(until, self._paused_until.get(key, 0.0))
+        return until - now
 
     def _pause(self, key: Any, seconds: float) -> None:
         now = asyncio.get_running_loop().time()
@@ -116,6 +166,23 @@ class ChatRetryRateLimiter(BaseRateLimiter[int]):
         target = _ALL if key is None else key
         self._paused_until[target] = max(self._paused_until.get(target, 0.0), now + seconds)
 
+    async def _wait_turn(self, key: int | str | None, paced: bool) -> None:
+        """Until no pause applies and the chat's and the overall bucket gave a token."""
+        while True:
+            while (remaining := self._remaining_pause(key)) > 0:
+                await asyncio.sleep(remaining)
+            if paced and key is not None:
+                await self._refill_if_due(key)
+                if (bucket := self._bucket(key)) is not None:
+                    await bucket.acquire()
+                    if self._remaining_pause(key) > 0 or self._buckets.get(key) is not bucket:
+                        continue  # a 429 came while this one queued: wait for the pause, queue again
+            if key is not None and self._overall is not None:
+                await self._overall.acquire()
+            return
+
+    # ------------------------------------------------------------------ BaseRateLimiter
+
     async def process_request(
         self,
         callback: Callable[..., Coroutine[Any, Any, _Result]],
@@ -123,33 +190,68 @@ class ChatRetryRateLimiter(BaseRateLimiter[int]):
         kwargs: dict[str, Any],
         endpoint: str,
         data: dict[str, Any],
-        rate_limit_args: int | None,
+        rate_limit_args: float | None,
     ) -> _Result:
-        """Throttle like ``AIORateLimiter``; on ``RetryAfter`` pause only the chat concerned, then retry.
+        """Wait for the chat's turn, send; on ``RetryAfter`` pause the chat, retry until the deadline.
+
+        Args:
+            rate_limit_args: seconds this request may wait before it is given up (None: ``deadline``).
 
         Raises:
-            telegram.error.RetryAfter: still refused after ``max_retries`` retries.
+            bot.telegram_io.ReplyDropped: still not sent ``deadline`` seconds after the request.
+            telegram.error.RetryAfter: a refused ``sendChatAction`` (best effort, never retried).
         """
-        max_retries = rate_limit_args or self.max_retries
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + (self.deadline if rate_limit_args is None else float(rate_limit_args))
         chat_id = data.get("chat_id")
-        chat = chat_id is not None
         with contextlib.suppress(ValueError, TypeError):
             chat_id = int(chat_id)  # type: ignore[arg-type]
-        # the same grouping as AIORateLimiter's: negative ids and @usernames are groups and channels
-        group: int | str | None = chat_id if (isinstance(chat_id, int) and chat_id < 0) or isinstance(chat_id, str) else None
-        key = chat_id if chat else None
-        for attempt in range(max_retries + 1):
-            await self._wait_if_paused(key)
+        key: int | str | None = chat_id if isinstance(chat_id, int | str) else None
+        best_effort = endpoint.lower() in _BEST_EFFORT
+        paced = is_paced(endpoint)
+        while True:
             try:
-                return await self._throttled(
-                    chat, group, bool(data.get("allow_paid_broadcast", False)), callback, args, kwargs
-                )
+                async with asyncio.timeout_at(deadline):
+                    await self._wait_turn(key, paced and not best_effort)
+            except TimeoutError:
+                raise self._drop(endpoint, key, loop.time() - started, None) from None
+            try:
+                return await callback(*args, **kwargs)
             except RetryAfter as exc:
-                seconds = retry_after_seconds(exc) + 0.1
-                self._pause(key, seconds)
-                where = f"chat {key}" if key is not None else "all requests"
-                if attempt == max_retries:
-                    log.warning("Telegram flood control (%s): %s failed after %d retries", where, endpoint, max_retries)
+                self.refusals += 1
+                seconds = retry_after_seconds(exc)
+                self._pause(key, seconds + 0.1)
+                if paced and key is not None:
+                    self._refill_due[key] = True
+                if best_effort:
                     raise
-                log.info("Telegram flood control (%s): retrying %s in %.1f s", where, endpoint, seconds)
-        raise AssertionError("unreachable")  # pragma: no cover
+                if loop.time() + seconds > deadline:
+                    raise self._drop(endpoint, key, loop.time() - started, seconds) from None
+                where = f"chat {key}" if key is not None else "all requests"
+                log.info("Telegram flood control (%s): %s waits %.0f s, then is sent again", where, endpoint, seconds)
+
+    def _drop(self, endpoint: str, key: int | str | None, waited: float, retry_after: float | None) -> ReplyDropped:
+        self.dropped += 1
+        where = f"chat {key}" if key is not None else "a request without a chat"
+        why = f"Telegram asked to wait {retry_after:.0f} s more" if retry_after is not None else "still queued"
+        log.warning(
+            "dropped %s to %s: waited %.0f s for Telegram's flood limits, %s, past limits.reply_deadline_seconds (%.0f s)",
+            endpoint, where, waited, why, self.deadline,
+        )
+        return ReplyDropped(endpoint=endpoint, chat_id=key, waited=waited)
+
+
+async def on_flood_error(update: object, context: Any) -> None:
+    """Error handler (before the general one): a flood-control failure is neither a traceback nor an apology.
+
+    :class:`bot.telegram_io.ReplyDropped` was logged once by the limiter; a bare ``RetryAfter``
+    (a request that bypassed the limiter) is logged here in one line. Both stop further error
+    handlers (``ApplicationHandlerStop``): the apology would be flood-limited too.
+    """
+    error = context.error
+    if isinstance(error, ReplyDropped):
+        raise ApplicationHandlerStop
+    if isinstance(error, RetryAfter):
+        log.warning("Telegram flood control: a reply was refused (retry after %.0f s)", retry_after_seconds(error))
+        raise ApplicationHandlerStop

@@ -6,6 +6,10 @@ came for ``classify.album_wait_ms`` (a ``JobQueue.run_once`` job keyed by the al
 admin's album without ``/add`` is classified photo by photo. Stragglers arriving after their
 album was handled get the same treatment, answered on their own.
 
+Every stored (or refused) photo is counted in the admin's teaching acknowledgement
+(:mod:`bot.acks`): one message per burst of ``/add`` photos or per album, edited as they land and
+paced to the chat's flood limit, instead of one message per photo (issue 12).
+
 Store calls run in worker threads (the decode pool for adds, which decode the image to check it).
 """
 
@@ -18,8 +22,10 @@ from collections import Counter
 from typing import Any, cast
 
 from telegram import Message, Update
+from telegram.error import TelegramError
 from telegram.ext import Application, BaseHandler, CommandHandler, MessageHandler, filters
 
+from bot import acks
 from bot.classifying import classify_message
 from bot.context import Album, AlbumKey, Context
 from bot.telegram_io import (
@@ -58,47 +64,61 @@ MAX_UNDO = 100
 
 
 
-async def add_images(context: Context, refs: list[ImageRef], label: str, *, user_id: int, chat_id: int) -> str:
-    """Store the images under ``label``; returns the reply text (a summary or the reason why not)."""
+async def add_images(context: Context, anchor: Message, refs: list[ImageRef], label: str, *, user_id: int) -> None:
+    """Store the images under ``label``, each counted in the admin's teaching acknowledgement.
+
+    The acknowledgement (:mod:`bot.acks`) is the admin's open one in the anchor's chat (a burst)
+    or a new one quoting ``anchor``; it is sent and edited by its own task, so a flood-limited
+    chat never holds up storing, and a stored photo is never answered with an apology.
+
+    Args:
+        context: the handler's (or album job's) context.
+        anchor: the message a new acknowledgement replies to (the captioned photo, the command).
+        refs: the images, in order.
+        label: the label as typed (normalised here; a bad one is reported for every image).
+        user_id: the admin (``added_by``).
+    """
     data = context.bot_data
+    limits = data.config.limits
+    ack = acks.join(
+        data.teaching_acks, anchor, user_id, album=anchor.media_group_id,
+        edit_seconds=limits.teaching_edit_seconds, burst_seconds=limits.teaching_burst_seconds,
+    )
+    numbers = ack.reserve(len(refs))
+    settled = 0
     try:
-        label = normalize_label(label)
-    except LabelError as exc:
-        return error_text(exc)
-    added = already = 0
-    stored_label = label
-    problems: list[str] = []
-    for ref in refs:
         try:
-            raw = await download_image(context.bot, ref, limit=data.config.classify.max_file_bytes)
-            # in the decode pool, like users' photos: the store decodes the image to check it
-            result = await data.in_decode_pool(
-                data.workspace.store.add, raw, label, added_by=user_id, chat_id=chat_id
-            )
-        except (LabelError, StoreFullError) as exc:
-            return error_text(exc) if not added else f"Added {images_text(added)} to {stored_label}, then: {error_text(exc)}"
-        except LabelgramError as exc:  # too large, unreadable, already under another label
-            problems.append(error_text(exc))
-            continue
-        stored_label = result.label
-        if result.created:
-            added += 1
-        else:
-            already += 1
-    count = await asyncio.to_thread(data.label_count, stored_label)
-    if len(refs) == 1:
-        if problems:
-            return problems[0]
-        if added:
-            return f"Added to {stored_label} ({images_text(count)})."
-        return f"That image is already in {stored_label} ({images_text(count)})."
-    lines = [f"Added {images_text(added)} to {stored_label} ({images_text(count)} in total)."]
-    if already:
-        lines.append(f"{images_text(already).capitalize()} {'was' if already == 1 else 'were'} already there.")
-    if problems:
-        lines.append(f"{images_text(len(problems)).capitalize()} could not be added:")
-        lines += [f"• {text}" for text, _ in Counter(problems).most_common(5)]
-    return "\n".join(lines)
+            label = normalize_label(label)
+        except LabelError as exc:
+            for n in numbers:
+                ack.failed(n, error_text(exc))
+            settled = len(numbers)
+            return
+        for n, ref in zip(numbers, refs, strict=True):
+            try:
+                raw = await download_image(context.bot, ref, limit=data.config.classify.max_file_bytes)
+                # in the decode pool, like users' photos: the store decodes the image to check it
+                result = await data.in_decode_pool(
+                    data.workspace.store.add, raw, label, added_by=user_id, chat_id=anchor.chat_id
+                )
+            except (LabelError, StoreFullError) as exc:  # the same for every remaining image
+                for rest in numbers[settled:]:
+                    ack.failed(rest, error_text(exc))
+                settled = len(numbers)
+                return
+            except LabelgramError as exc:  # too large, unreadable, already under another label
+                ack.failed(n, error_text(exc))
+            except TelegramError as exc:  # the download failed: nothing stored
+                log.info("teaching: image not downloaded (%s: %s)", type(exc).__name__, exc)
+                ack.failed(n, "I couldn't download this one from Telegram. Please send it again.")
+            else:
+                ack.stored(result.label, result.created)
+            settled += 1
+    finally:
+        if settled < len(numbers):  # an unexpected error (reported by the error handler): not stored
+            for rest in numbers[settled:]:
+                ack.failed(rest, "Something went wrong on my side; it was not added.")
+        await ack.flush(context.application, data.label_count)
 
 
 async def add_from_caption(context: Context, message: Message, label: str, user_id: int) -> None:
@@ -110,7 +130,7 @@ async def add_from_caption(context: Context, message: Message, label: str, user_
     if ref is None:
         await reply(message, ADD_USAGE)
         return
-    await reply(message, await add_images(context, [ref], label, user_id=user_id, chat_id=message.chat_id))
+    await add_images(context, message, [ref], label, user_id=user_id)
 
 
 async def on_add_caption(update: Update, context: Context) -> None:
@@ -137,7 +157,7 @@ async def on_add(update: Update, context: Context) -> None:
     if not label:
         await reply(message, "Which label? " + ADD_USAGE)
         return
-    await reply(message, await add_images(context, [ref], label, user_id=user_id, chat_id=message.chat_id))
+    await add_images(context, message, [ref], label, user_id=user_id)
 
 
 _ALBUM_JOB_PREFIX = "album:"
@@ -179,7 +199,7 @@ async def collect_album_item(update: Update, context: Context, message: Message,
         if album.label:
             ref = image_ref(message)
             assert ref is not None
-            await reply(message, await add_images(context, [ref], album.label, user_id=user_id, chat_id=message.chat_id))
+            await add_images(context, message, [ref], album.label, user_id=user_id)
         elif album.label is None and label is None:
             await classify_message(context, message, user_id)
         else:
@@ -242,7 +262,7 @@ async def _answer_album(context: Context, album: Album) -> None:
         await reply(anchor, "Which label? " + ADD_USAGE)
         return
     refs = [ref for m in messages if (ref := image_ref(m)) is not None]
-    await reply(anchor, await add_images(context, refs, album.label, user_id=album.user_id, chat_id=anchor.chat_id))
+    await add_images(context, anchor, refs, album.label, user_id=album.user_id)
 
 
 async def on_undo(update: Update, context: Context) -> None:

@@ -6,7 +6,8 @@
   downloaded only when it is under the configured size limit;
 * :func:`parse_add_caption` and the :data:`ADD_CAPTION` filter - an ``/add <label>`` caption
   addressed to this bot (routing of teaching captions is done by this filter in :mod:`bot.app`);
-* :func:`retry_after_seconds` - the pause Telegram asked for in a ``RetryAfter`` (HTTP 429).
+* :func:`retry_after_seconds` - the pause Telegram asked for in a ``RetryAfter`` (HTTP 429);
+* :class:`ReplyDropped` - a message given up after waiting for Telegram's flood limits (:mod:`bot.ratelimit`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import warnings
 from dataclasses import dataclass
 
 from telegram import Bot, Message, ReplyParameters, Update
-from telegram.error import BadRequest, RetryAfter
+from telegram.error import BadRequest, RetryAfter, TelegramError
 from telegram.ext import filters
 from telegram.warnings import PTBDeprecationWarning
 
@@ -32,6 +33,7 @@ __all__ = [
     "NEW",
     "FileTooLarge",
     "ImageRef",
+    "ReplyDropped",
     "arg_text",
     "cut_text",
     "download_image",
@@ -216,3 +218,23 @@ def retry_after_seconds(exc: RetryAfter) -> float:
         warnings.simplefilter("ignore", PTBDeprecationWarning)
         value = exc.retry_after
     return value.total_seconds() if isinstance(value, dtm.timedelta) else float(value)
+
+
+class ReplyDropped(TelegramError):
+    """A request to a chat given up: Telegram's flood limits kept it waiting past the deadline.
+
+    Raised by :class:`bot.ratelimit.ChatPacedRateLimiter` (which logs it once, without a traceback)
+    after ``limits.reply_deadline_seconds``; handlers need not catch it (the error handler
+    :func:`bot.ratelimit.on_flood_error` stops it silently).
+
+    Attributes:
+        endpoint: the Bot API method (``sendMessage`` ...).
+        chat_id: the chat, None for a request without one.
+        waited: seconds the request waited before it was given up.
+    """
+
+    def __init__(self, *, endpoint: str, chat_id: int | str | None, waited: float) -> None:
+        super().__init__(f"Flood control: {endpoint} to chat {chat_id} given up after {waited:.0f} s")
+        self.endpoint = endpoint
+        self.chat_id = chat_id
+        self.waited = waited

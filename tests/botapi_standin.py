@@ -38,6 +38,17 @@ or :meth:`BotApiStandIn.open_chat`), else "chat not found", as on the real serve
 never opened a chat with the bot. No ``parse_mode`` / ``entities`` emulation (the bot sends plain text): a call using them fails with
 400, so a change that starts using them shows up here instead of passing unchecked.
 
+Flood limits (off by default): ``BotApiStandIn(flood_limits=FloodLimits(...))`` or
+:meth:`BotApiStandIn.set_flood_limits` makes the stand-in refuse, like Telegram, a message to a
+chat over that chat's limit with 429 ``Too Many Requests: retry after N`` and
+``parameters.retry_after`` (whole seconds, at least 1: the time until the chat may get one more
+message). Each chat has a leaky bucket: ``private_burst`` messages at once, refilled at
+``private_per_second``, ``group_burst`` / ``group_per_minute`` for groups (negative ids), and an
+overall one (``overall_per_second``, 0 = off). Counted are the methods of ``FloodLimits.methods``
+(sending and editing messages, not chat actions). Refused calls are recorded like any failure
+(``calls``, ``error_code == 429``; :meth:`BotApiStandIn.refusals`) and do not take a token.
+Windows scale: ``FloodLimits.scaled(10)`` is the same shape ten times faster, for short tests.
+
 This module deliberately does not import pytest: benchmarks import it as well.
 """
 
@@ -62,6 +73,7 @@ from aiohttp import web
 __all__ = [
     "BotApiStandIn",
     "Call",
+    "FloodLimits",
     "StoredFile",
     "UploadedFile",
 ]
@@ -189,6 +201,53 @@ class _Failure:
     description: str
     parameters: dict[str, Any] | None
     remaining: int
+
+
+#: Bot API methods that count against a chat's flood limit (sending and editing messages).
+FLOOD_COUNTED_METHODS = frozenset(
+    {"sendMessage", "sendPhoto", "sendDocument", "editMessageText", "editMessageReplyMarkup", "editMessageCaption"}
+)
+
+
+@dataclass(frozen=True)
+class FloodLimits:
+    """Telegram-like flood limits the stand-in enforces (see the module docstring).
+
+    The defaults are the issue-12 server: 1 message/s per private chat after a burst of 20,
+    20 messages per minute per group (burst 20), 30 per second overall.
+    """
+
+    private_burst: int = 20
+    private_per_second: float = 1.0
+    group_burst: int = 20
+    group_per_minute: float = 20.0
+    overall_per_second: float = 30.0
+    methods: frozenset[str] = FLOOD_COUNTED_METHODS
+
+    def scaled(self, factor: float) -> FloodLimits:
+        """The same bursts, refilled ``factor`` times faster (windows ``factor`` times shorter)."""
+        return FloodLimits(
+            self.private_burst, self.private_per_second * factor, self.group_burst,
+            self.group_per_minute * factor, self.overall_per_second * factor, self.methods,
+        )
+
+
+class _Bucket:
+    """A leaky bucket of ``capacity`` tokens draining at ``rate`` per second (time.monotonic)."""
+
+    __slots__ = ("capacity", "level", "rate", "stamp")
+
+    def __init__(self, capacity: float, rate: float) -> None:
+        self.capacity, self.rate, self.level, self.stamp = capacity, rate, 0.0, time.monotonic()
+
+    def take(self, now: float) -> float:
+        """Take a token and return 0, or return the seconds until one is free (nothing taken)."""
+        self.level = max(0.0, self.level - (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.level + 1 <= self.capacity + 1e-9:
+            self.level += 1
+            return 0.0
+        return (self.level + 1 - self.capacity) / self.rate
 
 
 @dataclass
@@ -324,6 +383,7 @@ class BotApiStandIn:
         bot_username: str = "labelgram_test_bot",
         bot_first_name: str = "Labelgram Test",
         first_update_id: int = 100_000,
+        flood_limits: FloodLimits | None = None,
     ) -> None:
         self.token = token
         self.host = host
@@ -360,6 +420,8 @@ class BotApiStandIn:
         self._commands: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._failures: dict[str, list[_Failure]] = {}
         self._waiters: list[_Waiter] = []
+        self._flood: FloodLimits | None = flood_limits
+        self._flood_buckets: dict[Any, _Bucket] = {}
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -550,6 +612,50 @@ class BotApiStandIn:
             self._failures.setdefault(method.lower(), []).append(
                 _Failure(error_code, description, parameters, count)
             )
+
+    def set_flood_limits(self, limits: FloodLimits | None) -> None:
+        """Enforce ``limits`` from now on (fresh buckets), or stop enforcing any (None)."""
+        with self._lock:
+            self._flood = limits
+            self._flood_buckets = {}
+
+    def refusals(self, chat_id: int | str | None = None) -> int:
+        """429 answers given (to one chat, or in all)."""
+        with self._lock:
+            return sum(1 for c in self.calls if c.error_code == 429 and (chat_id is None or c.chat_id == chat_id))
+
+    def _flood_check(self, method: str, params: dict[str, Any]) -> _ApiError | None:
+        """A 429 if this call is over its chat's (or the overall) limit, else None (a token is taken)."""
+        limits = self._flood
+        chat = _norm_chat_id(params.get("chat_id"))
+        if limits is None or method not in limits.methods or chat is None:
+            return None
+        group = isinstance(chat, str) or chat < 0
+        capacity, rate = (
+            (limits.group_burst, limits.group_per_minute / 60.0) if group
+            else (limits.private_burst, limits.private_per_second)
+        )
+        now = time.monotonic()
+        with self._lock:
+            waits = []
+            if rate > 0:
+                bucket = self._flood_buckets.get(chat)
+                if bucket is None:
+                    bucket = self._flood_buckets[chat] = _Bucket(capacity, rate)
+                waits.append((bucket, bucket.take(now)))
+            if limits.overall_per_second > 0:
+                overall = self._flood_buckets.get(None)
+                if overall is None:
+                    overall = self._flood_buckets[None] = _Bucket(limits.overall_per_second, limits.overall_per_second)
+                waits.append((overall, overall.take(now)))
+            wait = max((w for _, w in waits), default=0.0)
+            if wait > 0:
+                for bucket, w in waits:  # refused: give back the token another bucket gave
+                    if w == 0:
+                        bucket.level -= 1
+                retry_after = max(1, int(-(-wait // 1)))
+                return _ApiError(429, f"Too Many Requests: retry after {retry_after}", {"retry_after": retry_after})
+        return None
 
     def _add_chat(
         self,
@@ -1122,7 +1228,7 @@ class BotApiStandIn:
             call.params, call.files = params, files
             for name, up in files.items():
                 params[name] = up.data
-            failure = self._take_failure(canonical.lower())
+            failure = self._take_failure(canonical.lower()) or self._flood_check(canonical, params)
             if failure is not None:
                 raise failure
             result = handler(params, files)

@@ -1,6 +1,6 @@
 """Issue 4.5: load, flooding users and Telegram's 429 flood control, against the local stand-in.
 
-* ``test_fifty_chats_...``: the bot runs as its own process (``python -m bot run``) so its memory
+* ``test_fifty_chats_...`` (with the stand-in's Telegram-like flood limits on): the bot runs as its own process (``python -m bot run``) so its memory
   is its own; 50 chats send photos as fast as the bot answers them for :data:`LOAD_SECONDS` while
   an admin teaches new images and a retraining runs, and one user floods. Every update is answered
   exactly once (the flooder's over-limit photos: one polite warning, the rest dropped without being
@@ -9,8 +9,8 @@
 * ``test_a_429_in_one_chat_...``: ``sendMessage`` to one chat answers 429 ``retry_after=2``; that
   chat's reply is retried after the pause, and other chats are answered during it (PTB's
   ``AIORateLimiter`` paused every chat for 2.1 s; ``bot/ratelimit.py`` pauses only that one).
-* ``test_the_rate_limiter_...``: the same limiter without the bot: one chat's 429 does not delay
-  another chat, a 429 without a chat (``getUpdates``) pauses all, retries are bounded.
+* The limiter alone, and teaching and groups under Telegram-like per-chat limits enforced by the
+  stand-in: tests/test_flood_pacing.py (issue 12).
 * ``test_a_user_flooding_commands_...``: ``limits.messages_per_minute`` cuts off a non-admin who
   floods commands, ``/add`` captions and button presses (one polite sentence, the rest dropped),
   while admins and other users are answered.
@@ -29,9 +29,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from telegram.error import RetryAfter
 
-from bot.ratelimit import ChatRetryRateLimiter
 from model_store.dataset import ImageStore
 from tests.auxil.bot_harness import (
     ADMIN,
@@ -44,7 +42,7 @@ from tests.auxil.bot_harness import (
     running_bot,
 )
 from tests.auxil.standin_extras import HardenedStandIn
-from tests.botapi_standin import Call
+from tests.botapi_standin import Call, FloodLimits
 
 #: how long the 50 chats keep sending (the issue's 60 s)
 LOAD_SECONDS = 60.0
@@ -100,6 +98,8 @@ level = "WARNING"
 
 @pytest.mark.slow
 async def test_fifty_chats_an_admin_and_a_training_under_load(api: HardenedStandIn, store_copy: Path, tmp_path: Path) -> None:
+    # Telegram-like flood limits on (issue 12): 1 message/s per chat after a burst of 20, 30/s in all
+    api.set_flood_limits(FloodLimits())
     config_path = tmp_path / "config.toml"
     _write_config(config_path, api, store_copy)
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith(("LABELGRAM_", "TELEGRAM_"))}
@@ -310,44 +310,3 @@ async def test_a_user_flooding_commands_buttons_and_captions_is_cut_off_politely
     assert all(t.startswith("3 labels") for t in admin_texts)
     assert other.startswith("Send me a photo")
     assert {i.name: i.count for i in ImageStore(store_copy).labels()} == {"pants": 6, "shoes": 6, "t-shirt": 6}
-
-
-@pytest.mark.slow
-async def test_the_rate_limiter_pauses_one_chat_or_everything_and_gives_up_after_its_retries() -> None:
-    limiter = ChatRetryRateLimiter(overall_max_rate=0, overall_time_period=0, max_retries=1)
-    calls: list[str] = []
-
-    def request(name: str, failures: int, retry_after: int = 1):  # noqa: ANN202
-        count = {"n": 0}
-
-        async def callback() -> str:
-            calls.append(name)
-            count["n"] += 1
-            if count["n"] <= failures:
-                raise RetryAfter(retry_after)
-            return name
-
-        return callback
-
-    async def until(predicate) -> None:  # noqa: ANN001
-        while not predicate():
-            await asyncio.sleep(0.001)
-
-    # a 429 in chat 1 pauses chat 1 only: chat 2's request goes through meanwhile
-    first = asyncio.create_task(limiter.process_request(request("a", 1), (), {}, "sendMessage", {"chat_id": 1}, None))
-    await until(lambda: calls == ["a"])
-    assert await limiter.process_request(request("b", 0), (), {}, "sendMessage", {"chat_id": 2}, None) == "b"
-    assert calls == ["a", "b"], "chat 2 did not wait for chat 1's pause"
-    assert await first == "a" and calls == ["a", "b", "a"]
-    # a 429 on a request without a chat (getUpdates, getFile) pauses every chat
-    calls.clear()
-    poll = asyncio.create_task(limiter.process_request(request("poll", 1), (), {}, "getUpdates", {}, None))
-    await until(lambda: calls == ["poll"])
-    other = asyncio.create_task(limiter.process_request(request("c", 0), (), {}, "sendMessage", {"chat_id": 3}, None))
-    await asyncio.sleep(0.3)
-    assert calls == ["poll"], "chat 3 waited for the pause of all requests"
-    assert await poll == "poll" and await other == "c"
-    # retries are limited: the last RetryAfter reaches the caller
-    with pytest.raises(RetryAfter):
-        await limiter.process_request(request("d", 5, retry_after=0), (), {}, "sendMessage", {"chat_id": 4}, None)
-    assert calls.count("d") == 2

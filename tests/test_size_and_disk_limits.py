@@ -91,7 +91,7 @@ async def test_files_over_the_limit_are_refused_before_any_download(api: Hardene
             assert text.startswith("That file is too large"), (key, text)
             assert "I can only look at images up to" in text, (key, text)
     assert texts["album"].startswith("Added 2 images to hat (2 images in total).")
-    assert "1 image could not be added:\n• That file is too large" in texts["album"]
+    assert "1 image could not be added:\n• #2: That file is too large" in texts["album"]
     for file_id in refused_files:
         assert api.downloaded(file_id) == 0, f"{file_id} was downloaded although it is over the limit"
     assert labels_in(good)[0] == "shoes"
@@ -150,7 +150,8 @@ async def test_the_floor_reached_in_the_middle_of_an_album(
         mids = [bot.send_photo(ADMIN, p, media_group_id="filling", caption="/add hat" if i == 0 else None)
                 for i, p in enumerate(photos("hat")[:5])]
         text = await bot.reply_text(ADMIN, mids[0])
-    assert text.startswith("Added 2 images to hat, then: The image store is almost out of disk space"), text
+    assert text.startswith("Added 2 images to hat (2 images in total).\n3 images could not be added:\n"
+                           "• #3, #4, #5: The image store is almost out of disk space"), text
     assert len(store_state(store_copy).added_since(before)) == 2
     assert not [p for p in store_copy.rglob("*") if p.name.startswith(".tmp-")]
 
