@@ -53,7 +53,6 @@ from bot.state import BotState
 from bot.training_runner import Trainer, retrain_command
 from model_store.classifier import Classifier
 from model_store.errors import LabelgramError
-from model_store.review import ReviewSettings
 from model_store.workspace import Workspace
 
 __all__ = [
@@ -215,7 +214,7 @@ def build_application(
         config.store_dir,
         min_free_bytes=config.limits.min_free_disk_mb * 1024 * 1024,
         max_pixels=config.classify.max_pixels,
-        review=review_settings(config),
+        review=review.store_settings(config),
     )
     classifier = Classifier(ws.registry, max_batch=config.classify.max_batch, engine=config.engine.settings())
     top_k = config.classify.top_k
@@ -290,14 +289,6 @@ def build_application(
     add_handlers(application, data.admins)
     data.schedule_job = setup_schedule(application, data)
     return application
-
-
-def review_settings(config: Config) -> ReviewSettings:
-    """The review store's settings from the ``[review]`` config section."""
-    r = config.review
-    return ReviewSettings(
-        max_queue=r.max_queue, max_answers=r.max_answers, retention_days=r.keep_days, uncertain_margin=r.uncertain_margin
-    )
 
 
 #: the commands only admins may use (everyone else gets a refusal)

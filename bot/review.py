@@ -41,11 +41,13 @@ from bot.telegram_io import NEW, FileTooLarge, ImageRef, download_image, images_
 from bot.wording import error_text
 from model_store.errors import DuplicateImageError, LabelgramError, ReviewItemGoneError
 from model_store.labels import label_key
+from model_store.review import ReviewSettings
 
 if TYPE_CHECKING:
+    from bot.config import Config
     from model_store.review import ReviewItem
 
-__all__ = ["ReviewButton", "handlers", "item_text", "on_review", "on_review_button"]
+__all__ = ["ReviewButton", "handlers", "item_text", "on_review", "on_review_button", "store_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,14 @@ MAX_SKIPPED = 50
 
 #: Telegram's caption limit is 1,024 characters
 MAX_CAPTION = 1000
+
+def store_settings(config: Config) -> ReviewSettings:
+    """The review store's settings (:class:`model_store.review.ReviewSettings`) from the ``[review]`` config section."""
+    r = config.review
+    return ReviewSettings(
+        max_queue=r.max_queue, max_answers=r.max_answers, retention_days=r.keep_days, uncertain_margin=r.uncertain_margin
+    )
+
 
 ReviewAction = Literal["accept", "labels", "page", "discard", "next", "back"]
 
