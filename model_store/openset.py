@@ -37,8 +37,11 @@ Conformal Prediction", 2021): a new known photo then passes with probability at 
 n >= p / (1 - p) = 99 photos. With fewer than :data:`MIN_CALIBRATION_IMAGES` validation photos (a
 small store, :func:`fit_calibrated`), the kNN part is calibrated on them plus the training photos'
 leave-one-out scores, the softmax part on the validation photos alone (the head has seen its
-training photos), each part at ``1 - (1 - p) / 2`` so that ``p`` pass both (Bonferroni); below
-the photos a quantile needs, the largest score is the threshold (the guarantee is then n / (n + 1)).
+training photos), each part at ``1 - (1 - p) / 2`` so that ``p`` pass both (Bonferroni). Below the photos a
+quantile needs, the kNN part takes the largest score as its threshold (the guarantee is then
+n / (n + 1)) and the softmax part is not used: its largest score over a few validation photos would
+call about one ordinary, merely uncertain known photo in n + 1 "unknown" (the bot's "I'm not sure"
+reply is for those).
 
 What a version stores (:data:`OPENSET_FILE`, written through :mod:`model_store.fs`): the training
 photos' normalised vectors as float16 (at most :data:`MAX_BANK` of them, an even subsample beyond:
@@ -364,8 +367,9 @@ class OpenSet:
         and return :attr:`threshold` (1.0).
 
         Each part gets the conformal threshold for ``1 - (1 - pass_rate) / 2`` of its own scores
-        (Bonferroni: at least ``pass_rate`` then pass both); a part without scores is not used
-        (its threshold infinite).
+        (Bonferroni: at least ``pass_rate`` then pass both); the max-softmax part is not used (its
+        threshold infinite) without the photos that quantile needs (``ceil(q (M + 1)) <= M``, 199
+        at the default pass rate).
 
         Args:
             knn: float ``(N,)`` kNN scores of known photos (validation and leave-one-out training).
@@ -379,7 +383,11 @@ class OpenSet:
         each = 1 - (1 - pass_rate) / 2
         self.pass_rate = pass_rate
         self.knn_threshold = calibrate_threshold(knn, each)
-        self.msp_threshold = max(calibrate_threshold(msp, each), MSP_FLOOR) if len(msp) else math.inf
+        # The softmax part only where its quantile exists (ceil(each (M + 1)) <= M, M >= 199 at the
+        # default pass rate): on a few validation photos "the largest score" rejects about 1 in M + 1
+        # ordinary known photos that the model is merely unsure of ("I'm not sure" covers those).
+        enough = len(msp) and math.ceil(each * (len(msp) + 1) - 1e-9) <= len(msp)
+        self.msp_threshold = max(calibrate_threshold(msp, each), MSP_FLOOR) if enough else math.inf
         self.threshold = 1.0
         return self.threshold
 

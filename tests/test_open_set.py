@@ -136,15 +136,24 @@ def test_combined_score_flags_a_far_photo_and_one_the_head_cannot_tell_apart() -
 def test_a_small_store_calibrates_the_softmax_part_on_validation_photos_only() -> None:
     """Under MIN_CALIBRATION_IMAGES validation photos: the kNN part also on the training photos'
     leave-one-out scores, the softmax part on the validation photos alone (the head was trained on
-    the others: their softmax is over-confident), each at 1 - (1 - 0.99) / 2 (Bonferroni)."""
+    the others: their softmax is over-confident), each at 1 - (1 - 0.99) / 2 (Bonferroni); the
+    softmax part only with the 199 validation photos that quantile needs."""
     _, _, y, feats, weights = _clusters(6, 90, 32)
     train, val = np.arange(90) % 3 != 0, np.arange(90) % 3 == 0  # 60 training, 30 validation photos
     scorer, calibration, n = fit_calibrated(feats[train], y[train], feats[val], head_weights=weights)
     assert calibration == "validation + training (leave-one-out)" and n == 90
     knn_all = np.concatenate([scorer.knn_scores(feats[val]), scorer.leave_one_out_scores()])
     assert scorer.knn_threshold == calibrate_threshold(knn_all, 0.995) == knn_all.max()  # 90 < 199 photos
-    assert scorer.msp_threshold == max(scorer.msp_scores(feats[val]).max(), MSP_FLOOR)
+    # 30 validation photos: too few for the softmax part's 99.5% quantile, which is not used
+    assert scorer.msp_threshold == np.inf
     assert not scorer.is_unknown(scorer.score(feats[val])).any()
+    # with enough of them (199 at 99.5%), the softmax part gets its conformal threshold
+    _, _, y2, feats2, weights2 = _clusters(6, 420, 32)
+    train2, val2 = np.arange(420) % 2 == 0, np.arange(420) % 2 == 1  # 210 training, 210 validation photos
+    scorer2 = OpenSet.fit(feats2[train2], y2[train2], head_weights=weights2)
+    msp2 = scorer2.msp_scores(feats2[val2])
+    scorer2.calibrate_parts(scorer2.knn_scores(feats2[val2]), msp2)
+    assert scorer2.msp_threshold == max(calibrate_threshold(msp2, 0.995), MSP_FLOOR) < np.inf
     # no validation photo at all: the softmax part is not used, the kNN part is as alone
     alone, calibration, _ = fit_calibrated(feats[train], y[train], feats[:0], head_weights=weights)
     assert alone.msp_threshold == np.inf and calibration == "validation + training (leave-one-out)"
