@@ -286,6 +286,19 @@ def format_progress(stage: str, done: int, total: int, elapsed: float) -> str:
     return f"Retraining… {detail} ({elapsed:.0f} s)"
 
 
+def _open_set_thresholds(open_set: dict[str, Any]) -> str:
+    """The thresholds of ``metrics["open_set"]``: the kNN distance's and, for the combined method
+    (``model_store.openset``), the top softmax probability under which a photo is unknown."""
+    knn = open_set.get("knn_threshold")
+    if knn is None:  # the kNN distance alone (versions trained before the combined check)
+        return f"threshold {float(open_set['threshold']):.3f}"
+    msp = open_set.get("msp_threshold")
+    softmax = (
+        f"top probability under {1 - float(msp):.0%}" if msp is not None else "softmax part off (too few validation images)"
+    )
+    return f"distance threshold {float(knn):.3f}, {softmax}"
+
+
 def format_report(outcome: TrainingOutcome, real_world: RealWorld | None = None) -> str:
     """The report an admin reads after a training: outcome, accuracy, per-label figures.
 
@@ -322,8 +335,7 @@ def format_report(outcome: TrainingOutcome, real_world: RealWorld | None = None)
             )
         open_set = m.get("open_set") or {}
         if isinstance(open_set, dict) and open_set.get("threshold") is not None:
-            lines.append(
-                f"Unknown-photo check: threshold {open_set['threshold']:.3f} "
+            lines.append(f"Unknown-photo check: {_open_set_thresholds(open_set)} "
                 f"({float(open_set.get('pass_rate') or 0.95):.0%} of known photos pass); "
                 f"it rejects {open_set.get('test_rejected')} of {open_set.get('test_images')} test images"
             )

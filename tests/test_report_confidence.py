@@ -134,5 +134,13 @@ def test_the_report_gives_the_unknown_photo_threshold_and_how_many_test_images_i
     open_set = {"method": "knn", "threshold": 0.4213, "pass_rate": 0.95, "test_images": 35, "test_rejected": 2}
     text = format_report(TrainingOutcome("promoted", "ok", version="v2", metrics=metrics(open_set=open_set)))
     assert "Unknown-photo check: threshold 0.421 (95% of known photos pass); it rejects 2 of 35 test images" in text
+    combined = {"method": "knn+msp", "threshold": 1.0, "knn_threshold": 0.3512, "msp_threshold": 0.62,
+                "pass_rate": 0.99, "test_images": 251, "test_rejected": 3}
+    text = format_report(TrainingOutcome("promoted", "ok", version="v3", metrics=metrics(open_set=combined)))
+    assert ("Unknown-photo check: distance threshold 0.351, top probability under 38% (99% of known photos pass); "
+            "it rejects 3 of 251 test images") in text
+    small = dict(combined, msp_threshold=None)
+    text = format_report(TrainingOutcome("promoted", "ok", version="v4", metrics=metrics(open_set=small)))
+    assert "distance threshold 0.351, softmax part off (too few validation images)" in text
     # a version trained before the open-set check says nothing about it
     assert "Unknown-photo" not in format_report(TrainingOutcome("promoted", "ok", version="v1", metrics=metrics()))
