@@ -102,6 +102,8 @@ class BotData:
         self.albums: dict[AlbumKey, Album] = {}
         #: admins' open teaching acknowledgements, by (chat id, user id, album id or "") (bot.acks)
         self.teaching_acks: dict[tuple[int, int, str], TeachingAck] = {}
+        #: review items an admin's accept / discard / next press is being handled for (bot.review)
+        self.review_busy: set[int] = set()
         #: the start-up load of the serving model (bot.app)
         self.warmup: asyncio.Future[Any] | None = None
 

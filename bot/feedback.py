@@ -17,7 +17,8 @@ photos at once, downloaded by its file id and stored exactly like ``/add`` (:fun
 Button state: PTB's arbitrary callback data (``ApplicationBuilder.arbitrary_callback_data``, as
 ``/delete`` uses). Telegram only sees a random id; the button's :class:`FeedbackButton` lives in
 PTB's in-memory LRU cache, sized by ``review.button_cache`` (keyboards; every pressed keyboard is
-dropped from it when it is replaced, so one answer holds one entry). The buttons of one answer
+dropped from it :data:`REPLACED_GRACE_SECONDS` after it is replaced, so one answer holds one entry
+once the taps are over, and the second tap of a double tap is not told the button expired). The buttons of one answer
 share one mutable :class:`Answer`, which receives the store's ``answer_id`` once it is recorded:
 the reply is sent before the store is written, so the id cannot be in the data Telegram sees.
 Chosen over compact callback data (an answer id in the 64 bytes Telegram allows, the rest in the
@@ -71,9 +72,11 @@ __all__ = [
     "feedback_keyboard",
     "handlers",
     "label_pages",
+    "no_longer_text",
     "on_feedback_button",
     "on_withdraw",
     "send_answer",
+    "stored_label",
     "thanks_text",
 ]
 
@@ -81,6 +84,9 @@ log = logging.getLogger(__name__)
 
 #: how long a press waits for the store to record its answer (it is written right after the reply)
 RECORD_WAIT_SECONDS = 10.0
+
+#: seconds the buttons of a replaced keyboard keep working (a double tap; a slow client)
+REPLACED_GRACE_SECONDS = 30.0
 
 #: the line that separates the answer from the thanks in an edited reply
 THANKS_SEPARATOR = "\n\n✔ "
@@ -282,9 +288,15 @@ async def _answer_query(query: CallbackQuery, text: str | None = None, *, alert:
 
 
 def _forget_keyboard(context: Context, query: CallbackQuery) -> None:
-    """Drop the pressed keyboard from PTB's cache (it has just been replaced)."""
-    with contextlib.suppress(KeyError):
-        context.drop_callback_data(query)
+    """Drop the pressed keyboard from PTB's cache (it has just been replaced), after
+    :data:`REPLACED_GRACE_SECONDS`: the second tap of a double tap, or a tap made before the
+    client showed the new keyboard, still works instead of being told the button expired."""
+
+    def drop() -> None:
+        with contextlib.suppress(KeyError):
+            context.drop_callback_data(query)
+
+    asyncio.get_running_loop().call_later(REPLACED_GRACE_SECONDS, drop)
 
 
 async def _set_markup(context: Context, query: CallbackQuery, markup: InlineKeyboardMarkup | None) -> bool:
@@ -299,6 +311,19 @@ async def _set_markup(context: Context, query: CallbackQuery, markup: InlineKeyb
         return False
     _forget_keyboard(context, query)
     return True
+
+
+async def stored_label(data: BotData, label: str) -> str | None:
+    """The stored label that ``label`` names (any letter case), or None: renamed or deleted since
+    its button was shown (adding to it would create it again, with this one photo)."""
+    key = label_key(label)
+    infos = await asyncio.to_thread(data.workspace.store.labels)
+    return next((i.name for i in infos if label_key(i.name) == key), None)
+
+
+def no_longer_text(label: str) -> str:
+    """What a button naming a label that is gone says."""
+    return f"“{label}” is no longer one of my labels (renamed or deleted meanwhile)."
 
 
 async def _labels(data: BotData, answer: Answer) -> list[str]:
@@ -417,6 +442,8 @@ async def _teach(
             return f"Taken out of {old_label} again."
     if verdict == "none" or label is None:
         return None
+    if await stored_label(data, label) is None:
+        return f"I didn't add it to my training photos: {no_longer_text(label)}"
     try:
         added = await add_by_file_id(context, answer.file_id, label, added_by=teacher, chat_id=answer.chat_id, suggested_by=teacher)
     except DuplicateImageError as exc:

@@ -36,7 +36,7 @@ from telegram.ext import BaseHandler, CommandHandler, filters
 
 from bot.access import ButtonsFrom
 from bot.context import BotData, Context
-from bot.feedback import label_pages
+from bot.feedback import label_pages, no_longer_text, stored_label
 from bot.telegram_io import NEW, FileTooLarge, ImageRef, download_image, images_text
 from bot.wording import error_text
 from model_store.errors import DuplicateImageError, LabelgramError, ReviewItemGoneError
@@ -229,7 +229,25 @@ async def on_review_button(update: Update, context: Context) -> None:
         return
     button: ReviewButton = query.data
     data = context.bot_data
+    if button.action in ("accept", "discard", "next"):
+        # a double tap, or two admins' presses together: the first is handled, the others wait for
+        # nothing (each would show the next item again)
+        if button.item_id in data.review_busy:
+            await _answer(query, "One moment: I'm already on it.")
+            return
+        data.review_busy.add(button.item_id)
+        try:
+            await _on_press(context, query, button)
+        finally:
+            data.review_busy.discard(button.item_id)
+        return
+    await _on_press(context, query, button)
+
+
+async def _on_press(context: Context, query: CallbackQuery, button: ReviewButton) -> None:
+    data = context.bot_data
     admin = query.from_user.id
+    assert query.message is not None
     chat_id = query.message.chat.id
     item = await asyncio.to_thread(data.review.get_item, button.item_id)
     if item is None or item.status != "pending":
@@ -281,6 +299,9 @@ async def _accept(context: Context, query: CallbackQuery, item: ReviewItem, labe
     admin = query.from_user.id
     assert query.message is not None
     chat_id = query.message.chat.id
+    if await stored_label(data, label) is None:  # adding would create it again, with this one photo
+        await _answer(query, no_longer_text(label) + " Choose another label.", alert=True)
+        return
     try:
         raw = await download_image(context.bot, ImageRef(item.file_id, None, "photo"), limit=data.config.classify.max_file_bytes)
     except FileTooLarge as exc:

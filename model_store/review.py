@@ -809,11 +809,12 @@ class ReviewStore:
             (count,) = conn.execute("SELECT COUNT(*) FROM review_answers").fetchone()
         return int(count)
 
-    def real_world_accuracy(self, *, since: float) -> dict[str, tuple[int, int]]:
+    def real_world_accuracy(self, *, since: float, model_version: str | None = None) -> dict[str, tuple[int, int]]:
         """Accuracy as users reported it: per answered label, ``(right, rated)``.
 
         Counts the answers given at or after ``since`` (unix seconds; the bot passes the serving
-        version's training time) that their sender rated, grouped by the model's top-1 label
+        version's training time) by ``model_version`` (None: by any model; after a rollback the
+        newer model's answers are not the older one's) that their sender rated, grouped by the model's top-1 label
         (so ``right / rated`` is the precision users observed for that label). Answers flagged
         unknown are not counted here (:meth:`unknown_feedback`). Answers expire after
         ``settings.retention_days``, so at most that window is counted.
@@ -825,8 +826,9 @@ class ReviewStore:
         with self._transaction() as conn:
             rows = conn.execute(
                 "SELECT predictions, verdict FROM review_answers "
-                "WHERE verdict IS NOT NULL AND created_at >= ? AND (is_unknown IS NULL OR is_unknown = 0)",
-                (float(since),),
+                "WHERE verdict IS NOT NULL AND created_at >= ? AND (is_unknown IS NULL OR is_unknown = 0) "
+                "AND (? IS NULL OR model_version = ?)",
+                (float(since), model_version, model_version),
             ).fetchall()
         for predictions, verdict in rows:
             label = str(json.loads(predictions)[0][0])
@@ -835,12 +837,13 @@ class ReviewStore:
             entry[1] += 1
         return {label: (right, rated) for label, (right, rated) in sorted(counts.items())}
 
-    def unknown_feedback(self, *, since: float) -> tuple[int, int]:
-        """For answers flagged unknown since ``since``: ``(agreed, rated)`` (agreed: "right" or "none")."""
+    def unknown_feedback(self, *, since: float, model_version: str | None = None) -> tuple[int, int]:
+        """For answers flagged unknown since ``since`` (by ``model_version``, None: any):
+        ``(agreed, rated)`` (agreed: "right" or "none")."""
         with self._transaction() as conn:
             agreed, rated = conn.execute(
                 "SELECT COALESCE(SUM(verdict IN ('right', 'none')), 0), COUNT(*) FROM review_answers "
-                "WHERE verdict IS NOT NULL AND created_at >= ? AND is_unknown = 1",
-                (float(since),),
+                "WHERE verdict IS NOT NULL AND created_at >= ? AND is_unknown = 1 AND (? IS NULL OR model_version = ?)",
+                (float(since), model_version, model_version),
             ).fetchone()
         return int(agreed), int(rated)

@@ -1,0 +1,145 @@
+"""What a fresh-eyes tester found in the feedback buttons, the review queue and real-world accuracy.
+
+End to end over the real Application and the HTTP Bot API stand-in (session-trained store:
+shoes / pants / t-shirt), except the real-world accuracy check, which reads a real review store.
+
+* a double tap on a feedback button: the second tap (on the keyboard the first one replaced) was
+  told "This button has expired ... send the photo again" and the new keyboard was taken off;
+* a review item accepted as a label an admin renamed (or deleted) meanwhile recreated the old label
+  with that one photo, splitting the class; a teacher's tap did the same;
+* /status and the training report after /rollback counted the answers of the newer model as
+  "users' feedback on model <older> since it was trained";
+* two presses of "Accept as" / "Discard" arriving together sent the next item twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from bot.reports import RealWorld
+from model_store.dataset import ImageStore
+from model_store.review import ReviewStore
+from tests.auxil.bot_harness import ADMIN, TRAIN_PER_LABEL, USER, bot_config, labels_in, photos, running_bot
+from tests.auxil.review_harness import ReviewStandIn, buttons, current, press, press_data, until
+from tests.auxil.store_checks import assert_no_traceback
+
+LABELS = {"shoes", "pants", "t-shirt"}
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[ReviewStandIn]:
+    async with ReviewStandIn() as stand_in:
+        yield stand_in
+
+
+def held_out(label: str, i: int = 0) -> Path:
+    return photos(label)[TRAIN_PER_LABEL + i]
+
+
+async def test_a_double_tap_on_a_feedback_button_is_not_told_it_expired(api: ReviewStandIn, store_copy: Path) -> None:
+    async with running_bot(api, bot_config(api, store_copy)) as bot:
+        answer = await bot.reply(USER, bot.send_photo(USER, held_out("shoes")))
+        await until(lambda: bot.svc.review.answer_count() == 1)
+        original = answer.result
+        first = await press(api, USER, answer, "Right")
+        # the second tap of a double tap comes from the keyboard the first one replaced
+        second = await press_data(api, USER, buttons(original)["👍 Right"], original)
+        wrong_again = await press_data(api, USER, buttons(original)["👎 Wrong"], original)
+        await asyncio.sleep(0.2)
+        after = current(api, answer)
+    assert first["text"] == second["text"] == "Thanks!"
+    assert wrong_again["text"] == "Which label is it?"
+    assert "None of these" in buttons(after)  # the keyboard is still there, now the labels
+    assert_no_traceback(api)
+
+
+async def _rate_wrong(bot, api: ReviewStandIn, photo: Path) -> tuple[str, str]:  # noqa: ANN001
+    """USER sends ``photo`` and says it is another label; returns (the guess, the label given)."""
+    answer = await bot.reply(USER, bot.send_photo(USER, photo))
+    guess = labels_in(str(answer.params["text"]))[0]
+    other = sorted(LABELS - {guess})[0]
+    await until(lambda: bot.svc.review.answer_count() >= 1)
+    await press(api, USER, answer, "Wrong")
+    await press(api, USER, answer, other)
+    return guess, other
+
+
+async def test_accepting_as_a_label_renamed_meanwhile_does_not_recreate_it(api: ReviewStandIn, store_copy: Path) -> None:
+    async with running_bot(api, bot_config(api, store_copy, review={"auto_queue": False})) as bot:
+        _, other = await _rate_wrong(bot, api, held_out("pants", 1))
+        item = await bot.reply(ADMIN, bot.send_text(ADMIN, "/review"))
+        assert f"✅ Accept as {other}" in buttons(item.result)
+        renamed = await bot.ask(ADMIN, f"/rename {other} {other}-new")
+        refused = await press(api, ADMIN, item, "Accept as")
+        pending = bot.svc.review.pending_count()
+    labels = {i.name: i.count for i in ImageStore(store_copy).labels()}
+    assert other not in labels, (renamed, refused, labels)  # not recreated with one photo
+    assert labels[f"{other}-new"] == TRAIN_PER_LABEL
+    assert refused["show_alert"] is True and f"{other}" in refused["text"] and "no longer" in refused["text"]
+    assert pending == 1  # the item stays: another label can still be chosen
+    assert_no_traceback(api)
+
+
+async def test_a_teachers_tap_on_a_label_deleted_meanwhile_does_not_recreate_it(api: ReviewStandIn, store_copy: Path) -> None:
+    async with running_bot(api, bot_config(api, store_copy, teachers=[USER])) as bot:
+        answer = await bot.reply(USER, bot.send_photo(USER, held_out("t-shirt", 1)))
+        guess = labels_in(str(answer.params["text"]))[0]
+        other = sorted(LABELS - {guess})[0]
+        await until(lambda: bot.svc.review.answer_count() == 1)
+        await press(api, USER, answer, "Wrong")  # the labels keyboard, shown before the label goes
+        confirm = await bot.reply(ADMIN, bot.send_text(ADMIN, f"/delete {other}"))
+        await press(api, ADMIN, confirm, "Delete")
+        await until(lambda: other not in {i.name for i in ImageStore(store_copy).labels()})
+        await press(api, USER, answer, other)
+        text = current(api, answer)["text"]
+    assert other not in {i.name for i in ImageStore(store_copy).labels()}, text
+    assert "no longer" in text
+    assert_no_traceback(api)
+
+
+async def test_two_presses_of_accept_arriving_together_send_the_next_item_once(api: ReviewStandIn, store_copy: Path) -> None:
+    async with running_bot(api, bot_config(api, store_copy, review={"auto_queue": False})) as bot:
+        await _rate_wrong(bot, api, held_out("pants", 1))
+        await _rate_wrong(bot, api, held_out("shoes", 1))
+        await until(lambda: bot.svc.review.pending_count() == 2)
+        item = await bot.reply(ADMIN, bot.send_text(ADMIN, "/review"))
+        (data,) = [v for k, v in buttons(item.result).items() if k.startswith("✅ Accept as")]
+        mark = api.mark()
+        updates = [api.make_callback_update(ADMIN, ADMIN, data, item.result) for _ in range(2)]
+        for update in updates:
+            api.push_update(update)
+        for update in updates:
+            query_id = update["callback_query"]["id"]
+            await api.wait_for(
+                lambda c, q=query_id: c.method == "answerCallbackQuery" and c.params["callback_query_id"] == q, since=mark
+            )
+        await asyncio.sleep(0.5)
+        shown = [c for c in api.sent[mark:] if c.method in ("sendPhoto", "sendMessage") and c.params["chat_id"] == ADMIN]
+        pending = bot.svc.review.pending_count()
+    assert len(shown) == 1, [c.params.get("caption") or c.params.get("text") for c in shown]
+    assert pending == 1
+    assert_no_traceback(api)
+
+
+def test_real_world_accuracy_after_a_rollback_counts_only_that_models_answers(tmp_path: Path) -> None:
+    review = ReviewStore(ImageStore(tmp_path / "store"))
+    ids = []
+    for n, (version, label) in enumerate([("v1", "shoes"), ("v2", "pants"), ("v2", "pants"), ("v2", "shoes")]):
+        ids.append(
+            review.record_answer(
+                chat_id=USER, chat_type="private", reply_message_id=n + 1, sender_id=USER, file_id=f"f{n}",
+                file_unique_id=f"u{n}", predictions=[(label, 0.9), ("hat", 0.1)], unknown=False,
+                model_version=version, auto_queue=False,
+            )
+        )
+    for answer_id in ids:
+        review.set_feedback(answer_id=answer_id, user_id=USER, verdict="right")
+    # v2 was trained after v1 and served these answers; /rollback serves v1 again
+    real = RealWorld.read(review, SimpleNamespace(name="v1", created_at=0.0, metrics={}))
+    review.close()
+    assert real.per_label == {"shoes": (1, 1)}
