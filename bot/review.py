@@ -31,13 +31,14 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from telegram import CallbackQuery, InlineKeyboardButton, InlineKeyboardMarkup, ReplyParameters, Update
+from telegram.constants import ChatType
 from telegram.error import BadRequest, TelegramError
 from telegram.ext import BaseHandler, CommandHandler, filters
 
 from bot.access import ButtonsFrom
 from bot.context import BotData, Context
 from bot.feedback import label_pages, no_longer_text, stored_label
-from bot.telegram_io import NEW, FileTooLarge, ImageRef, download_image, images_text
+from bot.telegram_io import NEW, FileTooLarge, ImageRef, download_image, images_text, reply
 from bot.wording import error_text
 from model_store.errors import DuplicateImageError, LabelgramError, ReviewItemGoneError
 from model_store.labels import label_key
@@ -192,9 +193,12 @@ async def _send_next(context: Context, chat_id: int, skip: tuple[int, ...], *, b
 
 
 async def on_review(update: Update, context: Context) -> None:
-    """``/review`` (admins): the first item of the review queue."""
+    """``/review`` (admins, in a private chat: the items are users' photos): the first item of the queue."""
     message = update.effective_message
     if message is None:
+        return
+    if message.chat.type != ChatType.PRIVATE:  # the queue holds users' photos, sent to the bot privately too
+        await reply(message, "The review queue shows users' photos: send /review to me in a private chat.")
         return
     await _send_next(context, message.chat_id, (), reply_to=message.message_id)
 

@@ -143,3 +143,18 @@ def test_real_world_accuracy_after_a_rollback_counts_only_that_models_answers(tm
     real = RealWorld.read(review, SimpleNamespace(name="v1", created_at=0.0, metrics={}))
     review.close()
     assert real.per_label == {"shoes": (1, 1)}
+
+
+async def test_review_in_a_group_does_not_show_users_photos_to_the_group(api: ReviewStandIn, store_copy: Path) -> None:
+    group = -100555
+    async with running_bot(api, bot_config(api, store_copy, review={"auto_queue": False})) as bot:
+        await _rate_wrong(bot, api, held_out("pants", 1))  # a photo USER sent in a private chat
+        await until(lambda: bot.svc.review.pending_count() == 1)
+        update = api.make_text_update(group, ADMIN, "/review", chat_type="supergroup")
+        api.push_update(update)
+        answer = await bot.reply(group, update["message"]["message_id"])
+        private = await bot.reply(ADMIN, bot.send_text(ADMIN, "/review"))
+    assert answer.method == "sendMessage" and "private chat" in str(answer.params["text"])
+    assert not api.sent_calls("sendPhoto", chat_id=group)
+    assert private.method == "sendPhoto"  # in the admin's private chat the queue is shown
+    assert_no_traceback(api)
