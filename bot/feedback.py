@@ -42,6 +42,7 @@ import contextlib
 import logging
 import math
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -87,6 +88,9 @@ RECORD_WAIT_SECONDS = 10.0
 
 #: seconds the buttons of a replaced keyboard keep working (a double tap; a slow client)
 REPLACED_GRACE_SECONDS = 30.0
+
+#: a press whose message edit waits longer than this (flood pacing) is answered meanwhile
+ANSWER_WITHIN_SECONDS = 1.0
 
 #: the line that separates the answer from the thanks in an edited reply
 THANKS_SEPARATOR = "\n\n✔ "
@@ -287,6 +291,20 @@ async def _answer_query(query: CallbackQuery, text: str | None = None, *, alert:
         log.info("could not answer a button press: %s", exc)
 
 
+async def _answered_meanwhile(query: CallbackQuery, edit: Awaitable[Any], text: str | None) -> None:
+    """Run ``edit`` (a change of the pressed message) and answer the press with ``text`` once it is
+    done, or after :data:`ANSWER_WITHIN_SECONDS` if it still waits for the chat's turn (a busy group
+    paced by :mod:`bot.ratelimit` waits minutes): the tap never spins until Telegram drops it."""
+    task = asyncio.ensure_future(edit)
+    try:
+        await asyncio.wait_for(asyncio.shield(task), ANSWER_WITHIN_SECONDS)
+    except TimeoutError:
+        await _answer_query(query, text)
+        await task
+        return
+    await _answer_query(query, text)
+
+
 def _forget_keyboard(context: Context, query: CallbackQuery) -> None:
     """Drop the pressed keyboard from PTB's cache (it has just been replaced), after
     :data:`REPLACED_GRACE_SECONDS`: the second tap of a double tap, or a tap made before the
@@ -367,12 +385,14 @@ async def on_feedback_button(update: Update, context: Context) -> None:
     if button.action in ("wrong", "page"):
         labels = await _labels(data, answer)
         page = button.value if isinstance(button.value, int) else 0
-        await _set_markup(context, query, labels_keyboard(answer, labels, page, per_page))
-        await _answer_query(query, "Which label is it?" if button.action == "wrong" else None)
+        await _answered_meanwhile(
+            query,
+            _set_markup(context, query, labels_keyboard(answer, labels, page, per_page)),
+            "Which label is it?" if button.action == "wrong" else None,
+        )
         return
     if button.action == "back":
-        await _set_markup(context, query, feedback_keyboard(answer))
-        await _answer_query(query)
+        await _answered_meanwhile(query, _set_markup(context, query, feedback_keyboard(answer)), None)
         return
     verdict: Literal["right", "wrong", "none"]
     label: str | None
@@ -412,15 +432,18 @@ async def _record_verdict(
     if user_id in data.config.teachers:
         taught = await _teach(context, answer, verdict, label, result)
     text = _base_text(query.message) + THANKS_SEPARATOR + thanks_text(verdict, label, taught=taught)
-    try:
-        await query.edit_message_text(text, reply_markup=feedback_keyboard(answer))
-        _forget_keyboard(context, query)
-    except BadRequest as exc:
-        if "not modified" not in exc.message:
-            log.info("could not thank for feedback: %s", exc.message)
-    except TelegramError as exc:
-        log.info("could not thank for feedback: %s", exc)
-    await _answer_query(query, "Thanks!")
+
+    async def thank() -> None:
+        try:
+            await query.edit_message_text(text, reply_markup=feedback_keyboard(answer))
+            _forget_keyboard(context, query)
+        except BadRequest as exc:
+            if "not modified" not in exc.message:
+                log.info("could not thank for feedback: %s", exc.message)
+        except TelegramError as exc:
+            log.info("could not thank for feedback: %s", exc)
+
+    await _answered_meanwhile(query, thank(), "Thanks!")
 
 
 async def _teach(

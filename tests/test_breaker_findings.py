@@ -158,3 +158,25 @@ async def test_review_in_a_group_does_not_show_users_photos_to_the_group(api: Re
     assert not api.sent_calls("sendPhoto", chat_id=group)
     assert private.method == "sendPhoto"  # in the admin's private chat the queue is shown
     assert_no_traceback(api)
+
+
+async def test_a_press_in_a_flood_paced_group_is_answered_before_its_edit_waits(api: ReviewStandIn, store_copy: Path) -> None:
+    # a busy group: its bucket (3 messages, then one per 2 s) is empty when the sender taps
+    group = -100666
+    config = bot_config(api, store_copy, limits={"group_messages_burst": 3, "group_messages_per_minute": 30})
+    async with running_bot(api, config) as bot:
+        answers = []
+        for user, label in ((USER, "shoes"), (USER + 1, "pants"), (USER + 2, "t-shirt")):
+            update = api.make_photo_update(group, user, held_out(label).read_bytes(), chat_type="supergroup")
+            api.push_update(update)
+            answers.append(await bot.reply(group, update["message"]["message_id"]))
+        await until(lambda: bot.svc.review.answer_count() == 3)
+        mark = api.mark()
+        thanks = await press(api, USER, answers[0], "Right")
+        edit = await api.wait_for(lambda c: c.method == "editMessageText" and c.params["chat_id"] == group, since=mark)
+        calls = api.sent[mark:]
+    assert thanks["text"] == "Thanks!"
+    answered = next(i for i, c in enumerate(calls) if c.method == "answerCallbackQuery")
+    assert answered < calls.index(edit)  # the tap does not spin while the edit waits for the group's turn
+    assert "Thanks! You said my answer is right." in str(edit.params["text"])
+    assert_no_traceback(api)
