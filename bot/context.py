@@ -104,6 +104,8 @@ class BotData:
         self.teaching_acks: dict[tuple[int, int, str], TeachingAck] = {}
         #: review items an admin's accept / discard / next press is being handled for (bot.review)
         self.review_busy: set[int] = set()
+        #: user id -> Telegram time (unix s) of their last /withdraw in the past hour (bot.feedback)
+        self.withdrawn_at: dict[int, float] = {}
         #: the start-up load of the serving model (bot.app)
         self.warmup: asyncio.Future[Any] | None = None
 

@@ -89,6 +89,9 @@ RECORD_WAIT_SECONDS = 10.0
 #: seconds the buttons of a replaced keyboard keep working (a double tap; a slow client)
 REPLACED_GRACE_SECONDS = 30.0
 
+#: how long a /withdraw also covers the photos sent before it that are still being answered
+WITHDRAW_MEMORY_SECONDS = 3600.0
+
 #: a press whose message edit waits longer than this (flood pacing) is answered meanwhile
 ANSWER_WITHIN_SECONDS = 1.0
 
@@ -247,13 +250,27 @@ async def send_answer(
         )
     except Exception as exc:  # noqa: BLE001 - any store failure costs the keyboard, never the reply
         log.error("could not record the answer to a photo in chat %s: %s", message.chat_id, exc, exc_info=exc)
-        try:
-            await sent.edit_reply_markup(None)
-        except TelegramError as edit_exc:
-            log.info("could not take the feedback keyboard off: %s", edit_exc)
+        await _keyboard_off(sent)
+    else:
+        withdrawn = data.withdrawn_at.get(user_id)
+        if withdrawn is not None and message.date.timestamp() <= withdrawn:
+            # the user sent /withdraw after this photo, while it was being answered: keep nothing
+            try:
+                await asyncio.to_thread(data.review.withdraw, user_id)
+            finally:
+                answer.answer_id = None
+            log.info("user %s withdrew while a photo was being answered: its answer deleted too", user_id)
+            await _keyboard_off(sent)
     finally:
         answer.recorded.set()
     return sent
+
+
+async def _keyboard_off(sent: Message) -> None:
+    try:
+        await sent.edit_reply_markup(None)
+    except TelegramError as exc:
+        log.info("could not take the feedback keyboard off: %s", exc)
 
 
 async def add_by_file_id(
@@ -523,6 +540,10 @@ async def on_withdraw(update: Update, context: Context) -> None:
     if getattr(data, "review", None) is None:
         await reply(message, "I keep nothing about your photos.")
         return
+    # photos sent before this (Telegram's clock) and still being answered are withdrawn by send_answer
+    now = message.date.timestamp()
+    data.withdrawn_at = {u: t for u, t in data.withdrawn_at.items() if t > now - WITHDRAW_MEMORY_SECONDS}
+    data.withdrawn_at[user_id] = now
     count = await asyncio.to_thread(data.review.withdraw, user_id)
     log.info("user %s withdrew %d kept answers", user_id, count)
     if not count:

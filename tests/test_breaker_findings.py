@@ -180,3 +180,23 @@ async def test_a_press_in_a_flood_paced_group_is_answered_before_its_edit_waits(
     assert answered < calls.index(edit)  # the tap does not spin while the edit waits for the group's turn
     assert "Thanks! You said my answer is right." in str(edit.params["text"])
     assert_no_traceback(api)
+
+
+async def test_withdraw_sent_right_after_a_photo_also_deletes_that_photos_answer(api: ReviewStandIn, store_copy: Path) -> None:
+    async with running_bot(api, bot_config(api, store_copy)) as bot:
+        photo = bot.send_photo(USER, held_out("shoes"))
+        said = await bot.ask(USER, "/withdraw")  # handled while the photo is still being classified
+        answer = await bot.reply(USER, photo)
+        await api.wait_for(lambda c: c.method == "editMessageReplyMarkup" and c.params["message_id"] == answer.result["message_id"])
+        kept = bot.svc.review.answer_count()
+        # a photo sent after /withdraw (Telegram's dates are whole seconds: one a second later) is kept as usual
+        update = api.make_photo_update(USER, USER, held_out("pants").read_bytes())
+        update["message"]["date"] += 2
+        api.push_update(update)
+        later = await bot.reply(USER, update["message"]["message_id"])
+        await until(lambda: bot.svc.review.answer_count() == 1)
+    assert said.startswith("I keep nothing about your photos")
+    assert kept == 0  # not recorded after the user asked to delete everything
+    assert buttons(current(api, answer)) == {}
+    assert list(buttons(current(api, later))) == ["👍 Right", "👎 Wrong"]
+    assert_no_traceback(api)
