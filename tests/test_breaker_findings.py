@@ -23,7 +23,7 @@ import pytest
 
 from bot.reports import RealWorld
 from model_store.dataset import ImageStore
-from model_store.review import ReviewStore
+from model_store.review import ReviewSettings, ReviewStore
 from tests.auxil.bot_harness import ADMIN, TRAIN_PER_LABEL, USER, bot_config, labels_in, photos, running_bot
 from tests.auxil.review_harness import ReviewStandIn, buttons, current, press, press_data, until
 from tests.auxil.store_checks import assert_no_traceback
@@ -200,3 +200,24 @@ async def test_withdraw_sent_right_after_a_photo_also_deletes_that_photos_answer
     assert buttons(current(api, answer)) == {}
     assert list(buttons(current(api, later))) == ["👍 Right", "👎 Wrong"]
     assert_no_traceback(api)
+
+
+def test_a_full_queue_of_uncertain_photos_does_not_evict_a_users_correction(tmp_path: Path) -> None:
+    review = ReviewStore(ImageStore(tmp_path / "store"), ReviewSettings(max_queue=2, uncertain_margin=0.2))
+
+    def record(uid: str, p1: float, sender: int = USER) -> int:
+        return review.record_answer(
+            chat_id=sender, chat_type="private", reply_message_id=1, sender_id=sender, file_id=f"f-{uid}",
+            file_unique_id=uid, predictions=[("shoes", p1), ("pants", 1 - p1)], unknown=False,
+            model_version="v1", auto_queue=True,
+        )
+
+    # a confident answer the user corrects, with the right label: the admins' most useful item
+    corrected = record("corrected", 0.97)
+    result = review.set_feedback(answer_id=corrected, user_id=USER, verdict="wrong", label="pants")
+    assert result.item_id is not None
+    for n in range(5):  # then a stream of photos the model is unsure of (auto-queued, nobody said anything)
+        record(f"unsure-{n}", 0.52, sender=USER + 1)
+    pending = {i.file_unique_id for i in review.pending_items()}
+    review.close()
+    assert "corrected" in pending, pending
