@@ -15,7 +15,7 @@ import asyncio
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from telegram import Message
@@ -58,6 +58,8 @@ class Album:
     captioned: Message | None = None
     done: bool = False
     finished_at: float = 0.0
+    #: other labels of further ``/add`` captions in the album (then none of its photos is added)
+    other_labels: list[str] = field(default_factory=list)
 
 
 class BotData:

@@ -221,3 +221,18 @@ def test_a_full_queue_of_uncertain_photos_does_not_evict_a_users_correction(tmp_
     pending = {i.file_unique_id for i in review.pending_items()}
     review.close()
     assert "corrected" in pending, pending
+
+
+async def test_an_album_with_two_different_add_labels_stores_nothing_under_the_wrong_one(api: ReviewStandIn, store_copy: Path) -> None:
+    before = {r.sha256 for r in ImageStore(store_copy).snapshot()}
+    async with running_bot(api, bot_config(api, store_copy)):
+        for i, caption in enumerate(["/add hat", None, "/add shoes", None]):
+            image = photos("hat" if i < 2 else "shoes")[i]
+            api.push_update(api.make_photo_update(ADMIN, ADMIN, image.read_bytes(), media_group_id="two-labels", caption=caption))
+        sent = await api.wait_for(lambda c: c.method == "sendMessage" and c.params["chat_id"] == ADMIN)
+        await asyncio.sleep(0.3)
+        said = str(api.message(ADMIN, sent.result["message_id"])["text"])  # type: ignore[index]
+    added = [r.label for r in ImageStore(store_copy).snapshot() if r.sha256 not in before]
+    assert added == [], (said, added)  # nothing under a label it was not captioned with
+    assert "hat" in said and "shoes" in said and "one album per label" in said
+    assert_no_traceback(api)
