@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import sqlite3
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -102,6 +103,7 @@ EXPIRED = "This button has expired: I only remember the buttons of recent answer
 NOT_VALID = "This button is not valid."
 NOT_YOURS = "Only the person who sent this photo can rate my answer."
 NOT_KEPT = "Sorry, I couldn't keep feedback for this photo."
+NOT_SAVED = "Sorry, I couldn't save your answer just now. Please tap again later."
 
 Action = Literal["right", "wrong", "page", "label", "none", "back"]
 
@@ -445,6 +447,10 @@ async def _record_verdict(
         await _answer_query(query, "This answer is no longer kept (it expired or was withdrawn).", alert=True)
         await _set_markup(context, query, None)
         return
+    except sqlite3.Error as exc:  # a read-only, full or locked catalog: nothing recorded, say so
+        log.error("could not record feedback in the review store: %s", exc)
+        await _answer_query(query, NOT_SAVED, alert=True)
+        return
     taught = None
     if user_id in data.config.teachers:
         taught = await _teach(context, answer, verdict, label, result)
@@ -544,7 +550,12 @@ async def on_withdraw(update: Update, context: Context) -> None:
     now = message.date.timestamp()
     data.withdrawn_at = {u: t for u, t in data.withdrawn_at.items() if t > now - WITHDRAW_MEMORY_SECONDS}
     data.withdrawn_at[user_id] = now
-    count = await asyncio.to_thread(data.review.withdraw, user_id)
+    try:
+        count = await asyncio.to_thread(data.review.withdraw, user_id)
+    except sqlite3.Error as exc:
+        log.error("could not withdraw user %s's answers: %s", user_id, exc)
+        await reply(message, "Sorry, I couldn't delete anything just now (my storage is not writable). Please send /withdraw again later.")
+        return
     log.info("user %s withdrew %d kept answers", user_id, count)
     if not count:
         await reply(message, "I keep nothing about your photos or feedback: there was nothing to delete.")

@@ -15,6 +15,7 @@ shoes / pants / t-shirt), except the real-world accuracy check, which reads a re
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -235,4 +236,27 @@ async def test_an_album_with_two_different_add_labels_stores_nothing_under_the_w
     added = [r.label for r in ImageStore(store_copy).snapshot() if r.sha256 not in before]
     assert added == [], (said, added)  # nothing under a label it was not captioned with
     assert "hat" in said and "shoes" in said and "one album per label" in said
+    assert_no_traceback(api)
+
+
+async def test_a_read_only_or_full_catalog_gets_a_clear_answer_to_a_press_and_to_withdraw(
+    api: ReviewStandIn, store_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running_bot(api, bot_config(api, store_copy)) as bot:
+        review = bot.svc.review
+        answer = await bot.reply(USER, bot.send_photo(USER, held_out("shoes")))
+        await until(lambda: review.answer_count() == 1)
+
+        def read_only(*args: object, **kwargs: object) -> None:
+            raise sqlite3.OperationalError("attempt to write a readonly database")
+
+        monkeypatch.setattr(review, "set_feedback", read_only)
+        monkeypatch.setattr(review, "withdraw", read_only)
+        pressed = await press(api, USER, answer, "Right")
+        withdrawn = await bot.ask(USER, "/withdraw")
+        texts = [str(c.params.get("text")) for c in api.sent_calls("sendMessage", chat_id=USER)]
+    assert pressed["text"] == "Sorry, I couldn't save your answer just now. Please tap again later."
+    assert withdrawn.startswith("Sorry, I couldn't delete anything just now")
+    assert not [t for t in texts if t.startswith("Sorry, something went wrong")]  # no generic apology in the chat
+    assert list(buttons(current(api, answer))) == ["👍 Right", "👎 Wrong"]  # tap again later
     assert_no_traceback(api)
