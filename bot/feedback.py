@@ -28,7 +28,7 @@ answer older than the last ``button_cache`` keyboards, or made after a restart, 
 ``InvalidCallbackData`` and is answered "this button has expired" (the answer itself is still
 in the store, for the admins' queue and its expiry). Forged data gets "not valid".
 
-Why this module is long (~470 lines): it is the whole of a user's side of the loop, the keyboard
+Why this module is long (~580 lines): it is the whole of a user's side of the loop, the keyboard
 states (buttons, label pages, thanks), the recording that must never cost the reply, the press
 handler with its refusals, the teachers' shortcut into the training photos (with its undo on a
 change of mind) and ``/withdraw``; they share the :class:`Answer` state and its wording, and
