@@ -15,7 +15,7 @@ import asyncio
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from telegram import Message
@@ -58,6 +58,8 @@ class Album:
     captioned: Message | None = None
     done: bool = False
     finished_at: float = 0.0
+    #: other labels of further ``/add`` captions in the album (then none of its photos is added)
+    other_labels: list[str] = field(default_factory=list)
 
 
 class BotData:
@@ -102,6 +104,10 @@ class BotData:
         self.albums: dict[AlbumKey, Album] = {}
         #: admins' open teaching acknowledgements, by (chat id, user id, album id or "") (bot.acks)
         self.teaching_acks: dict[tuple[int, int, str], TeachingAck] = {}
+        #: review items an admin's accept / discard / next press is being handled for (bot.review)
+        self.review_busy: set[int] = set()
+        #: user id -> Telegram time (unix s) of their last /withdraw in the past hour (bot.feedback)
+        self.withdrawn_at: dict[int, float] = {}
         #: the start-up load of the serving model (bot.app)
         self.warmup: asyncio.Future[Any] | None = None
 

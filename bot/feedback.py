@@ -17,7 +17,8 @@ photos at once, downloaded by its file id and stored exactly like ``/add`` (:fun
 Button state: PTB's arbitrary callback data (``ApplicationBuilder.arbitrary_callback_data``, as
 ``/delete`` uses). Telegram only sees a random id; the button's :class:`FeedbackButton` lives in
 PTB's in-memory LRU cache, sized by ``review.button_cache`` (keyboards; every pressed keyboard is
-dropped from it when it is replaced, so one answer holds one entry). The buttons of one answer
+dropped from it :data:`REPLACED_GRACE_SECONDS` after it is replaced, so one answer holds one entry
+once the taps are over, and the second tap of a double tap is not told the button expired). The buttons of one answer
 share one mutable :class:`Answer`, which receives the store's ``answer_id`` once it is recorded:
 the reply is sent before the store is written, so the id cannot be in the data Telegram sees.
 Chosen over compact callback data (an answer id in the 64 bytes Telegram allows, the rest in the
@@ -27,7 +28,7 @@ answer older than the last ``button_cache`` keyboards, or made after a restart, 
 ``InvalidCallbackData`` and is answered "this button has expired" (the answer itself is still
 in the store, for the admins' queue and its expiry). Forged data gets "not valid".
 
-Why this module is long (~470 lines): it is the whole of a user's side of the loop, the keyboard
+Why this module is long (~580 lines): it is the whole of a user's side of the loop, the keyboard
 states (buttons, label pages, thanks), the recording that must never cost the reply, the press
 handler with its refusals, the teachers' shortcut into the training photos (with its undo on a
 change of mind) and ``/withdraw``; they share the :class:`Answer` state and its wording, and
@@ -40,7 +41,9 @@ import asyncio
 import contextlib
 import logging
 import math
+import sqlite3
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -71,9 +74,11 @@ __all__ = [
     "feedback_keyboard",
     "handlers",
     "label_pages",
+    "no_longer_text",
     "on_feedback_button",
     "on_withdraw",
     "send_answer",
+    "stored_label",
     "thanks_text",
 ]
 
@@ -82,6 +87,15 @@ log = logging.getLogger(__name__)
 #: how long a press waits for the store to record its answer (it is written right after the reply)
 RECORD_WAIT_SECONDS = 10.0
 
+#: seconds the buttons of a replaced keyboard keep working (a double tap; a slow client)
+REPLACED_GRACE_SECONDS = 30.0
+
+#: how long a /withdraw also covers the photos sent before it that are still being answered
+WITHDRAW_MEMORY_SECONDS = 3600.0
+
+#: a press whose message edit waits longer than this (flood pacing) is answered meanwhile
+ANSWER_WITHIN_SECONDS = 1.0
+
 #: the line that separates the answer from the thanks in an edited reply
 THANKS_SEPARATOR = "\n\n✔ "
 
@@ -89,6 +103,7 @@ EXPIRED = "This button has expired: I only remember the buttons of recent answer
 NOT_VALID = "This button is not valid."
 NOT_YOURS = "Only the person who sent this photo can rate my answer."
 NOT_KEPT = "Sorry, I couldn't keep feedback for this photo."
+NOT_SAVED = "Sorry, I couldn't save your answer just now. Please tap again later."
 
 Action = Literal["right", "wrong", "page", "label", "none", "back"]
 
@@ -237,13 +252,27 @@ async def send_answer(
         )
     except Exception as exc:  # noqa: BLE001 - any store failure costs the keyboard, never the reply
         log.error("could not record the answer to a photo in chat %s: %s", message.chat_id, exc, exc_info=exc)
-        try:
-            await sent.edit_reply_markup(None)
-        except TelegramError as edit_exc:
-            log.info("could not take the feedback keyboard off: %s", edit_exc)
+        await _keyboard_off(sent)
+    else:
+        withdrawn = data.withdrawn_at.get(user_id)
+        if withdrawn is not None and message.date.timestamp() <= withdrawn:
+            # the user sent /withdraw after this photo, while it was being answered: keep nothing
+            try:
+                await asyncio.to_thread(data.review.withdraw, user_id)
+            finally:
+                answer.answer_id = None
+            log.info("user %s withdrew while a photo was being answered: its answer deleted too", user_id)
+            await _keyboard_off(sent)
     finally:
         answer.recorded.set()
     return sent
+
+
+async def _keyboard_off(sent: Message) -> None:
+    try:
+        await sent.edit_reply_markup(None)
+    except TelegramError as exc:
+        log.info("could not take the feedback keyboard off: %s", exc)
 
 
 async def add_by_file_id(
@@ -281,10 +310,30 @@ async def _answer_query(query: CallbackQuery, text: str | None = None, *, alert:
         log.info("could not answer a button press: %s", exc)
 
 
+async def _answered_meanwhile(query: CallbackQuery, edit: Awaitable[Any], text: str | None) -> None:
+    """Run ``edit`` (a change of the pressed message) and answer the press with ``text`` once it is
+    done, or after :data:`ANSWER_WITHIN_SECONDS` if it still waits for the chat's turn (a busy group
+    paced by :mod:`bot.ratelimit` waits minutes): the tap never spins until Telegram drops it."""
+    task = asyncio.ensure_future(edit)
+    try:
+        await asyncio.wait_for(asyncio.shield(task), ANSWER_WITHIN_SECONDS)
+    except TimeoutError:
+        await _answer_query(query, text)
+        await task
+        return
+    await _answer_query(query, text)
+
+
 def _forget_keyboard(context: Context, query: CallbackQuery) -> None:
-    """Drop the pressed keyboard from PTB's cache (it has just been replaced)."""
-    with contextlib.suppress(KeyError):
-        context.drop_callback_data(query)
+    """Drop the pressed keyboard from PTB's cache (it has just been replaced), after
+    :data:`REPLACED_GRACE_SECONDS`: the second tap of a double tap, or a tap made before the
+    client showed the new keyboard, still works instead of being told the button expired."""
+
+    def drop() -> None:
+        with contextlib.suppress(KeyError):
+            context.drop_callback_data(query)
+
+    asyncio.get_running_loop().call_later(REPLACED_GRACE_SECONDS, drop)
 
 
 async def _set_markup(context: Context, query: CallbackQuery, markup: InlineKeyboardMarkup | None) -> bool:
@@ -299,6 +348,19 @@ async def _set_markup(context: Context, query: CallbackQuery, markup: InlineKeyb
         return False
     _forget_keyboard(context, query)
     return True
+
+
+async def stored_label(data: BotData, label: str) -> str | None:
+    """The stored label that ``label`` names (any letter case), or None: renamed or deleted since
+    its button was shown (adding to it would create it again, with this one photo)."""
+    key = label_key(label)
+    infos = await asyncio.to_thread(data.workspace.store.labels)
+    return next((i.name for i in infos if label_key(i.name) == key), None)
+
+
+def no_longer_text(label: str) -> str:
+    """What a button naming a label that is gone says."""
+    return f"“{label}” is no longer one of my labels (renamed or deleted meanwhile)."
 
 
 async def _labels(data: BotData, answer: Answer) -> list[str]:
@@ -342,12 +404,14 @@ async def on_feedback_button(update: Update, context: Context) -> None:
     if button.action in ("wrong", "page"):
         labels = await _labels(data, answer)
         page = button.value if isinstance(button.value, int) else 0
-        await _set_markup(context, query, labels_keyboard(answer, labels, page, per_page))
-        await _answer_query(query, "Which label is it?" if button.action == "wrong" else None)
+        await _answered_meanwhile(
+            query,
+            _set_markup(context, query, labels_keyboard(answer, labels, page, per_page)),
+            "Which label is it?" if button.action == "wrong" else None,
+        )
         return
     if button.action == "back":
-        await _set_markup(context, query, feedback_keyboard(answer))
-        await _answer_query(query)
+        await _answered_meanwhile(query, _set_markup(context, query, feedback_keyboard(answer)), None)
         return
     verdict: Literal["right", "wrong", "none"]
     label: str | None
@@ -383,19 +447,26 @@ async def _record_verdict(
         await _answer_query(query, "This answer is no longer kept (it expired or was withdrawn).", alert=True)
         await _set_markup(context, query, None)
         return
+    except sqlite3.Error as exc:  # a read-only, full or locked catalog: nothing recorded, say so
+        log.error("could not record feedback in the review store: %s", exc)
+        await _answer_query(query, NOT_SAVED, alert=True)
+        return
     taught = None
     if user_id in data.config.teachers:
         taught = await _teach(context, answer, verdict, label, result)
     text = _base_text(query.message) + THANKS_SEPARATOR + thanks_text(verdict, label, taught=taught)
-    try:
-        await query.edit_message_text(text, reply_markup=feedback_keyboard(answer))
-        _forget_keyboard(context, query)
-    except BadRequest as exc:
-        if "not modified" not in exc.message:
-            log.info("could not thank for feedback: %s", exc.message)
-    except TelegramError as exc:
-        log.info("could not thank for feedback: %s", exc)
-    await _answer_query(query, "Thanks!")
+
+    async def thank() -> None:
+        try:
+            await query.edit_message_text(text, reply_markup=feedback_keyboard(answer))
+            _forget_keyboard(context, query)
+        except BadRequest as exc:
+            if "not modified" not in exc.message:
+                log.info("could not thank for feedback: %s", exc.message)
+        except TelegramError as exc:
+            log.info("could not thank for feedback: %s", exc)
+
+    await _answered_meanwhile(query, thank(), "Thanks!")
 
 
 async def _teach(
@@ -417,6 +488,8 @@ async def _teach(
             return f"Taken out of {old_label} again."
     if verdict == "none" or label is None:
         return None
+    if await stored_label(data, label) is None:
+        return f"I didn't add it to my training photos: {no_longer_text(label)}"
     try:
         added = await add_by_file_id(context, answer.file_id, label, added_by=teacher, chat_id=answer.chat_id, suggested_by=teacher)
     except DuplicateImageError as exc:
@@ -473,7 +546,16 @@ async def on_withdraw(update: Update, context: Context) -> None:
     if getattr(data, "review", None) is None:
         await reply(message, "I keep nothing about your photos.")
         return
-    count = await asyncio.to_thread(data.review.withdraw, user_id)
+    # photos sent before this (Telegram's clock) and still being answered are withdrawn by send_answer
+    now = message.date.timestamp()
+    data.withdrawn_at = {u: t for u, t in data.withdrawn_at.items() if t > now - WITHDRAW_MEMORY_SECONDS}
+    data.withdrawn_at[user_id] = now
+    try:
+        count = await asyncio.to_thread(data.review.withdraw, user_id)
+    except sqlite3.Error as exc:
+        log.error("could not withdraw user %s's answers: %s", user_id, exc)
+        await reply(message, "Sorry, I couldn't delete anything just now (my storage is not writable). Please send /withdraw again later.")
+        return
     log.info("user %s withdrew %d kept answers", user_id, count)
     if not count:
         await reply(message, "I keep nothing about your photos or feedback: there was nothing to delete.")

@@ -203,15 +203,16 @@ class RealWorld:
 
     @classmethod
     def read(cls, review: ReviewStore, version: Any) -> RealWorld:
-        """Users' feedback on the answers since ``version`` (a ``ModelVersion``) was trained.
+        """Users' feedback on ``version``'s answers (a ``ModelVersion``) since it was trained (only
+        its own: after a /rollback, not those of the newer version).
 
         Blocking (SQLite): call it in a worker thread.
         """
         since = float(version.created_at or 0.0)
         return cls(
             since,
-            review.real_world_accuracy(since=since),
-            review.unknown_feedback(since=since),
+            review.real_world_accuracy(since=since, model_version=version.name),
+            review.unknown_feedback(since=since, model_version=version.name),
             version.name,
             version.metrics,
         )

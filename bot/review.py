@@ -31,13 +31,14 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from telegram import CallbackQuery, InlineKeyboardButton, InlineKeyboardMarkup, ReplyParameters, Update
+from telegram.constants import ChatType
 from telegram.error import BadRequest, TelegramError
 from telegram.ext import BaseHandler, CommandHandler, filters
 
 from bot.access import ButtonsFrom
 from bot.context import BotData, Context
-from bot.feedback import label_pages
-from bot.telegram_io import NEW, FileTooLarge, ImageRef, download_image, images_text
+from bot.feedback import label_pages, no_longer_text, stored_label
+from bot.telegram_io import NEW, FileTooLarge, ImageRef, download_image, images_text, reply
 from bot.wording import error_text
 from model_store.errors import DuplicateImageError, LabelgramError, ReviewItemGoneError
 from model_store.labels import label_key
@@ -192,9 +193,12 @@ async def _send_next(context: Context, chat_id: int, skip: tuple[int, ...], *, b
 
 
 async def on_review(update: Update, context: Context) -> None:
-    """``/review`` (admins): the first item of the review queue."""
+    """``/review`` (admins, in a private chat: the items are users' photos): the first item of the queue."""
     message = update.effective_message
     if message is None:
+        return
+    if message.chat.type != ChatType.PRIVATE:  # the queue holds users' photos, sent to the bot privately too
+        await reply(message, "The review queue shows users' photos: send /review to me in a private chat.")
         return
     await _send_next(context, message.chat_id, (), reply_to=message.message_id)
 
@@ -229,7 +233,25 @@ async def on_review_button(update: Update, context: Context) -> None:
         return
     button: ReviewButton = query.data
     data = context.bot_data
+    if button.action in ("accept", "discard", "next"):
+        # a double tap, or two admins' presses together: the first is handled, the others wait for
+        # nothing (each would show the next item again)
+        if button.item_id in data.review_busy:
+            await _answer(query, "One moment: I'm already on it.")
+            return
+        data.review_busy.add(button.item_id)
+        try:
+            await _on_press(context, query, button)
+        finally:
+            data.review_busy.discard(button.item_id)
+        return
+    await _on_press(context, query, button)
+
+
+async def _on_press(context: Context, query: CallbackQuery, button: ReviewButton) -> None:
+    data = context.bot_data
     admin = query.from_user.id
+    assert query.message is not None
     chat_id = query.message.chat.id
     item = await asyncio.to_thread(data.review.get_item, button.item_id)
     if item is None or item.status != "pending":
@@ -281,6 +303,9 @@ async def _accept(context: Context, query: CallbackQuery, item: ReviewItem, labe
     admin = query.from_user.id
     assert query.message is not None
     chat_id = query.message.chat.id
+    if await stored_label(data, label) is None:  # adding would create it again, with this one photo
+        await _answer(query, no_longer_text(label) + " Choose another label.", alert=True)
+        return
     try:
         raw = await download_image(context.bot, ImageRef(item.file_id, None, "photo"), limit=data.config.classify.max_file_bytes)
     except FileTooLarge as exc:

@@ -36,6 +36,7 @@ from bot.telegram_io import (
     NEW,
     ImageRef,
     arg_text,
+    cut_text,
     download_image,
     image_ref,
     images_text,
@@ -45,7 +46,7 @@ from bot.telegram_io import (
 )
 from bot.wording import error_text
 from model_store.errors import LabelError, LabelgramError, StoreFullError
-from model_store.labels import normalize_label
+from model_store.labels import label_key, normalize_label
 
 __all__ = [
     "add_from_caption",
@@ -196,7 +197,9 @@ async def collect_album_item(update: Update, context: Context, message: Message,
     album = albums.get(key)
     if album is not None and album.done:
         # a straggler arriving after its album was handled: same treatment, answered on its own
-        if album.label:
+        if album.other_labels or (label and album.label and not _same_label(label, album.label)):
+            await reply(message, _conflict_text([album.label or "", *album.other_labels, label or ""]))
+        elif album.label:
             ref = image_ref(message)
             assert ref is not None
             await add_images(context, message, [ref], album.label, user_id=user_id)
@@ -212,6 +215,8 @@ async def collect_album_item(update: Update, context: Context, message: Message,
         album.messages.append(message)
         if label is not None and album.label is None:
             album.label, album.captioned = label, message
+        elif label and album.label and not _same_label(label, album.label):
+            album.other_labels.append(label)
     # (re)start the wait: the album is complete once none of its photos came for album_wait_ms
     job_queue = context.job_queue
     assert job_queue is not None
@@ -258,11 +263,29 @@ async def _answer_album(context: Context, album: Album) -> None:
         await asyncio.gather(*(classify_message(context, m, album.user_id) for m in messages))
         return
     anchor = album.captioned or messages[0]
+    if album.other_labels:  # "/add hat" on one photo, "/add shoes" on another: which is which is unknown
+        await reply(anchor, _conflict_text([album.label or "", *album.other_labels]))
+        return
     if not album.label:
         await reply(anchor, "Which label? " + ADD_USAGE)
         return
     refs = [ref for m in messages if (ref := image_ref(m)) is not None]
     await add_images(context, anchor, refs, album.label, user_id=album.user_id)
+
+
+def _same_label(a: str, b: str) -> bool:
+    try:
+        return label_key(a) == label_key(b)
+    except LabelError:
+        return a.strip() == b.strip()
+
+
+def _conflict_text(labels: list[str]) -> str:
+    names = ", ".join(dict.fromkeys(label.strip() for label in labels if label.strip()))
+    return cut_text(
+        f"This album has more than one /add label ({names}), so I added none of its photos. "
+        "Send one album per label."
+    )
 
 
 async def on_undo(update: Update, context: Context) -> None:

@@ -31,7 +31,7 @@ What is kept and for how long (the wording of ``/help``): answers and their feed
 :attr:`ReviewSettings.retention_days` (default 30) days after the photo was answered, and at most
 :attr:`ReviewSettings.max_answers` (default 10,000; the oldest are deleted first); a queued photo
 as long as one of its answers is kept, and at most :attr:`ReviewSettings.max_queue` (default 200)
-queued photos (when full, the one that would teach least, by the queue's order, is dropped); the
+queued photos (when full, one nobody rated wrong that would teach least, by the queue's order, is dropped); the
 decision on a reviewed photo (accepted / discarded, by whom) for ``retention_days`` after it, so the
 same photo is not queued again meanwhile. :meth:`ReviewStore.withdraw` deletes one user's answers,
 feedback and queued photos at once. Images an admin accepted are training images like any other:
@@ -102,8 +102,9 @@ class ReviewSettings:
     """Bounds and thresholds of the review store (the bot's ``[review]`` config keys).
 
     Attributes:
-        max_queue: most pending items in the queue (N); when full, the item of lowest priority
-            (:func:`model_store.active_learning.priority`, then the oldest) is dropped.
+        max_queue: most pending items in the queue (N); when full, an item no user rated wrong is
+            dropped first, the one of lowest priority (:func:`model_store.active_learning.priority`,
+            then the newest).
         max_answers: most answers kept (M); when full, the oldest answers (and their feedback)
             are deleted.
         retention_days: answers, feedback and admins' decisions are deleted this many days (K)
@@ -429,13 +430,16 @@ class ReviewStore:
         return item_id if still else None
 
     def _bound_queue(self, conn: sqlite3.Connection) -> None:
-        """Drop the lowest-priority (then oldest) pending items beyond ``max_queue``."""
+        """Drop pending items beyond ``max_queue``: those nobody rated (queued as uncertain) first,
+        then the lowest-priority, then the newest. A user's correction is not pushed out by a
+        stream of photos the model is merely unsure of (a confident answer has the lowest
+        uncertainty, so by priority alone every correction would go first)."""
         (pending,) = conn.execute("SELECT COUNT(*) FROM review_items WHERE status = 'pending'").fetchone()
         excess = int(pending) - self.settings.max_queue
         if excess > 0:
             dropped = conn.execute(
                 "SELECT item_id FROM review_items WHERE status = 'pending' "
-                "ORDER BY uncertainty ASC, disagreement ASC, queued_at DESC, item_id DESC LIMIT ?",
+                "ORDER BY reason = 'feedback' ASC, uncertainty ASC, disagreement ASC, queued_at DESC, item_id DESC LIMIT ?",
                 (excess,),
             ).fetchall()
             conn.executemany("DELETE FROM review_items WHERE item_id = ?", dropped)
@@ -809,11 +813,12 @@ class ReviewStore:
             (count,) = conn.execute("SELECT COUNT(*) FROM review_answers").fetchone()
         return int(count)
 
-    def real_world_accuracy(self, *, since: float) -> dict[str, tuple[int, int]]:
+    def real_world_accuracy(self, *, since: float, model_version: str | None = None) -> dict[str, tuple[int, int]]:
         """Accuracy as users reported it: per answered label, ``(right, rated)``.
 
         Counts the answers given at or after ``since`` (unix seconds; the bot passes the serving
-        version's training time) that their sender rated, grouped by the model's top-1 label
+        version's training time) by ``model_version`` (None: by any model; after a rollback the
+        newer model's answers are not the older one's) that their sender rated, grouped by the model's top-1 label
         (so ``right / rated`` is the precision users observed for that label). Answers flagged
         unknown are not counted here (:meth:`unknown_feedback`). Answers expire after
         ``settings.retention_days``, so at most that window is counted.
@@ -825,8 +830,9 @@ class ReviewStore:
         with self._transaction() as conn:
             rows = conn.execute(
                 "SELECT predictions, verdict FROM review_answers "
-                "WHERE verdict IS NOT NULL AND created_at >= ? AND (is_unknown IS NULL OR is_unknown = 0)",
-                (float(since),),
+                "WHERE verdict IS NOT NULL AND created_at >= ? AND (is_unknown IS NULL OR is_unknown = 0) "
+                "AND (? IS NULL OR model_version = ?)",
+                (float(since), model_version, model_version),
             ).fetchall()
         for predictions, verdict in rows:
             label = str(json.loads(predictions)[0][0])
@@ -835,12 +841,13 @@ class ReviewStore:
             entry[1] += 1
         return {label: (right, rated) for label, (right, rated) in sorted(counts.items())}
 
-    def unknown_feedback(self, *, since: float) -> tuple[int, int]:
-        """For answers flagged unknown since ``since``: ``(agreed, rated)`` (agreed: "right" or "none")."""
+    def unknown_feedback(self, *, since: float, model_version: str | None = None) -> tuple[int, int]:
+        """For answers flagged unknown since ``since`` (by ``model_version``, None: any):
+        ``(agreed, rated)`` (agreed: "right" or "none")."""
         with self._transaction() as conn:
             agreed, rated = conn.execute(
                 "SELECT COALESCE(SUM(verdict IN ('right', 'none')), 0), COUNT(*) FROM review_answers "
-                "WHERE verdict IS NOT NULL AND created_at >= ? AND is_unknown = 1",
-                (float(since),),
+                "WHERE verdict IS NOT NULL AND created_at >= ? AND is_unknown = 1 AND (? IS NULL OR model_version = ?)",
+                (float(since), model_version, model_version),
             ).fetchone()
         return int(agreed), int(rated)
