@@ -42,7 +42,6 @@ import contextlib
 import logging
 import math
 import sqlite3
-import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -53,7 +52,7 @@ from telegram.ext import BaseHandler, CallbackQueryHandler, CommandHandler, Inva
 
 from bot.access import ButtonsFrom
 from bot.context import BotData, Context
-from bot.telegram_io import NEW, ImageRef, download_image, images_text, reply, user_id_of
+from bot.telegram_io import NEW, ImageRef, download_image, images_text, issued_by_ptb, reply, user_id_of
 from bot.wording import error_text
 from model_store.errors import (
     DuplicateImageError,
@@ -509,23 +508,13 @@ async def _teach(
     return f"{verb} my training photos of {added.label} ({images_text(count)})."
 
 
-def _issued_by_ptb(data: str) -> bool:
-    """Whether ``data`` has the shape of PTB's callback-data ids (two uuid4 hex strings, 64 characters)."""
-    if len(data) != 64:
-        return False
-    try:
-        return all(uuid.UUID(hex=half).hex == half for half in (data[:32], data[32:]))
-    except ValueError:
-        return False
-
-
 async def on_stale_button(update: Update, context: Context) -> None:
     """A non-admin pressed a button the bot does not know: forgotten (expired) or never issued."""
     query = update.callback_query
     if query is None:
         return
     raw = query.data.callback_data if isinstance(query.data, InvalidCallbackData) else None
-    if isinstance(raw, str) and _issued_by_ptb(raw):
+    if isinstance(raw, str) and issued_by_ptb(raw):
         await _answer_query(query, EXPIRED, alert=True)
         try:
             await query.edit_message_reply_markup(None)

@@ -14,7 +14,6 @@ import asyncio
 import logging
 import shlex
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +23,7 @@ from telegram.ext import BaseHandler, CommandHandler, InvalidCallbackData, filte
 
 from bot.access import ButtonsFrom
 from bot.context import Context
-from bot.telegram_io import ADD_USAGE, NEW, arg_text, cut_text, images_text, reply, user_id_of
+from bot.telegram_io import ADD_USAGE, NEW, arg_text, cut_text, images_text, issued_by_ptb, reply, user_id_of
 from bot.wording import error_text
 from model_store.errors import LabelgramError
 from model_store.labels import label_key, normalize_label
@@ -185,23 +184,13 @@ async def on_delete_button(update: Update, context: Context) -> None:
     await _edit(query, f"Deleted the label “{current}” and its {images_text(count)}. The next training leaves it out.")
 
 
-def _issued_by_ptb(data: str) -> bool:
-    """Whether ``data`` has the shape of PTB's callback-data ids (two uuid4 hex strings, 64 characters)."""
-    if len(data) != 64:
-        return False
-    try:
-        return all(uuid.UUID(hex=half).hex == half for half in (data[:32], data[32:]))
-    except ValueError:
-        return False
-
-
 async def on_unknown_button(update: Update, context: Context) -> None:
     """An admin pressed a button the bot does not know: forgotten (expired) or never issued (not valid)."""
     query = update.callback_query
     if query is None:
         return
     raw = query.data.callback_data if isinstance(query.data, InvalidCallbackData) else None
-    if isinstance(raw, str) and _issued_by_ptb(raw):
+    if isinstance(raw, str) and issued_by_ptb(raw):
         # any admin button: /delete's, /review's, or the feedback buttons under an answer
         await query.answer(EXPIRED_BUTTON, show_alert=True)
         await _drop_keyboard(query)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dtm
 import re
+import uuid
 import warnings
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ __all__ = [
     "cut_text",
     "download_image",
     "image_ref",
+    "issued_by_ptb",
     "images_text",
     "parse_add_caption",
     "reply",
@@ -238,3 +240,15 @@ class ReplyDropped(TelegramError):
         self.endpoint = endpoint
         self.chat_id = chat_id
         self.waited = waited
+
+
+def issued_by_ptb(data: str) -> bool:
+    """Whether ``data`` has the shape of the ids PTB's ``arbitrary_callback_data`` puts in buttons
+    (two uuid4 hex strings, 64 characters): a button the bot issued and has since forgotten,
+    rather than one it never issued."""
+    if len(data) != 64:
+        return False
+    try:
+        return all(uuid.UUID(hex=half).hex == half for half in (data[:32], data[32:]))
+    except ValueError:
+        return False
