@@ -167,8 +167,12 @@ class TeachingAck:
     async def flush(self, application: Any, count_images: Any) -> None:
         """Have the current state sent (by the sender task, started if none runs) and wait until it was.
 
-        The wait is at most ``edit_seconds`` plus the chat's turn in the rate limiter; sending
-        problems are logged by the task, never raised here.
+        "Sent" means shown to the admin or given up: an edit that failed and is tried again is
+        waited for too, so a handler (which ``Application.stop`` waits for) never finishes before
+        its photo's final acknowledgement, even when PTB does not await the task (one started
+        during a stop). The wait is at most ``edit_seconds`` (plus that again per failed try, at
+        most ``_MAX_FAILURES``) plus the chat's turn in the rate limiter; sending problems are
+        logged by the task, never raised here.
         """
         self.changed.set()
         if self.task is None:
@@ -201,14 +205,15 @@ class TeachingAck:
                 version = self.version
                 totals = await asyncio.to_thread(_totals, count_images, list(self.tallies))
                 text = self.render(totals)
-                if text != self.sent_text:
-                    await self._send(text)
+                if text != self.sent_text and not await self._send(text):
+                    continue  # sent again shortly: its waiters wait for that (a stop waits for them)
                 self._release(version)
         finally:
             self.task = None
             self._release(float("inf"))
 
-    async def _send(self, text: str) -> None:
+    async def _send(self, text: str) -> bool:
+        """Send or edit; False when it failed and is tried again (``changed`` is set), True otherwise."""
         try:
             if self.message is None:
                 self.message = await reply(self.anchor, text)
@@ -216,22 +221,25 @@ class TeachingAck:
                 await self.message.edit_text(text)
         except ReplyDropped:  # logged once by the limiter; the next change tries again
             self.failures += 1
-            return
+            return True
         except BadRequest as exc:
             if "not modified" not in exc.message.lower():  # e.g. the message was deleted: a new one
                 log.info("teaching acknowledgement not edited (%s); sending a new one", exc.message)
                 self.message, self.failures = None, self.failures + 1
                 if self.failures < _MAX_FAILURES:
                     self.changed.set()
-                return
+                    return False
+                return True
         except TelegramError as exc:  # network trouble: try again a little later
             self.failures += 1
             log.info("teaching acknowledgement not sent (%s: %s)", type(exc).__name__, exc)
             if self.failures < _MAX_FAILURES:
                 self.changed.set()
                 await asyncio.sleep(self.edit_seconds)
-            return
+                return False
+            return True
         self.sent_text, self.last_sent, self.failures = text, time.monotonic(), 0
+        return True
 
 
 def _totals(count_images: Any, labels: list[str]) -> dict[str, int]:

@@ -27,13 +27,15 @@ import logging
 import re
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 from telegram import Bot
-from telegram.error import RetryAfter
+from telegram.error import NetworkError, RetryAfter
 
+from bot.acks import TeachingAck
 from bot.ratelimit import ChatPacedRateLimiter, is_paced
 from bot.telegram_io import ReplyDropped
 from model_store.dataset import ImageStore
@@ -315,3 +317,43 @@ async def test_stopping_the_bot_right_after_a_burst_still_tells_the_admin_about_
     assert sum(photos_told(t) for t in finals) == len(images), finals
     assert not any("still being stored" in t for t in finals), finals
     assert log_problems(caplog) == []
+
+
+class _FlakyAckMessage:
+    """A teaching acknowledgement's anchor and message (a test double): the first edit fails (502)."""
+
+    chat_id = ADMIN
+    message_id = 1
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.failures_left = 1
+
+    async def reply_text(self, text: str, **_: object) -> _FlakyAckMessage:
+        self.texts.append(text)
+        return self
+
+    async def edit_text(self, text: str, **_: object) -> _FlakyAckMessage:
+        if self.failures_left:
+            self.failures_left -= 1
+            raise NetworkError("Bad Gateway")
+        self.texts.append(text)
+        return self
+
+
+async def test_flush_waits_for_an_acknowledgement_edit_that_failed_and_is_tried_again() -> None:
+    """A handler's flush returns only once its photo is shown: during a stop the sender task may be
+    one PTB does not await (started after Application.stop began), and a retry released early was
+    lost when the bot closed its HTTP client."""
+    message = _FlakyAckMessage()
+    ack = TeachingAck(message, edit_seconds=0.05, burst_seconds=10.0)  # type: ignore[arg-type]
+    app = SimpleNamespace(create_task=lambda coro, name=None: asyncio.create_task(coro, name=name))
+    stored = {"hat": 0}
+    ack.reserve(2)
+    for _ in range(2):
+        stored["hat"] += 1
+        ack.stored("hat", created=True)
+        await ack.flush(app, stored.get)
+        assert message.texts, "the first photo's state was sent"
+    assert message.texts[-1] == "Added 2 images to hat (2 images in total).", message.texts
+    assert ack.task is None and message.failures_left == 0
